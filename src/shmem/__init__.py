@@ -1,0 +1,37 @@
+"""shmem: shared memory between Python processes that keeps its promises.
+
+A drop-in for ``multiprocessing.shared_memory``: ``from shmem import
+SharedMemory`` (or ``from shmem import shared_memory``) and the same code runs,
+without the standard library's lifecycle defects. This module only re-exports.
+"""
+
+from ._errors import (
+    CorruptSegment,
+    InvalidName,
+    InvalidSize,
+    NoSpace,
+    SegmentExists,
+    SegmentNotFound,
+    ShmemError,
+    UnsafeSegment,
+)
+from ._lifecycle import RemovedBlock, gc
+from ._memory import SharedMemory
+from . import shared_memory
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CorruptSegment",
+    "InvalidName",
+    "InvalidSize",
+    "NoSpace",
+    "RemovedBlock",
+    "SegmentExists",
+    "SegmentNotFound",
+    "SharedMemory",
+    "ShmemError",
+    "UnsafeSegment",
+    "gc",
+    "shared_memory",
+]

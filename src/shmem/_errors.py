@@ -1,0 +1,73 @@
+"""The shmem exception hierarchy.
+
+Every error shmem raises on purpose derives from :class:`ShmemError` *and* from
+the built-in exception the standard library raises for the same mistake, so
+code written against ``multiprocessing.shared_memory`` keeps catching what it
+caught before (``except FileNotFoundError`` still works).
+
+The ``OSError`` subclasses are built the standard way, ``(errno, strerror,
+filename)``, so they print as ``[Errno 2] <cause>: '<name>'``, keep ``.errno``
+and ``.filename``, and pickle across processes.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class ShmemError(Exception):
+    """Root of every error shmem raises on purpose."""
+
+
+class _NamedOSError(OSError):
+    """Base of the OSError subclasses below: built from (name, cause), stored
+    and pickled as the standard (errno, strerror, filename)."""
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (_rebuild, (type(self), self.filename, self.strerror))
+
+
+def _rebuild(cls: type, name: str, cause: str) -> BaseException:
+    return cls(name, cause)  # type: ignore[no-any-return]
+
+
+class SegmentNotFound(ShmemError, FileNotFoundError, _NamedOSError):
+    """No shared memory block has this name (any more)."""
+
+    def __init__(self, name: str, cause: str = "no shared memory block with this name") -> None:
+        super().__init__(_errno.ENOENT, cause, name)
+
+
+class SegmentExists(ShmemError, FileExistsError, _NamedOSError):
+    """A shared memory block with this name already exists."""
+
+    def __init__(self, name: str, cause: str = "a shared memory block with this name already exists") -> None:
+        super().__init__(_errno.EEXIST, cause, name)
+
+
+class NoSpace(ShmemError, _NamedOSError):
+    """The block does not fit in the shared memory file system (/dev/shm)."""
+
+    def __init__(self, name: str, cause: str) -> None:
+        super().__init__(_errno.ENOSPC, cause, name)
+
+
+class UnsafeSegment(ShmemError, PermissionError, _NamedOSError):
+    """The name refers to something that is not a plain shared memory block
+    (a symlink, FIFO, directory...), so shmem refuses to open it."""
+
+    def __init__(self, name: str, cause: str) -> None:
+        super().__init__(_errno.EPERM, cause, name)
+
+
+class InvalidName(ShmemError, ValueError):
+    """The name cannot be a shared memory block's name."""
+
+
+class InvalidSize(ShmemError, ValueError):
+    """The requested size cannot be a shared memory block's size."""
+
+
+class CorruptSegment(ShmemError, ValueError):
+    """A header read from shared memory is inconsistent: someone wrote garbage
+    into it, or it was made by a program that is not shmem."""

@@ -1,0 +1,250 @@
+"""SharedMemory: the standard library's class, with the promises kept.
+
+API: exactly ``multiprocessing.shared_memory.SharedMemory`` of Python 3.13 -
+``SharedMemory(name=None, create=False, size=0, *, track=True)``, ``buf``,
+``name``, ``size``, ``close()``, ``unlink()``, pickling by name - plus use as a
+context manager (``with`` closes, never unlinks).
+
+Lifecycle (see ``_lifecycle`` for how it is kept):
+
+* ``track=True`` (default): the block stays while its creator or any process
+  that has it open lives, and is removed automatically - silently, within
+  about a second - once all of them are gone, however they died. A process
+  that only attached never removes it (the standard library does: gh-82300).
+  A tracked handle counts as a user until ``close()``.
+* ``track=False``: never removed automatically; the block stays until
+  ``unlink()``. An untracked attach does not count as a user.
+* ``unlink()`` removes the name at once, as in the standard library; mappings
+  stay valid until closed.
+
+What else differs from the standard library, each a defect it has:
+
+* Creation reserves the memory (``posix_fallocate``): a block that does not
+  fit raises ``OSError(ENOSPC)`` at creation instead of a later SIGBUS
+  (gh-114390), and leaves nothing behind.
+* The block gets its name only when complete: an attacher sees no block or
+  the whole block, never a zero-size one.
+* ``close()`` with NumPy arrays or memoryviews still using ``buf`` does not
+  raise BufferError: the mapping lives until the last of them is gone.
+* A failed attach never unlinks (gh-153279); a failed create removes only the
+  temporary file it made.
+* Bad names raise ValueError before anything happens; blocks are created
+  0600 whatever the umask; symlinks, FIFOs and directories are refused.
+* One file descriptor per open block (the standard library holds two).
+"""
+
+from __future__ import annotations
+
+import mmap
+import operator
+import os
+from typing import Any, Optional, Tuple, Type, TypeVar
+
+from . import _lifecycle, _names, _platform
+from ._errors import CorruptSegment, InvalidSize, SegmentExists, SegmentNotFound
+from ._header import HEADER_BYTES, KIND_RAW, Header, total_size
+
+_S = TypeVar("_S", bound="SharedMemory")
+
+
+class SharedMemory:
+    """Creates a new shared memory block or attaches to an existing one.
+
+    ``name`` is the block's unique name (None with ``create=True`` picks a new
+    one); ``create`` chooses between creating (True) and attaching (False);
+    ``size`` is the number of bytes to create and is ignored when attaching.
+    ``track`` decides whether shmem removes the block once every process using
+    it is gone (see the module documentation).
+    """
+
+    # Class-level defaults: a half-built instance (its __init__ raised) can
+    # still be closed and garbage-collected without AttributeError.
+    _name: Optional[str] = None
+    _mmap: Optional[mmap.mmap] = None
+    _buf: Optional[memoryview] = None
+    _size = 0
+    _track = True
+    _header: Optional[Header] = None
+
+    def __init__(self, name: Optional[str] = None, create: bool = False, size: int = 0, *, track: bool = True) -> None:
+        # Everything is checked before anything is touched: bad input has no side effect.
+        size = operator.index(size)
+        if size < 0:
+            raise InvalidSize("'size' must be a positive integer")
+        if create and size == 0:
+            raise InvalidSize("'size' must be a positive number different from zero")
+        if name is None and not create:
+            raise ValueError("'name' can only be None if create=True")
+        if name is not None:
+            name = _names.validate(name)
+        self._track = bool(track)
+        if create:
+            self._create(name, size)
+        else:
+            self._attach(name)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------ creating
+
+    def _create(self, name: Optional[str], size: int) -> None:
+        header = Header.new(size, kind=KIND_RAW, track=self._track, creator=_platform.current_process())
+        total = total_size(size)
+        packed = header.pack()
+
+        def prepare(fd: int) -> None:
+            if self._track:
+                _platform.lock_shared(fd, _lifecycle.USERS_LOCK)
+            os.pwrite(fd, packed, Header.trailer_offset(total))
+
+        while True:
+            candidate = name if name is not None else _names.generate()
+            if self._track:
+                # Registered before the block exists, so a creator killed right after
+                # publishing still has its block removed.
+                _lifecycle.track_created(candidate, header.block_id)
+            try:
+                fd = _platform.create_published(candidate, total, prepare)
+            except SegmentExists:
+                if self._track:
+                    _lifecycle.untrack(candidate, header.block_id)
+                if name is None:
+                    continue  # a generated name collided: draw another
+                raise
+            except BaseException:
+                if self._track:
+                    _lifecycle.untrack(candidate, header.block_id)
+                raise
+            break
+        try:
+            self._map(fd, total)
+        except BaseException:
+            # We made this block and cannot use it: remove it, ours and only ours.
+            if _platform.still_published(candidate, os.fstat(fd).st_ino):
+                _platform.unlink(candidate)
+            if self._track:
+                _lifecycle.untrack(candidate, header.block_id)
+            raise
+        finally:
+            os.close(fd)  # mmap holds its own duplicate (and with it the users lock)
+        self._name = candidate
+        self._size = size
+        self._header = header
+        self._buf = memoryview(self._mmap)[:size]  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------ attaching
+
+    def _attach(self, name: str) -> None:
+        opened = _platform.open_existing(name)
+        try:
+            if self._track:
+                # Waits while a reaper or gc() holds the exclusive lock to remove it;
+                # then the name is gone, and we say so rather than map a removed block.
+                _platform.lock_shared(opened.fd, _lifecycle.USERS_LOCK)
+                if not _platform.still_published(name, opened.inode):
+                    raise SegmentNotFound(name, "the shared memory block was removed while attaching")
+            if opened.size == 0:
+                # Not one of ours (ours are never empty): a foreign block being created.
+                raise CorruptSegment(f"shared memory block {name!r} is empty (still being created by another program?)")
+            self._map(opened.fd, opened.size)
+            header, size = self._read_header(name, opened.size)
+        except BaseException:
+            # Never unlink here: the block is not ours (gh-153279).
+            self._close_mapping()
+            raise
+        finally:
+            os.close(opened.fd)
+        self._name = name
+        self._size = size
+        self._header = header
+        self._buf = memoryview(self._mmap)[:size]  # type: ignore[arg-type]
+
+    def _read_header(self, name: str, file_size: int) -> Tuple[Optional[Header], int]:
+        assert self._mmap is not None
+        if file_size < HEADER_BYTES:
+            return None, file_size
+        offset = Header.trailer_offset(file_size)
+        header = Header.parse(self._mmap[offset : offset + HEADER_BYTES], file_size, name)
+        # A block another program made (the standard library's, say) is all data.
+        return header, (header.size if header is not None else file_size)
+
+    def _map(self, fd: int, length: int) -> None:
+        self._mmap = mmap.mmap(fd, length)
+
+    # ------------------------------------------------------------ the API
+
+    @property
+    def buf(self) -> Optional[memoryview]:
+        """A memoryview of the block's contents (None once closed)."""
+        return self._buf
+
+    @property
+    def name(self) -> Optional[str]:
+        """Unique name that identifies the shared memory block."""
+        return self._name
+
+    @property
+    def size(self) -> int:
+        """Size in bytes."""
+        return self._size
+
+    def close(self) -> None:
+        """Close this handle's access to the block; the block itself stays.
+
+        Idempotent. Arrays or memoryviews still made from ``buf`` keep working:
+        the mapping (and this process's claim as a user) is released with the
+        last of them instead of raising BufferError.
+        """
+        buf, self._buf = self._buf, None
+        if buf is not None:
+            try:
+                buf.release()
+            except BufferError:
+                # Views exported from buf: they hold it, it holds the mapping.
+                self._mmap = None
+                return
+        self._close_mapping()
+
+    def _close_mapping(self) -> None:
+        mm, self._mmap = self._mmap, None
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:
+                pass  # slices of buf still hold the mapping; it goes with them
+
+    def unlink(self) -> None:
+        """Remove the block's name; call it once, from any one process.
+
+        Processes that have the block mapped keep using it until they close.
+        A second call raises FileNotFoundError, as in the standard library.
+        """
+        if self._name is None:
+            raise ValueError("this SharedMemory was never created or attached")
+        _platform.unlink(self._name)
+        if self._header is not None and self._header.auto_remove:
+            _lifecycle.untrack(self._name, self._header.block_id)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self: _S) -> _S:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        # Pickles by name: unpickling attaches (and keeps `track`), it never copies data.
+        return (_reattach, (type(self), self.name, self._track))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, size={self.size})"
+
+
+def _reattach(cls: Type[_S], name: str, track: bool) -> _S:
+    return cls(name, track=track)
+
+
+SharedMemory.__module__ = "shmem"

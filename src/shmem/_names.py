@@ -1,0 +1,51 @@
+"""Block names: what is valid, and how new ones are made."""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+from . import _platform
+from ._errors import InvalidName
+
+# The shortest limit among the platforms we intend to support: macOS allows 31
+# bytes including the leading slash (PSHMNAMLEN). Generated names stay under it.
+_GENERATED_PREFIX = "shmem_"
+# Lets tests and deployments tell their blocks apart: generated names start with it.
+PREFIX_ENV = "SHMEM_NAME_PREFIX"
+
+
+def validate(name: object) -> str:
+    """Return ``name`` if it can name a block; raise InvalidName (a ValueError) otherwise.
+
+    Checked before anything touches the system, so a bad name has no side effect.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"a shared memory block's name must be a str, not {type(name).__name__}")
+    if not name:
+        raise InvalidName("a shared memory block's name cannot be empty")
+    if "/" in name:
+        raise InvalidName(
+            f"shared memory block name {name!r} contains '/'; names are one path component "
+            "without the leading slash (as SharedMemory.name reports them)"
+        )
+    if "\0" in name:
+        raise InvalidName(f"shared memory block name {name!r} contains a NUL character")
+    if name in (".", "..") or name.startswith(_platform.TEMP_PREFIX):
+        raise InvalidName(f"{name!r} is reserved and cannot name a shared memory block")
+    try:
+        encoded = os.fsencode(name)
+    except UnicodeError as err:
+        raise InvalidName(f"shared memory block name {name!r} cannot be encoded: {err}") from None
+    if len(encoded) > _platform.NAME_MAX:
+        raise InvalidName(
+            f"shared memory block name {name[:20]!r}... is {len(encoded)} bytes long; "
+            f"this platform allows {_platform.NAME_MAX}"
+        )
+    return name
+
+
+def generate() -> str:
+    """A new random name; the caller retries on the (unlikely) collision."""
+    prefix = os.environ.get(PREFIX_ENV) or _GENERATED_PREFIX
+    return validate(prefix + secrets.token_hex(4))

@@ -1,0 +1,313 @@
+"""Linux backend: POSIX shared memory as files on the /dev/shm tmpfs.
+
+glibc's ``shm_open(name)`` is ``open("/dev/shm/" + name, flags | O_NOFOLLOW |
+O_CLOEXEC)``, so blocks opened through paths here are the very blocks the
+standard library and C programs see. Working with paths gives two things
+``shm_open`` cannot: ``link()`` to publish a fully built block under its name
+atomically, and ``posix_fallocate()`` to reserve its memory up front.
+
+Every ``OSError`` is translated into a shmem error at this boundary, naming the
+block; nothing above this module looks at errno.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import struct
+from typing import Callable, Iterator, List, NamedTuple, Optional
+
+from .._errors import NoSpace, SegmentExists, SegmentNotFound, UnsafeSegment
+
+SHM_DIR = "/dev/shm"
+
+try:
+    NAME_MAX = os.pathconf(SHM_DIR, "PC_NAME_MAX")
+except (OSError, ValueError):  # pragma: no cover - /dev/shm always answers on Linux
+    NAME_MAX = 255
+
+# Blocks are built under a hidden temporary name and linked to their real name
+# once complete (see create_published). The pid in it is for people reading
+# `ls -a /dev/shm`; gc() decides by lock, not by pid.
+TEMP_PREFIX = ".shmem-new-"
+
+_OPEN_EXISTING = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_OPEN_EXISTING_RO = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_CREATE = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def path_of(name: str) -> str:
+    return SHM_DIR + "/" + name
+
+
+# --------------------------------------------------------------------- files
+
+
+def create_published(name: str, total: int, prepare: Callable[[int], None]) -> int:
+    """Create a block of ``total`` bytes that appears under ``name`` complete.
+
+    The file is created under a temporary name, its memory reserved, and
+    ``prepare(fd)`` run (it writes the header and takes the users lock); only
+    then does ``link()`` give it its real name. ``link`` fails with EEXIST
+    when the name is taken, which is the O_EXCL of the publish step. An
+    attacher therefore sees either no block or a finished one, never the
+    zero-length file that a plain ``shm_open(O_CREAT)`` + ``ftruncate`` shows.
+
+    Returns an fd open on the published block. On any failure, the temporary
+    file (the only thing this call made) is removed and the fd closed.
+    """
+    temp = f"{TEMP_PREFIX}{os.getpid()}-{os.urandom(6).hex()}"
+    temp_path = path_of(temp)
+    try:
+        fd = os.open(temp_path, _CREATE, 0o600)
+    except OSError as err:
+        raise _translate(err, name) from err
+    try:
+        # The umask may have cleared bits of 0o600; the owner must always be able to
+        # read and write, and nobody else may, whatever the umask.
+        os.fchmod(fd, 0o600)
+        reserve(fd, total, name)
+        prepare(fd)
+        try:
+            os.link(temp_path, path_of(name))
+        except OSError as err:
+            raise _translate(err, name) from err
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(temp_path)
+        raise
+    _unlink_quietly(temp_path)
+    return fd
+
+
+def reserve(fd: int, total: int, name: str) -> None:
+    """Give the file ``total`` bytes of memory now, or fail with NoSpace.
+
+    posix_fallocate, not ftruncate: a sparse tmpfs file is only backed when a
+    page is first written, and a write that finds /dev/shm full kills the
+    process with SIGBUS (CPython gh-114390). Reserving turns that into ENOSPC
+    here, at creation, where it can be handled.
+    """
+    st = os.statvfs(SHM_DIR)
+    if total > st.f_bavail * st.f_frsize:
+        # Fast refusal: fallocate on tmpfs would allocate page by page before failing.
+        raise NoSpace(
+            name,
+            f"{total} bytes do not fit in {SHM_DIR} ({st.f_bavail * st.f_frsize} bytes free)",
+        )
+    try:
+        os.posix_fallocate(fd, 0, total)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+            raise NoSpace(name, f"{total} bytes do not fit in {SHM_DIR}: {err.strerror}") from err
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise _translate(err, name) from err
+        # A file system without fallocate: size the file, unreserved.
+        os.ftruncate(fd, total)
+
+
+class Opened(NamedTuple):
+    fd: int
+    size: int
+    inode: int
+    mtime: float
+
+
+def open_existing(name: str, writable: bool = True) -> Opened:
+    """Open an existing block; never creates one.
+
+    O_NOFOLLOW refuses symlinks (a link planted in /dev/shm could point at any
+    file the user can write), O_NONBLOCK keeps a FIFO from blocking the open,
+    and anything that is not a regular file is refused after fstat.
+    """
+    try:
+        fd = os.open(path_of(name), _OPEN_EXISTING if writable else _OPEN_EXISTING_RO)
+    except OSError as err:
+        raise _translate(err, name) from err
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeSegment(name, f"not a shared memory block but a {_kind_of(st.st_mode)}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return Opened(fd, st.st_size, st.st_ino, st.st_mtime)
+
+
+def still_published(name: str, inode: int) -> bool:
+    """Whether ``name`` still refers to the file with this inode."""
+    try:
+        return os.stat(path_of(name), follow_symlinks=False).st_ino == inode
+    except OSError:
+        return False
+
+
+def unlink(name: str) -> None:
+    try:
+        os.unlink(path_of(name))
+    except OSError as err:
+        raise _translate(err, name) from err
+
+
+def entries() -> Iterator[str]:
+    """Names of everything in the shared memory directory (not only shmem's)."""
+    try:
+        with os.scandir(SHM_DIR) as it:
+            for entry in it:
+                yield entry.name
+    except FileNotFoundError:  # pragma: no cover
+        return
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _kind_of(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "directory"
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return "special file"
+
+
+def _translate(err: OSError, name: str) -> OSError:
+    """The shmem error for an OSError raised while working on block ``name``."""
+    if err.errno == errno.ENOENT:
+        return SegmentNotFound(name)
+    if err.errno == errno.EEXIST:
+        return SegmentExists(name)
+    if err.errno == errno.ELOOP:
+        return UnsafeSegment(name, "a symbolic link, not a shared memory block")
+    if err.errno == errno.EISDIR:
+        return UnsafeSegment(name, "a directory, not a shared memory block")
+    if err.errno == errno.ENOSPC:
+        return NoSpace(name, f"{SHM_DIR} is full")
+    return type(err)(err.errno, f"{err.strerror} (shared memory block)", name)
+
+
+# --------------------------------------------------------------------- locks
+#
+# Open-file-description locks (F_OFD_SETLK, Linux >= 3.15): owned by the open
+# file description, not the process, so closing some *other* descriptor of the
+# same file does not drop them (the classic POSIX-lock trap), a dup() made by
+# mmap keeps them, and the kernel drops them when the last descriptor closes -
+# also when the process is SIGKILLed. That makes a lock a liveness token.
+
+# struct flock { short l_type; short l_whence; off_t l_start; off_t l_len; pid_t l_pid; }
+_FLOCK = struct.Struct("hhqqi4x")
+
+
+def _lock(fd: int, cmd: int, kind: int, offset: int) -> None:
+    # l_pid must be 0 for OFD locks.
+    fcntl.fcntl(fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0))
+
+
+def lock_shared(fd: int, offset: int) -> None:
+    """Take a read lock on one byte, waiting while an exclusive holder has it."""
+    while True:
+        try:
+            _lock(fd, fcntl.F_OFD_SETLKW, fcntl.F_RDLCK, offset)
+            return
+        except InterruptedError:  # pragma: no cover - PEP 475 retries, but be explicit
+            continue
+
+
+def try_lock_exclusive(fd: int, offset: int) -> bool:
+    """Take a write lock on one byte if nobody holds any lock on it."""
+    try:
+        _lock(fd, fcntl.F_OFD_SETLK, fcntl.F_WRLCK, offset)
+    except OSError as err:
+        if err.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def is_locked(fd: int, offset: int) -> bool:
+    """Whether any other open file description holds a lock on this byte."""
+    raw = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
+    return _FLOCK.unpack(raw)[0] != fcntl.F_UNLCK
+
+
+# --------------------------------------------------------------- processes
+
+
+def spawn_with_stdin(argv: List[str], stdin_fd: int) -> int:
+    """Start ``argv`` with ``stdin_fd`` as its stdin and /dev/null as stdout and
+    stderr; return its pid. Nothing else of ours is inherited that is not
+    already inheritable (the child closes those itself).
+
+    Never our stdout/stderr: whoever reads them (a shell pipe, subprocess.run
+    with capture_output) would wait for the child to exit.
+    """
+    return os.posix_spawn(
+        argv[0],
+        argv,
+        os.environ,
+        file_actions=[
+            (os.POSIX_SPAWN_DUP2, stdin_fd, 0),
+            (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0),
+        ],
+    )
+
+
+# ------------------------------------------------------------ process identity
+
+
+class ProcessIdentity(NamedTuple):
+    """A process, told apart from a later one that reuses its pid (psutil's rule)."""
+
+    pid: int
+    start_time: int  # clock ticks after boot, field 22 of /proc/<pid>/stat
+    pid_namespace: int  # inode of /proc/self/ns/pid: pids mean nothing across namespaces
+
+
+def _start_time(pid: int) -> Optional[int]:
+    """Start time of a running process, or None when it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):  # exited, waiting to be reaped: it holds no memory or locks
+        return None
+    return int(fields[19])
+
+
+def _read_pid_namespace() -> int:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # pragma: no cover - /proc without ns (very old kernels)
+        return 0
+
+
+# A process cannot change its own pid namespace (unshare/setns affect children only).
+_PID_NAMESPACE = _read_pid_namespace()
+
+
+def current_process() -> ProcessIdentity:
+    pid = os.getpid()
+    start = _start_time(pid)
+    assert start is not None
+    return ProcessIdentity(pid, start, _PID_NAMESPACE)
+
+
+def process_alive(who: ProcessIdentity) -> Optional[bool]:
+    """True/False when we can tell; None when the process lives in another pid
+    namespace (a container sharing /dev/shm), where its pid means nothing here."""
+    if who.pid_namespace != _PID_NAMESPACE:
+        return None
+    return _start_time(who.pid) == who.start_time

@@ -1,0 +1,9 @@
+"""Mirror of ``multiprocessing.shared_memory``: change the import, keep the code.
+
+    from shmem import shared_memory
+    shm = shared_memory.SharedMemory(create=True, size=10)
+"""
+
+from ._memory import SharedMemory
+
+__all__ = ["SharedMemory"]
