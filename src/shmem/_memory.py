@@ -38,6 +38,7 @@ from __future__ import annotations
 import mmap
 import operator
 import os
+import sys
 from typing import Any, Optional, Tuple, Type, TypeVar
 
 from . import _lifecycle, _names, _platform
@@ -90,10 +91,9 @@ class SharedMemory:
         total = total_size(size)
         packed = header.pack()
 
-        def prepare(fd: int) -> None:
+        def hold(fd: int) -> None:
             if self._track:
                 _platform.lock_shared(fd, _lifecycle.USERS_LOCK)
-            os.pwrite(fd, packed, Header.trailer_offset(total))
 
         while True:
             candidate = name if name is not None else _names.generate()
@@ -102,7 +102,7 @@ class SharedMemory:
                 # publishing still has its block removed.
                 _lifecycle.track_created(candidate, header.block_id)
             try:
-                fd = _platform.create_published(candidate, total, prepare)
+                fd = _platform.create_published(candidate, total, packed, Header.trailer_offset(total), hold)
             except SegmentExists:
                 if self._track:
                     _lifecycle.untrack(candidate, header.block_id)
@@ -198,14 +198,19 @@ class SharedMemory:
             try:
                 buf.release()
             except BufferError:
-                # Views exported from buf: they hold it, it holds the mapping.
+                # Views exported from buf (np.frombuffer, memoryview(buf)) hold it,
+                # and it holds the mapping: let the last of them unmap it.
                 self._mmap = None
                 return
+            del buf
         self._close_mapping()
 
     def _close_mapping(self) -> None:
         mm, self._mmap = self._mmap, None
-        if mm is not None:
+        # Unmap only if nothing else holds the mmap object: np.ndarray(buffer=shm.buf)
+        # keeps a reference to the mmap itself (its .base), without an export, and
+        # would segfault on the next access (numpy#18294). 2 = `mm` + the argument.
+        if mm is not None and sys.getrefcount(mm) <= 2:
             try:
                 mm.close()
             except BufferError:

@@ -45,18 +45,22 @@ def path_of(name: str) -> str:
 # --------------------------------------------------------------------- files
 
 
-def create_published(name: str, total: int, prepare: Callable[[int], None]) -> int:
+def create_published(
+    name: str, total: int, header: bytes, header_offset: int, hold: Callable[[int], None]
+) -> int:
     """Create a block of ``total`` bytes that appears under ``name`` complete.
 
-    The file is created under a temporary name, its memory reserved, and
-    ``prepare(fd)`` run (it writes the header and takes the users lock); only
-    then does ``link()`` give it its real name. ``link`` fails with EEXIST
+    The file is created under a temporary name, ``hold(fd)`` run on it (it
+    takes the caller's locks), its memory reserved and ``header`` written at
+    ``header_offset``; only then does ``link()`` give it its real name. ``link`` fails with EEXIST
     when the name is taken, which is the O_EXCL of the publish step. An
     attacher therefore sees either no block or a finished one, never the
     zero-length file that a plain ``shm_open(O_CREAT)`` + ``ftruncate`` shows.
 
-    Returns an fd open on the published block. On any failure, the temporary
-    file (the only thing this call made) is removed and the fd closed.
+    Returns an fd opened through the real name (so /proc/<pid>/maps, lsof and
+    fuser show the name, not a deleted temporary one), on which ``hold``
+    has been run again. On any failure, the temporary
+    file - the only thing this call made - is removed and every fd closed.
     """
     temp = f"{TEMP_PREFIX}{os.getpid()}-{os.urandom(6).hex()}"
     temp_path = path_of(temp)
@@ -68,8 +72,9 @@ def create_published(name: str, total: int, prepare: Callable[[int], None]) -> i
         # The umask may have cleared bits of 0o600; the owner must always be able to
         # read and write, and nobody else may, whatever the umask.
         os.fchmod(fd, 0o600)
+        hold(fd)
         reserve(fd, total, name)
-        prepare(fd)
+        os.pwrite(fd, header, header_offset)
         try:
             os.link(temp_path, path_of(name))
         except OSError as err:
@@ -79,7 +84,15 @@ def create_published(name: str, total: int, prepare: Callable[[int], None]) -> i
         _unlink_quietly(temp_path)
         raise
     _unlink_quietly(temp_path)
-    return fd
+    try:
+        published = open_existing(name)
+        if published.inode != os.fstat(fd).st_ino:
+            os.close(published.fd)
+            raise SegmentNotFound(name, "removed by another process while being created")
+        hold(published.fd)
+    finally:
+        os.close(fd)
+    return published.fd
 
 
 def reserve(fd: int, total: int, name: str) -> None:
@@ -236,7 +249,8 @@ def try_lock_exclusive(fd: int, offset: int) -> bool:
 def is_locked(fd: int, offset: int) -> bool:
     """Whether any other open file description holds a lock on this byte."""
     raw = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
-    return _FLOCK.unpack(raw)[0] != fcntl.F_UNLCK
+    kind: int = _FLOCK.unpack(raw)[0]
+    return kind != fcntl.F_UNLCK
 
 
 # --------------------------------------------------------------- processes
