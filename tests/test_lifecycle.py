@@ -248,3 +248,20 @@ def test_attach_during_removal_gets_not_found_or_a_live_block(shm_name) -> None:
             got = None
         assert got is None
         assert wait_until(lambda: not _exists(name))
+
+
+def test_a_killed_reaper_is_replaced_before_the_creator_exits(shm_name) -> None:
+    name = shm_name()
+    code = textwrap.dedent(
+        f"""
+        import os, signal, time, shmem
+        shm = shmem.SharedMemory({name!r}, create=True, size=10)
+        with open(f"/proc/self/task/{{os.getpid()}}/children") as f:
+            reapers = [int(pid) for pid in f.read().split()]
+        assert len(reapers) == 1, reapers
+        os.kill(reapers[0], signal.SIGKILL)
+        os.waitpid(reapers[0], 0)
+        """
+    )
+    subprocess.run([PYTHON, "-c", code], check=True, timeout=60)
+    assert wait_until(lambda: not _exists(name)), "nobody removed the block of a creator whose reaper was killed"

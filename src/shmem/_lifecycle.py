@@ -37,6 +37,7 @@ gets FileNotFoundError). Two callers apply it:
 
 from __future__ import annotations
 
+import atexit
 import enum
 import os
 import sys
@@ -196,6 +197,13 @@ class _ReaperClient:
             if self._blocks.pop(block_id, None) is not None:
                 self._send(_encode("-", name, block_id))
 
+    def check_at_exit(self) -> None:
+        """If our reaper was killed, start a new one now: it will see us exit and
+        remove our blocks, where nobody would otherwise."""
+        with self._lock:
+            if self._blocks and self._pid == os.getpid():
+                self._send(b".\n")  # a no-op line; writing it fails only if nobody reads
+
     def forget_after_fork(self) -> None:
         # The child did not create its parent's blocks, and must not keep the
         # parent's pipe open: the reaper would never see the parent die.
@@ -243,6 +251,7 @@ class _ReaperClient:
 
 
 _reaper = _ReaperClient()
+atexit.register(_reaper.check_at_exit)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reaper.forget_after_fork)
 
