@@ -62,6 +62,10 @@ def create_published(
     has been run again. On any failure, the temporary
     file - the only thing this call made - is removed and every fd closed.
     """
+    if os.path.lexists(path_of(name)):
+        # Not needed for correctness (link below is the real test), but a taken name
+        # must say FileExistsError, not NoSpace, and must not cost a reservation first.
+        raise SegmentExists(name)
     temp = f"{TEMP_PREFIX}{os.getpid()}-{os.urandom(6).hex()}"
     temp_path = path_of(temp)
     try:
@@ -69,6 +73,7 @@ def create_published(
     except OSError as err:
         raise _translate(err, name) from err
     try:
+        inode = os.fstat(fd).st_ino
         # The umask may have cleared bits of 0o600; the owner must always be able to
         # read and write, and nobody else may, whatever the umask.
         os.fchmod(fd, 0o600)
@@ -86,10 +91,19 @@ def create_published(
     _unlink_quietly(temp_path)
     try:
         published = open_existing(name)
-        if published.inode != os.fstat(fd).st_ino:
+        try:
+            if published.inode != inode:
+                raise SegmentNotFound(name, "removed by another process while being created")
+            hold(published.fd)
+        except BaseException:
             os.close(published.fd)
-            raise SegmentNotFound(name, "removed by another process while being created")
-        hold(published.fd)
+            raise
+    except BaseException:
+        # Published but unusable (out of fds, say): take the name back - only if it is
+        # still our block, never one that replaced it meanwhile.
+        if still_published(name, inode):
+            _unlink_quietly(path_of(name))
+        raise
     finally:
         os.close(fd)
     return published.fd
