@@ -105,8 +105,8 @@ print(json.dumps(out))
 def test_block_that_does_not_fit_raises_enospc_and_leaves_nothing(
     impl: Any, case: str, shm_name: Any, private_shm_available: None
 ) -> None:
-    """2 MiB in a 1 MiB /dev/shm: ENOSPC at creation, no file (not even a hidden
-    temporary one), no space kept. ``kernel_refuses`` bypasses shmem's free-space
+    """2 MiB in a 1 MiB /dev/shm: ENOSPC at creation, no file (hidden ones
+    included), no space kept. ``kernel_refuses`` bypasses shmem's free-space
     pre-check, so the kernel's fallocate is what fails."""
     out = run_in_private_shm(FULL_SHM_CHILD, impl.__name__, case, shm_name())
     assert out["error"] is not None, "creation of a block that cannot fit succeeded"

@@ -53,11 +53,6 @@ def path_of(name: str) -> str:
     return f"{SHM_DIR}/{name}"
 
 
-def own_temp_files() -> List[str]:
-    """shmem's hidden blocks-under-construction made by this process."""
-    return [n for n in os.listdir(SHM_DIR) if n.startswith(f".shmem-new-{os.getpid()}-")]
-
-
 def make_foreign_file(path: str, content: bytes) -> None:
     """Stand-in for a block another process made."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)

@@ -25,11 +25,16 @@ The trailer, in the last 4096 bytes, all integers little-endian::
      48    8  pid_ns      creator's pid namespace  /
      56    8  created_ns  creation time, ns since the epoch
      64    4  crc32       of bytes 0..63
-     68 4028  reserved    zero (kind-specific headers will live at 256)
+     68    4  ready       0 while being created; READY once complete (written last)
+     72 4024  reserved    zero (kind-specific headers will live at 256)
 
-The header is written before the block gets its name (see
-``_platform.create_published``) and never changed afterwards, so a reader
-needs no lock. It is still hostile input: another process, or another user's
+Creating a block (``_memory.SharedMemory._create``): open the name with
+O_EXCL; write the whole trailer page with ``ready = 0`` - one write that
+takes the file from empty to its full size with the header in place, so no
+reader ever sees a full-size file without its header; reserve the memory;
+write ``ready`` last. An attacher that finds the file empty or not ready
+gets FileNotFoundError: it never sees a partly created block. Bytes 0..67
+never change afterwards, so a reader needs no lock. It is still hostile input: another process, or another user's
 program, may have written anything there. ``parse`` copies it once, checks
 the magic, checksum, version and sizes against the real file size, and only
 the returned copy is used.
@@ -38,6 +43,7 @@ the returned copy is used.
 from __future__ import annotations
 
 import os
+import random
 import struct
 import time
 import zlib
@@ -58,7 +64,10 @@ FLAG_AUTO_REMOVE = 1
 
 _FIXED = struct.Struct("<8sHHIQQQQQQ")  # bytes 0..63
 _CRC = struct.Struct("<I")  # bytes 64..67
-HEADER_BYTES = _FIXED.size + _CRC.size
+READY_OFFSET = _FIXED.size + _CRC.size  # bytes 68..71
+READY = b"REDY"
+HEADER_BYTES = READY_OFFSET + len(READY)
+_ALL = struct.Struct("<8sHHIQQQQQQI4s")  # the three above in one go, for parse
 
 
 def total_size(size: int) -> int:
@@ -73,6 +82,7 @@ class Header(NamedTuple):
     block_id: int
     creator: ProcessIdentity
     created_ns: int
+    ready: bool = False
 
     @property
     def auto_remove(self) -> bool:
@@ -84,20 +94,29 @@ class Header(NamedTuple):
             kind=kind,
             flags=FLAG_AUTO_REMOVE if track else 0,
             size=size,
-            block_id=int.from_bytes(os.urandom(8), "little"),
+            # Only tells apart blocks that had the same name: no need for a syscall's randomness.
+            block_id=random.getrandbits(64),
             creator=creator,
             created_ns=time.time_ns(),
         )
 
-    def pack(self) -> bytes:
+    def pack_page(self) -> bytes:
+        """The whole trailer page, not ready yet."""
         fixed = _FIXED.pack(
             MAGIC, VERSION, self.kind, self.flags, self.size, self.block_id, *self.creator, self.created_ns
         )
-        return fixed + _CRC.pack(zlib.crc32(fixed))
+        return (fixed + _CRC.pack(zlib.crc32(fixed))).ljust(TRAILER_SIZE, b"\0")
 
     @staticmethod
     def trailer_offset(file_size: int) -> int:
         return file_size - TRAILER_SIZE
+
+    @classmethod
+    def read(cls, fd: int, file_size: int, name: str) -> Optional[Header]:
+        """The header of the open block ``fd``, or None if shmem did not make it."""
+        if file_size < TRAILER_SIZE:
+            return None
+        return cls.parse(os.pread(fd, HEADER_BYTES, file_size - TRAILER_SIZE), file_size, name)
 
     @classmethod
     def parse(cls, raw: bytes, file_size: int, name: str) -> Optional[Header]:
@@ -108,11 +127,9 @@ class Header(NamedTuple):
         """
         if file_size < TRAILER_SIZE or len(raw) < HEADER_BYTES or raw[:8] != MAGIC:
             return None
-        fixed = raw[: _FIXED.size]
-        (crc,) = _CRC.unpack_from(raw, _FIXED.size)
-        if zlib.crc32(fixed) != crc:
+        _, version, kind, flags, size, block_id, pid, start, pidns, created, crc, ready = _ALL.unpack_from(raw)
+        if zlib.crc32(raw[: _FIXED.size]) != crc:
             raise CorruptSegment(f"shared memory block {name!r}: header checksum mismatch (overwritten?)")
-        _, version, kind, flags, size, block_id, pid, start, pidns, created = _FIXED.unpack(fixed)
         if version != VERSION:
             raise CorruptSegment(
                 f"shared memory block {name!r}: header version {version}, this shmem reads {VERSION}; "
@@ -124,4 +141,4 @@ class Header(NamedTuple):
             raise CorruptSegment(
                 f"shared memory block {name!r}: header claims {size} bytes, the file holds {file_size}"
             )
-        return cls(kind, flags, size, block_id, ProcessIdentity(pid, start, pidns), created)
+        return cls(kind, flags, size, block_id, ProcessIdentity(pid, start, pidns), created, ready == READY)

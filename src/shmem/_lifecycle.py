@@ -42,22 +42,20 @@ import enum
 import os
 import sys
 import threading
-import time
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from . import _platform
 from ._errors import CorruptSegment, ShmemError
-from ._header import HEADER_BYTES, Header
+from ._header import Header
 
 # Far beyond any block's end: fcntl locks may cover bytes past EOF, and nobody
 # locking the data itself can collide with it.
 USERS_LOCK = 1 << 62
 
+# How often the reaper reads its pipe (so how soon it notices the creator is gone).
+READ_INTERVAL = 0.1
 # How often the reaper looks again at blocks still in use after the creator died.
 POLL_SECONDS = 0.25
-# A temporary file (block under construction) whose creator holds no lock and
-# that is older than this was left by a crash mid-creation.
-STALE_TEMP_SECONDS = 2.0
 
 
 class Verdict(enum.Enum):
@@ -66,14 +64,6 @@ class Verdict(enum.Enum):
     KEEP = "kept"  # created with track=False
     GONE = "gone"  # no such block, or the name now belongs to another block
     FOREIGN = "foreign"  # not made by shmem, or unreadable: never touched
-
-
-def read_header(opened: _platform.Opened, name: str) -> Optional[Header]:
-    """Parse the header of an open block; None if shmem did not make it."""
-    if opened.size < HEADER_BYTES:
-        return None
-    raw = os.pread(opened.fd, HEADER_BYTES, Header.trailer_offset(opened.size))
-    return Header.parse(raw, opened.size, name)
 
 
 def remove_if_abandoned(name: str, block_id: Optional[int] = None) -> Tuple[Verdict, Optional[Header]]:
@@ -89,15 +79,15 @@ def remove_if_abandoned(name: str, block_id: Optional[int] = None) -> Tuple[Verd
         return Verdict.FOREIGN, None
     try:
         try:
-            header = read_header(opened, name)
+            header = Header.read(opened.fd, opened.size, name)
         except (CorruptSegment, OSError):
             return Verdict.FOREIGN, None
         if header is None:
             return (Verdict.FOREIGN if block_id is None else Verdict.GONE), None
         if block_id is not None and header.block_id != block_id:
             return Verdict.GONE, header
-        if not header.auto_remove:
-            return Verdict.KEEP, header
+        if not header.auto_remove and header.ready:
+            return Verdict.KEEP, header  # (one never finished was never given to anyone)
         if _platform.process_alive(header.creator) is not False:
             return Verdict.IN_USE, header
         if not _platform.try_lock_exclusive(opened.fd, USERS_LOCK):
@@ -111,28 +101,6 @@ def remove_if_abandoned(name: str, block_id: Optional[int] = None) -> Tuple[Verd
         return Verdict.REMOVED, header
     finally:
         os.close(opened.fd)  # also drops the exclusive lock
-
-
-def _remove_stale_temp(name: str) -> bool:
-    """Remove a block-under-construction left by a creator that died mid-way."""
-    try:
-        opened = _platform.open_existing(name)
-    except OSError:
-        return False
-    try:
-        if time.time() - opened.mtime < STALE_TEMP_SECONDS:
-            return False
-        if not _platform.try_lock_exclusive(opened.fd, USERS_LOCK):
-            return False
-        if not _platform.still_published(name, opened.inode):
-            return False
-        try:
-            _platform.unlink(name)
-        except OSError:
-            return False
-        return True
-    finally:
-        os.close(opened.fd)
 
 
 class RemovedBlock(NamedTuple):
@@ -156,9 +124,6 @@ def gc() -> List[RemovedBlock]:
     """
     removed = []
     for name in _platform.entries():
-        if name.startswith(_platform.TEMP_PREFIX):
-            _remove_stale_temp(name)
-            continue
         verdict, header = remove_if_abandoned(name)
         if verdict is Verdict.REMOVED and header is not None:
             removed.append(RemovedBlock(name, header.size, header.creator.pid, header.created_ns / 1e9))
@@ -231,6 +196,8 @@ class _ReaperClient:
                 pass
             self._pipe = None
         read_end, write_end = os.pipe()  # both close-on-exec
+        # Room for bursts of creates between two reads of the (polling) reaper.
+        _platform.enlarge_pipe(write_end, 1 << 20)
         package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         argv = [
             sys.executable, "-I", "-S", "-c",

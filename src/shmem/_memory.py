@@ -22,12 +22,12 @@ What else differs from the standard library, each a defect it has:
 * Creation reserves the memory (``posix_fallocate``): a block that does not
   fit raises ``OSError(ENOSPC)`` at creation instead of a later SIGBUS
   (gh-114390), and leaves nothing behind.
-* The block gets its name only when complete: an attacher sees no block or
-  the whole block, never a zero-size one.
+* An attacher sees no block (FileNotFoundError) or the whole block, never a
+  zero-size or partly created one: a "ready" mark is written last.
 * ``close()`` with NumPy arrays or memoryviews still using ``buf`` does not
   raise BufferError: the mapping lives until the last of them is gone.
 * A failed attach never unlinks (gh-153279); a failed create removes only the
-  temporary file it made.
+  file it made itself.
 * Bad names raise ValueError before anything happens; blocks are created
   0600 whatever the umask; symlinks, FIFOs and directories are refused.
 * One file descriptor per open block (the standard library holds two).
@@ -42,8 +42,8 @@ import sys
 from typing import Any, Optional, Tuple, Type, TypeVar
 
 from . import _lifecycle, _names, _platform
-from ._errors import CorruptSegment, InvalidSize, SegmentExists, SegmentNotFound
-from ._header import HEADER_BYTES, KIND_RAW, Header, total_size
+from ._errors import InvalidSize, SegmentExists, SegmentNotFound
+from ._header import KIND_RAW, READY, READY_OFFSET, Header, total_size
 
 _S = TypeVar("_S", bound="SharedMemory")
 
@@ -89,46 +89,43 @@ class SharedMemory:
     def _create(self, name: Optional[str], size: int) -> None:
         header = Header.new(size, kind=KIND_RAW, track=self._track, creator=_platform.current_process())
         total = total_size(size)
-        packed = header.pack()
-
-        def hold(fd: int) -> None:
-            if self._track:
-                _platform.lock_shared(fd, _lifecycle.USERS_LOCK)
-
         while True:
             candidate = name if name is not None else _names.generate()
             if self._track:
                 # Registered before the block exists, so a creator killed right after
-                # publishing still has its block removed.
+                # creating it still has it removed.
                 _lifecycle.track_created(candidate, header.block_id)
             try:
-                fd = _platform.create_published(candidate, total, packed, Header.trailer_offset(total), hold)
-            except SegmentExists:
+                opened = _platform.create_exclusive(candidate)
+            except BaseException as err:
                 if self._track:
                     _lifecycle.untrack(candidate, header.block_id)
-                if name is None:
+                if name is None and isinstance(err, SegmentExists):
                     continue  # a generated name collided: draw another
-                raise
-            except BaseException:
-                if self._track:
-                    _lifecycle.untrack(candidate, header.block_id)
                 raise
             break
         try:
-            self._map(fd, total)
+            if self._track:
+                _platform.lock_shared(opened.fd, _lifecycle.USERS_LOCK)
+            # The steps and their order are drawn in _header: header page first (the file
+            # goes from empty to full size with it), then the reservation, then "ready".
+            trailer = Header.trailer_offset(total)
+            _platform.write_at(opened.fd, header.pack_page(), trailer, candidate)
+            _platform.reserve(opened.fd, total, candidate)
+            _platform.write_at(opened.fd, READY, trailer + READY_OFFSET, candidate)
+            self._map(opened.fd, size)  # the data only: the header stays out of reach of buf
         except BaseException:
-            # We made this block and cannot use it: remove it, ours and only ours.
-            if _platform.still_published(candidate, os.fstat(fd).st_ino):
-                _platform.unlink(candidate)
+            # We made this block and cannot finish it: remove it - ours, and only ours.
+            _platform.remove_own(candidate, opened.inode)
             if self._track:
                 _lifecycle.untrack(candidate, header.block_id)
             raise
         finally:
-            os.close(fd)  # mmap holds its own duplicate (and with it the users lock)
+            os.close(opened.fd)  # mmap holds its own duplicate (and with it the users lock)
         self._name = candidate
         self._size = size
-        self._header = header
-        self._buf = memoryview(self._mmap)[:size]  # type: ignore[arg-type]
+        self._header = header._replace(ready=True)
+        self._buf = memoryview(self._mmap)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------ attaching
 
@@ -142,10 +139,13 @@ class SharedMemory:
                 if not _platform.still_published(name, opened.inode):
                     raise SegmentNotFound(name, "the shared memory block was removed while attaching")
             if opened.size == 0:
-                # Not one of ours (ours are never empty): a foreign block being created.
-                raise CorruptSegment(f"shared memory block {name!r} is empty (still being created by another program?)")
-            self._map(opened.fd, opened.size)
-            header, size = self._read_header(name, opened.size)
+                raise SegmentNotFound(name, "the shared memory block is empty: still being created")
+            header = Header.read(opened.fd, opened.size, name)
+            if header is not None and not header.ready:
+                raise SegmentNotFound(name, "the shared memory block is still being created")
+            # A block another program made (the standard library's, say) is all data.
+            size = header.size if header is not None else opened.size
+            self._map(opened.fd, size)
         except BaseException:
             # Never unlink here: the block is not ours (gh-153279).
             self._close_mapping()
@@ -155,16 +155,7 @@ class SharedMemory:
         self._name = name
         self._size = size
         self._header = header
-        self._buf = memoryview(self._mmap)[:size]  # type: ignore[arg-type]
-
-    def _read_header(self, name: str, file_size: int) -> Tuple[Optional[Header], int]:
-        assert self._mmap is not None
-        if file_size < HEADER_BYTES:
-            return None, file_size
-        offset = Header.trailer_offset(file_size)
-        header = Header.parse(self._mmap[offset : offset + HEADER_BYTES], file_size, name)
-        # A block another program made (the standard library's, say) is all data.
-        return header, (header.size if header is not None else file_size)
+        self._buf = memoryview(self._mmap)  # type: ignore[arg-type]
 
     def _map(self, fd: int, length: int) -> None:
         self._mmap = mmap.mmap(fd, length)

@@ -31,8 +31,10 @@ def validate(name: object) -> str:
         )
     if "\0" in name:
         raise InvalidName(f"shared memory block name {name!r} contains a NUL character")
-    if name in (".", "..") or name.startswith(_platform.TEMP_PREFIX):
+    if name in (".", ".."):
         raise InvalidName(f"{name!r} is reserved and cannot name a shared memory block")
+    if len(name) * 4 <= _platform.NAME_MAX and name.isascii():
+        return name  # short ASCII: nothing more to check (the common case, kept fast)
     try:
         encoded = os.fsencode(name)
     except UnicodeError as err:

@@ -2,9 +2,9 @@
 
 glibc's ``shm_open(name)`` is ``open("/dev/shm/" + name, flags | O_NOFOLLOW |
 O_CLOEXEC)``, so blocks opened through paths here are the very blocks the
-standard library and C programs see. Working with paths gives two things
-``shm_open`` cannot: ``link()`` to publish a fully built block under its name
-atomically, and ``posix_fallocate()`` to reserve its memory up front.
+standard library and C programs see. Working with paths lets us refuse
+symlinks and special files explicitly and reserve memory with
+``posix_fallocate()``.
 
 Every ``OSError`` is translated into a shmem error at this boundary, naming the
 block; nothing above this module looks at errno.
@@ -17,7 +17,7 @@ import fcntl
 import os
 import stat
 import struct
-from typing import Callable, Iterator, List, NamedTuple, Optional
+from typing import Iterator, List, NamedTuple, Optional
 
 from .._errors import NoSpace, SegmentExists, SegmentNotFound, UnsafeSegment
 
@@ -28,10 +28,6 @@ try:
 except (OSError, ValueError):  # pragma: no cover - /dev/shm always answers on Linux
     NAME_MAX = 255
 
-# Blocks are built under a hidden temporary name and linked to their real name
-# once complete (see create_published). The pid in it is for people reading
-# `ls -a /dev/shm`; gc() decides by lock, not by pid.
-TEMP_PREFIX = ".shmem-new-"
 
 _OPEN_EXISTING = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _OPEN_EXISTING_RO = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -45,68 +41,43 @@ def path_of(name: str) -> str:
 # --------------------------------------------------------------------- files
 
 
-def create_published(
-    name: str, total: int, header: bytes, header_offset: int, hold: Callable[[int], None]
-) -> int:
-    """Create a block of ``total`` bytes that appears under ``name`` complete.
+def create_exclusive(name: str) -> Opened:
+    """Create an empty file for block ``name``; FileExistsError if the name is taken.
 
-    The file is created under a temporary name, ``hold(fd)`` run on it (it
-    takes the caller's locks), its memory reserved and ``header`` written at
-    ``header_offset``; only then does ``link()`` give it its real name. ``link`` fails with EEXIST
-    when the name is taken, which is the O_EXCL of the publish step. An
-    attacher therefore sees either no block or a finished one, never the
-    zero-length file that a plain ``shm_open(O_CREAT)`` + ``ftruncate`` shows.
-
-    Returns an fd opened through the real name (so /proc/<pid>/maps, lsof and
-    fuser show the name, not a deleted temporary one), on which ``hold``
-    has been run again. On any failure, the temporary
-    file - the only thing this call made - is removed and every fd closed.
+    O_EXCL makes creation exclusive, O_NOFOLLOW refuses a planted symlink, and
+    the mode is forced to 0600 afterwards: the umask may have cleared the
+    owner's bits, and nobody else may ever read or write the block.
     """
-    if os.path.lexists(path_of(name)):
-        # Not needed for correctness (link below is the real test), but a taken name
-        # must say FileExistsError, not NoSpace, and must not cost a reservation first.
-        raise SegmentExists(name)
-    temp = f"{TEMP_PREFIX}{os.getpid()}-{os.urandom(6).hex()}"
-    temp_path = path_of(temp)
     try:
-        fd = os.open(temp_path, _CREATE, 0o600)
+        fd = os.open(path_of(name), _CREATE, 0o600)
     except OSError as err:
         raise _translate(err, name) from err
     try:
-        inode = os.fstat(fd).st_ino
-        # The umask may have cleared bits of 0o600; the owner must always be able to
-        # read and write, and nobody else may, whatever the umask.
         os.fchmod(fd, 0o600)
-        hold(fd)
-        reserve(fd, total, name)
-        os.pwrite(fd, header, header_offset)
-        try:
-            os.link(temp_path, path_of(name))
-        except OSError as err:
-            raise _translate(err, name) from err
-    except BaseException:
+        st = os.fstat(fd)
+    except BaseException as err:
         os.close(fd)
-        _unlink_quietly(temp_path)
-        raise
-    _unlink_quietly(temp_path)
+        _unlink_quietly(path_of(name))  # just made by us, not yet seen by anyone usable
+        raise _translate(err, name) if isinstance(err, OSError) else err
+    return Opened(fd, st.st_size, st.st_ino, st.st_mtime)
+
+
+def write_at(fd: int, data: bytes, offset: int, name: str) -> None:
     try:
-        published = open_existing(name)
-        try:
-            if published.inode != inode:
-                raise SegmentNotFound(name, "removed by another process while being created")
-            hold(published.fd)
-        except BaseException:
-            os.close(published.fd)
-            raise
-    except BaseException:
-        # Published but unusable (out of fds, say): take the name back - only if it is
-        # still our block, never one that replaced it meanwhile.
-        if still_published(name, inode):
-            _unlink_quietly(path_of(name))
-        raise
-    finally:
-        os.close(fd)
-    return published.fd
+        os.pwrite(fd, data, offset)
+    except OSError as err:
+        raise _translate(err, name) from err
+
+
+def remove_own(name: str, inode: int) -> None:
+    """Undo a failed creation: unlink ``name`` if it is still the file we made
+    (never a block that replaced it meanwhile)."""
+    if still_published(name, inode):
+        _unlink_quietly(path_of(name))
+
+
+# Below this, posix_fallocate fails fast enough on its own; statvfs would only add a syscall.
+_PRECHECK_BYTES = 1 << 24
 
 
 def reserve(fd: int, total: int, name: str) -> None:
@@ -117,13 +88,14 @@ def reserve(fd: int, total: int, name: str) -> None:
     process with SIGBUS (CPython gh-114390). Reserving turns that into ENOSPC
     here, at creation, where it can be handled.
     """
-    st = os.statvfs(SHM_DIR)
-    if total > st.f_bavail * st.f_frsize:
-        # Fast refusal: fallocate on tmpfs would allocate page by page before failing.
-        raise NoSpace(
-            name,
-            f"{total} bytes do not fit in {SHM_DIR} ({st.f_bavail * st.f_frsize} bytes free)",
-        )
+    if total >= _PRECHECK_BYTES:
+        st = os.statvfs(SHM_DIR)
+        if total > st.f_bavail * st.f_frsize:
+            # Fast refusal: fallocate on tmpfs would allocate page by page before failing.
+            raise NoSpace(
+                name,
+                f"{total} bytes do not fit in {SHM_DIR} ({st.f_bavail * st.f_frsize} bytes free)",
+            )
     try:
         os.posix_fallocate(fd, 0, total)
     except OSError as err:
@@ -290,6 +262,17 @@ def spawn_with_stdin(argv: List[str], stdin_fd: int) -> int:
     )
 
 
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # the constant is in fcntl from 3.10
+
+
+def enlarge_pipe(fd: int, size: int) -> None:
+    """Ask for a pipe buffer of ``size`` bytes; keep the default if refused."""
+    try:
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, size)
+    except OSError:
+        pass
+
+
 # ------------------------------------------------------------ process identity
 
 
@@ -326,11 +309,18 @@ def _read_pid_namespace() -> int:
 _PID_NAMESPACE = _read_pid_namespace()
 
 
+_current: Optional[ProcessIdentity] = None
+
+
 def current_process() -> ProcessIdentity:
+    """This process's identity; read from /proc once per process (a fork is a new one)."""
+    global _current
     pid = os.getpid()
-    start = _start_time(pid)
-    assert start is not None
-    return ProcessIdentity(pid, start, _PID_NAMESPACE)
+    if _current is None or _current.pid != pid:
+        start = _start_time(pid)
+        assert start is not None
+        _current = ProcessIdentity(pid, start, _PID_NAMESPACE)
+    return _current
 
 
 def process_alive(who: ProcessIdentity) -> Optional[bool]:
