@@ -1,0 +1,25 @@
+"""The README's benchmark command runs end to end (a smoke run; no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
+
+
+def test_benchmark_quick_run_prints_ratios_and_leaves_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    before = set(os.listdir("/dev/shm"))
+    run = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--sizes", "4K", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "create+close+unlink" in run.stdout and "attach+close" in run.stdout
+    assert json.loads(out.read_text())
+    leftovers = {n for n in set(os.listdir("/dev/shm")) - before if n.startswith("shmbench_")}
+    assert not leftovers
