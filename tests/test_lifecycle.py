@@ -33,13 +33,20 @@ _HOLDER = textwrap.dedent(
     if module.__name__.startswith("multiprocessing") and sys.version_info < (3, 13):
         kwargs = {}  # no track argument before 3.13
     shm = module.SharedMemory(name, create=role.startswith("create"), size=4096, **kwargs)
+    child = None
     if role == "create+attacher":
         import subprocess
         child = subprocess.Popen([sys.executable, "-c", sys.argv[5], sys.argv[1], name, "attach", "1"],
                                  stdout=subprocess.PIPE)
-        assert child.stdout.readline() == b"ready\\n"
+        assert child.stdout.readline().startswith(b"ready")
+    reaper = ""
+    if role.startswith("create") and track and module.__name__ == "shmem":
+        import os
+        with open(f"/proc/self/task/{os.getpid()}/children") as f:
+            children = [int(pid) for pid in f.read().split()]
+        reaper = " ".join(str(pid) for pid in children if child is None or pid != child.pid)
     shm.buf[0] = 1
-    print("ready", flush=True)
+    print("ready", reaper, flush=True)
     sys.stdin.readline()
     shm.close()
     """
@@ -63,7 +70,9 @@ class Holder:
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
-        if line != b"ready\n":
+        #: pid of the creator's reaper (its own process group: a group kill misses it)
+        self.reaper = int(line.split()[1]) if len(line.split()) > 1 else None
+        if not line.startswith(b"ready"):
             _, err = self.proc.communicate(timeout=30)
             raise AssertionError(f"holder failed: {err.decode()}")
 
@@ -75,6 +84,8 @@ class Holder:
     def kill(self, group: bool = False) -> str:
         if group:
             os.killpg(self.proc.pid, signal.SIGKILL)
+            if self.reaper is not None:
+                os.kill(self.reaper, signal.SIGKILL)
         else:
             self.proc.kill()
         _, err = self.proc.communicate(timeout=30)
@@ -175,7 +186,8 @@ def test_handles_passed_to_workers_never_remove_the_block(mp_context, shm_name) 
 
 
 def _abandon(name: str) -> None:
-    """A creator, an attacher and the creator's reaper, all SIGKILLed at once."""
+    """A creator, an attacher and the creator's reaper, all SIGKILLed at once
+    (as in a container OOM kill)."""
     group = Holder("shmem", name, "create+attacher", new_group=True)
     group.kill(group=True)
     time.sleep(0.5)
@@ -184,6 +196,16 @@ def _abandon(name: str) -> None:
 
 def _ours(removed: List[shmem.RemovedBlock], prefix: str) -> List[shmem.RemovedBlock]:
     return [r for r in removed if r.name.startswith(prefix)]
+
+
+def test_a_process_group_killed_at_once_still_has_its_blocks_removed(shm_name) -> None:
+    """The reaper lives in a process group of its own: `kill -9 -<pgid>` on the
+    application (creator and attacher) does not stop the cleanup."""
+    name = shm_name()
+    group = Holder("shmem", name, "create+attacher", new_group=True)
+    group.reaper = None  # kill the group only
+    group.kill(group=True)
+    assert wait_until(lambda: not _exists(name)), "a group kill left the block behind"
 
 
 def test_gc_removes_abandoned_blocks_and_nothing_else(shm_name, shm_prefix: str) -> None:
@@ -265,3 +287,26 @@ def test_a_killed_reaper_is_replaced_before_the_creator_exits(shm_name) -> None:
     )
     subprocess.run([PYTHON, "-c", code], check=True, timeout=60)
     assert wait_until(lambda: not _exists(name)), "nobody removed the block of a creator whose reaper was killed"
+
+
+def test_ctrl_c_to_the_process_group_still_removes_the_block(shm_name) -> None:
+    """SIGINT reaches every process of the terminal's group. The reaper ignores
+    it and removes the block of a creator that SIGINT killed outright (no
+    KeyboardInterrupt, so no exit handlers that could start a new reaper)."""
+    name = shm_name()
+    code = textwrap.dedent(
+        f"""
+        import signal, sys, shmem
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        shm = shmem.SharedMemory({name!r}, create=True, size=10)
+        print("ready", flush=True)
+        sys.stdin.readline()
+        """
+    )
+    creator = subprocess.Popen([PYTHON, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               start_new_session=True)
+    assert creator.stdout is not None and creator.stdout.readline() == b"ready\n"
+    os.killpg(creator.pid, signal.SIGINT)
+    creator.communicate(timeout=30)
+    assert creator.returncode == -signal.SIGINT
+    assert wait_until(lambda: not _exists(name)), "Ctrl-C left the block behind"

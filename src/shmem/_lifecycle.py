@@ -28,11 +28,13 @@ gets FileNotFoundError). Two callers apply it:
 * the **reaper**, a small process each creating process starts on its first
   tracked block (``_reaper.py``). It learns the blocks through a pipe, sees
   the creator die as end-of-file on that pipe - however it died - and then
-  polls its blocks until each is removed. It prints nothing, ignores Ctrl-C
-  and SIGTERM (so a signal to the whole process group does not stop cleanup),
-  and exits when its list is empty.
-* ``gc()``, for blocks nobody is left to remove: when the reaper died too
-  (the whole process group SIGKILLed, a container OOM-killed).
+  polls its blocks until each is removed. It prints nothing, runs in a
+  process group of its own and ignores SIGINT, SIGTERM and SIGHUP (so Ctrl-C
+  or a kill of the application's process group does not stop the cleanup),
+  and exits when its list is empty. A creator whose reaper was killed starts
+  a new one at exit.
+* ``gc()``, for blocks nobody is left to remove: when the reaper was killed
+  together with everything else (a container OOM-killed).
 """
 
 from __future__ import annotations

@@ -25,8 +25,9 @@ from typing import Dict
 
 
 def main() -> None:
-    # A Ctrl-C or `kill -TERM -<pgid>` aimed at the application must not stop
-    # the cleanup that follows it. SIGKILL still does: then gc() is the fallback.
+    # Signals aimed at the application must not stop the cleanup that follows
+    # them (our own process group already keeps terminal and group signals away).
+    # SIGKILL still does: then gc() is the fallback.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     os.closerange(3, 1 << 16)  # inheritable fds of the creator are not ours to keep open

@@ -232,13 +232,6 @@ def try_lock_exclusive(fd: int, offset: int) -> bool:
     return True
 
 
-def is_locked(fd: int, offset: int) -> bool:
-    """Whether any other open file description holds a lock on this byte."""
-    raw = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
-    kind: int = _FLOCK.unpack(raw)[0]
-    return kind != fcntl.F_UNLCK
-
-
 # --------------------------------------------------------------- processes
 
 
@@ -249,11 +242,16 @@ def spawn_with_stdin(argv: List[str], stdin_fd: int) -> int:
 
     Never our stdout/stderr: whoever reads them (a shell pipe, subprocess.run
     with capture_output) would wait for the child to exit.
+
+    The child gets a process group of its own, from its first instruction:
+    Ctrl-C at a terminal signals the foreground group, and ``kill -<pgid>``
+    one group - neither should stop the process that cleans up after them.
     """
     return os.posix_spawn(
         argv[0],
         argv,
         os.environ,
+        setpgroup=0,
         file_actions=[
             (os.POSIX_SPAWN_DUP2, stdin_fd, 0),
             (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
