@@ -16,7 +16,7 @@ The trailer, in the last 4096 bytes, all integers little-endian::
     off  len  field
       0    8  magic       b"\\x93SHMEM\\r\\n"  (a non-ASCII byte and CR LF, as in PNG)
       8    2  version     1
-     10    2  kind        0 raw block (later: list, array)
+     10    2  kind        0 raw block, 1 ShareableList, 2 NumPy array
      12    4  flags       bit 0: auto-remove (created with track=True)
      16    8  size        the size the creator asked for; size + 4096 <= file size
      24    8  block_id    random: tells apart two blocks that had the same name
@@ -24,18 +24,21 @@ The trailer, in the last 4096 bytes, all integers little-endian::
      40    8  start_time  creator's start time      > who made it (platform.ProcessIdentity)
      48    8  pid_ns      creator's pid namespace  /
      56    8  created_ns  creation time, ns since the epoch
-     64    4  crc32       of bytes 0..63
-     68    4  ready       0 while being created; READY once complete (written last)
-     72 4024  reserved    zero (kind-specific headers will live at 256)
+     64    4  extra_len   length of the kind's own header at 256 (at most 3840)
+     68    4  extra_crc   crc32 of those bytes
+     72    4  crc32       of bytes 0..71
+     76    4  ready       b"REDY" once complete (written last), zero until then
+     80  176  reserved    zero
+    256  ...  extra       the kind's own header (arrays: dtype, shape; lists: layout)
 
 Creating a block (``_memory.SharedMemory._create``): open the name with
 O_EXCL; write the whole trailer page with ``ready = 0`` - one write that
 takes the file from empty to its full size with the header in place, so no
 reader ever sees a full-size file without its header; reserve the memory;
 write ``ready`` last. An attacher that finds the file empty or not ready
-gets FileNotFoundError: it never sees a partly created block. Bytes 0..67
-never change afterwards, so a reader needs no lock. It is still hostile input: another process, or another user's
-program, may have written anything there. ``parse`` copies it once, checks
+gets FileNotFoundError: it never sees a partly created block. Nothing but
+``ready`` changes afterwards, so a reader needs no lock. It is still hostile input: another process, or another user's
+program, may have written anything there. ``Header.read`` copies it once, checks
 the magic, checksum, version and sizes against the real file size, and only
 the returned copy is used.
 """
@@ -47,7 +50,7 @@ import random
 import struct
 import time
 import zlib
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 from ._errors import CorruptSegment
 from ._platform import ProcessIdentity
@@ -58,16 +61,20 @@ MAGIC = b"\x93SHMEM\r\n"
 VERSION = 1
 
 KIND_RAW = 0
-KIND_NAMES = {KIND_RAW: "raw"}
+KIND_LIST = 1
+KIND_ARRAY = 2
+KIND_NAMES = {KIND_RAW: "raw", KIND_LIST: "list", KIND_ARRAY: "array"}
 
 FLAG_AUTO_REMOVE = 1
 
-_FIXED = struct.Struct("<8sHHIQQQQQQ")  # bytes 0..63
-_CRC = struct.Struct("<I")  # bytes 64..67
-READY_OFFSET = _FIXED.size + _CRC.size  # bytes 68..71
+_FIXED = struct.Struct("<8sHHIQQQQQQII")  # bytes 0..71, the checksummed part
+_CRC = struct.Struct("<I")  # bytes 72..75
+READY_OFFSET = _FIXED.size + _CRC.size  # bytes 76..79
 READY = b"REDY"
 HEADER_BYTES = READY_OFFSET + len(READY)
-_ALL = struct.Struct("<8sHHIQQQQQQI4s")  # the three above in one go, for parse
+_ALL = struct.Struct("<8sHHIQQQQQQIII4s")  # the three above in one go, for parse
+EXTRA_OFFSET = 256
+EXTRA_MAX = TRAILER_SIZE - EXTRA_OFFSET
 
 
 def total_size(size: int) -> int:
@@ -83,13 +90,16 @@ class Header(NamedTuple):
     creator: ProcessIdentity
     created_ns: int
     ready: bool = False
+    extra: bytes = b""  # the kind's own header, checksummed but not interpreted here
 
     @property
     def auto_remove(self) -> bool:
         return bool(self.flags & FLAG_AUTO_REMOVE)
 
     @classmethod
-    def new(cls, size: int, *, kind: int, track: bool, creator: ProcessIdentity) -> Header:
+    def new(cls, size: int, *, kind: int, track: bool, creator: ProcessIdentity, extra: bytes = b"") -> Header:
+        if len(extra) > EXTRA_MAX:
+            raise ValueError(f"a kind header of {len(extra)} bytes does not fit in {EXTRA_MAX}")
         return cls(
             kind=kind,
             flags=FLAG_AUTO_REMOVE if track else 0,
@@ -98,14 +108,17 @@ class Header(NamedTuple):
             block_id=random.getrandbits(64),
             creator=creator,
             created_ns=time.time_ns(),
+            extra=extra,
         )
 
     def pack_page(self) -> bytes:
         """The whole trailer page, not ready yet."""
         fixed = _FIXED.pack(
-            MAGIC, VERSION, self.kind, self.flags, self.size, self.block_id, *self.creator, self.created_ns
+            MAGIC, VERSION, self.kind, self.flags, self.size, self.block_id, *self.creator, self.created_ns,
+            len(self.extra), zlib.crc32(self.extra),
         )
-        return (fixed + _CRC.pack(zlib.crc32(fixed))).ljust(TRAILER_SIZE, b"\0")
+        head = (fixed + _CRC.pack(zlib.crc32(fixed))).ljust(EXTRA_OFFSET, b"\0")
+        return (head + self.extra).ljust(TRAILER_SIZE, b"\0")
 
     @staticmethod
     def trailer_offset(file_size: int) -> int:
@@ -113,21 +126,32 @@ class Header(NamedTuple):
 
     @classmethod
     def read(cls, fd: int, file_size: int, name: str) -> Optional[Header]:
-        """The header of the open block ``fd``, or None if shmem did not make it."""
-        if file_size < TRAILER_SIZE:
-            return None
-        return cls.parse(os.pread(fd, HEADER_BYTES, file_size - TRAILER_SIZE), file_size, name)
-
-    @classmethod
-    def parse(cls, raw: bytes, file_size: int, name: str) -> Optional[Header]:
-        """The header in ``raw`` (the first HEADER_BYTES of the trailer of a file of
-        ``file_size`` bytes), or None when the block is not one shmem made.
+        """The header of the open block ``fd``, or None when shmem did not make it.
 
         Raises CorruptSegment when the magic is there but the rest does not add up.
         """
-        if file_size < TRAILER_SIZE or len(raw) < HEADER_BYTES or raw[:8] != MAGIC:
+        if file_size < TRAILER_SIZE:
             return None
-        _, version, kind, flags, size, block_id, pid, start, pidns, created, crc, ready = _ALL.unpack_from(raw)
+        offset = file_size - TRAILER_SIZE
+        parsed = cls._parse(os.pread(fd, HEADER_BYTES, offset), file_size, name)
+        if parsed is None:
+            return None
+        header, extra_len, extra_crc = parsed
+        if not extra_len:
+            return header
+        extra = os.pread(fd, extra_len, offset + EXTRA_OFFSET)
+        if len(extra) != extra_len or zlib.crc32(extra) != extra_crc:
+            raise CorruptSegment(f"shared memory block {name!r}: kind header checksum mismatch (overwritten?)")
+        return header._replace(extra=extra)
+
+    @classmethod
+    def _parse(cls, raw: bytes, file_size: int, name: str) -> Optional[Tuple[Header, int, int]]:
+        """The fixed header in ``raw`` with the announced length and checksum of
+        the kind's header; None when the magic is missing."""
+        if len(raw) < HEADER_BYTES or raw[:8] != MAGIC:
+            return None
+        (_, version, kind, flags, size, block_id, pid, start, pidns, created,
+         extra_len, extra_crc, crc, ready) = _ALL.unpack_from(raw)
         if zlib.crc32(raw[: _FIXED.size]) != crc:
             raise CorruptSegment(f"shared memory block {name!r}: header checksum mismatch (overwritten?)")
         if version != VERSION:
@@ -141,4 +165,7 @@ class Header(NamedTuple):
             raise CorruptSegment(
                 f"shared memory block {name!r}: header claims {size} bytes, the file holds {file_size}"
             )
-        return cls(kind, flags, size, block_id, ProcessIdentity(pid, start, pidns), created, ready == READY)
+        if extra_len > EXTRA_MAX:
+            raise CorruptSegment(f"shared memory block {name!r}: header claims a kind header of {extra_len} bytes")
+        header = cls(kind, flags, size, block_id, ProcessIdentity(pid, start, pidns), created, ready == READY)
+        return header, extra_len, extra_crc

@@ -68,6 +68,24 @@ class SharedMemory:
     _header: Optional[Header] = None
 
     def __init__(self, name: Optional[str] = None, create: bool = False, size: int = 0, *, track: bool = True) -> None:
+        self._setup(name, create, size, track, KIND_RAW, b"", False)
+
+    @classmethod
+    def _typed(
+        cls: Type[_S], name: Optional[str], create: bool, size: int = 0, *,
+        track: bool = True, kind: int = KIND_RAW, extra: bytes = b"", readonly: bool = False,
+    ) -> _S:
+        """For shmem's own typed blocks (lists, arrays): create one whose header
+        carries ``kind`` and the kind's own header ``extra`` (written before the
+        ready mark), or attach one, read-only if asked. The caller checks the
+        attached block's ``_header``."""
+        self = cls.__new__(cls)
+        self._setup(name, create, size, track, kind, extra, readonly)
+        return self
+
+    def _setup(
+        self, name: Optional[str], create: bool, size: int, track: bool, kind: int, extra: bytes, readonly: bool
+    ) -> None:
         # Everything is checked before anything is touched: bad input has no side effect.
         size = operator.index(size)
         if size < 0:
@@ -80,14 +98,14 @@ class SharedMemory:
             name = _names.validate(name)
         self._track = bool(track)
         if create:
-            self._create(name, size)
+            self._create(name, size, kind, extra)
         else:
-            self._attach(name)  # type: ignore[arg-type]
+            self._attach(name, readonly)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------ creating
 
-    def _create(self, name: Optional[str], size: int) -> None:
-        header = Header.new(size, kind=KIND_RAW, track=self._track, creator=_platform.current_process())
+    def _create(self, name: Optional[str], size: int, kind: int, extra: bytes) -> None:
+        header = Header.new(size, kind=kind, track=self._track, creator=_platform.current_process(), extra=extra)
         total = total_size(size)
         while True:
             candidate = name if name is not None else _names.generate()
@@ -129,8 +147,8 @@ class SharedMemory:
 
     # ------------------------------------------------------------ attaching
 
-    def _attach(self, name: str) -> None:
-        opened = _platform.open_existing(name)
+    def _attach(self, name: str, readonly: bool) -> None:
+        opened = _platform.open_existing(name, writable=not readonly)
         try:
             if self._track:
                 # Waits while a reaper or gc() holds the exclusive lock to remove it;
@@ -145,7 +163,7 @@ class SharedMemory:
                 raise SegmentNotFound(name, "the shared memory block is still being created")
             # A block another program made (the standard library's, say) is all data.
             size = header.size if header is not None else opened.size
-            self._map(opened.fd, size)
+            self._map(opened.fd, size, readonly)
         except BaseException:
             # Never unlink here: the block is not ours (gh-153279).
             self._close_mapping()
@@ -157,8 +175,8 @@ class SharedMemory:
         self._header = header
         self._buf = memoryview(self._mmap)  # type: ignore[arg-type]
 
-    def _map(self, fd: int, length: int) -> None:
-        self._mmap = mmap.mmap(fd, length)
+    def _map(self, fd: int, length: int, readonly: bool = False) -> None:
+        self._mmap = mmap.mmap(fd, length, access=mmap.ACCESS_READ if readonly else mmap.ACCESS_WRITE)
 
     # ------------------------------------------------------------ the API
 

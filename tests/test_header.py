@@ -1,0 +1,103 @@
+"""The block header is hostile input: every inconsistency is refused cleanly."""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+
+import pytest
+
+import shmem
+from shmem._header import EXTRA_OFFSET, KIND_ARRAY, TRAILER_SIZE
+
+from conftest import SHM_DIR
+
+
+def _trailer(name: str) -> int:
+    return os.stat(f"{SHM_DIR}/{name}").st_size - TRAILER_SIZE
+
+
+def _poke(name: str, offset: int, data: bytes) -> None:
+    fd = os.open(f"{SHM_DIR}/{name}", os.O_RDWR)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+def _refix_crc(name: str) -> None:
+    """Recompute the header checksum after a poke, as a deliberate forger would."""
+    fd = os.open(f"{SHM_DIR}/{name}", os.O_RDWR)
+    try:
+        offset = os.fstat(fd).st_size - TRAILER_SIZE
+        fixed = os.pread(fd, 72, offset)
+        os.pwrite(fd, struct.pack("<I", zlib.crc32(fixed)), offset + 72)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def block(shm_name):
+    shm = shmem.SharedMemory(shm_name(), create=True, size=100, track=False)
+    yield shm.name
+    shm.close()
+    shm.unlink()
+
+
+def test_typed_block_round_trips_its_kind_header(shm_name) -> None:
+    made = shmem.SharedMemory._typed(shm_name(), True, 64, kind=KIND_ARRAY, extra=b"dtype=<f8;shape=8")
+    seen = shmem.SharedMemory._typed(made.name, False, readonly=True)
+    assert seen._header is not None
+    assert (seen._header.kind, seen._header.extra, seen.size) == (KIND_ARRAY, b"dtype=<f8;shape=8", 64)
+    with pytest.raises(TypeError):
+        seen.buf[0] = 1  # read-only mapping
+    seen.close()
+    made.close()
+    made.unlink()
+
+
+@pytest.mark.parametrize(
+    "offset,data,refix,message",
+    [
+        (12, b"\xff", False, "checksum"),  # a flipped flag byte
+        (8, struct.pack("<H", 99), True, "version 99"),
+        (10, struct.pack("<H", 77), True, "unknown kind"),
+        (16, struct.pack("<Q", 1 << 40), True, "claims"),  # size larger than the file
+        (16, struct.pack("<Q", 0), True, "claims"),
+        (64, struct.pack("<I", 10_000), True, "kind header"),  # extra longer than the trailer
+    ],
+    ids=["crc", "version", "kind", "size-too-big", "size-zero", "extra-too-long"],
+)
+def test_corrupted_header_raises_corrupt_segment(block: str, offset: int, data: bytes, refix: bool, message: str) -> None:
+    _poke(block, _trailer(block) + offset, data)
+    if refix:
+        _refix_crc(block)
+    with pytest.raises(shmem.CorruptSegment, match=message) as info:
+        shmem.SharedMemory(block)
+    assert block in str(info.value) and isinstance(info.value, ValueError)
+
+
+def test_corrupted_kind_header_raises_corrupt_segment(shm_name) -> None:
+    made = shmem.SharedMemory._typed(shm_name(), True, 64, track=False, kind=KIND_ARRAY, extra=b"abc")
+    _poke(made.name, _trailer(made.name) + EXTRA_OFFSET, b"x")
+    with pytest.raises(shmem.CorruptSegment, match="kind header"):
+        shmem.SharedMemory(made.name)
+    made.close()
+    made.unlink()
+
+
+def test_block_not_marked_ready_is_not_found(block: str) -> None:
+    _poke(block, _trailer(block) + 76, b"\0\0\0\0")
+    with pytest.raises(FileNotFoundError, match="being created"):
+        shmem.SharedMemory(block)
+
+
+def test_foreign_block_is_all_data(shm_name) -> None:
+    name = shm_name()
+    with open(f"{SHM_DIR}/{name}", "wb") as f:
+        f.write(b"x" * 5000)
+    shm = shmem.SharedMemory(name)
+    assert shm.size == 5000 and shm._header is None
+    shm.close()
+    os.unlink(f"{SHM_DIR}/{name}")
