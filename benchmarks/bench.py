@@ -23,7 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
-import types
+from multiprocessing import resource_tracker
 from multiprocessing import shared_memory as stdlib_shm
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -39,7 +39,18 @@ _serial = itertools.count()
 now = time.perf_counter_ns
 
 
-_TRACKER_OFF = types.SimpleNamespace(register=lambda *a: None, unregister=lambda *a: None)
+class _TrackerOff:
+    """Switches the stdlib's resource-tracker calls off for the duration of a call.
+
+    Patches the functions on the resource_tracker module itself: 3.10-3.12 call
+    them through that module, 3.9 imports them from it inside each call."""
+
+    def __enter__(self) -> None:
+        self.saved = (resource_tracker.register, resource_tracker.unregister)
+        resource_tracker.register = resource_tracker.unregister = lambda *a: None  # type: ignore[assignment]
+
+    def __exit__(self, *exc: object) -> None:
+        resource_tracker.register, resource_tracker.unregister = self.saved  # type: ignore[assignment]
 
 
 class _StdlibUntrackedEmulated(stdlib_shm.SharedMemory):
@@ -49,18 +60,12 @@ class _StdlibUntrackedEmulated(stdlib_shm.SharedMemory):
     per call to the stdlib's time, which flatters shmem's ratios slightly."""
 
     def __init__(self, name: Optional[str] = None, create: bool = False, size: int = 0) -> None:
-        saved, stdlib_shm.resource_tracker = stdlib_shm.resource_tracker, _TRACKER_OFF
-        try:
+        with _TrackerOff():
             super().__init__(name, create, size)
-        finally:
-            stdlib_shm.resource_tracker = saved
 
     def unlink(self) -> None:
-        saved, stdlib_shm.resource_tracker = stdlib_shm.resource_tracker, _TRACKER_OFF
-        try:
+        with _TrackerOff():
             super().unlink()
-        finally:
-            stdlib_shm.resource_tracker = saved
 
 
 # Like for like: shmem track=True against the stdlib's default (tracked: its
