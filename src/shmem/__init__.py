@@ -16,6 +16,7 @@ from ._errors import (
     UnsafeSegment,
 )
 from ._lifecycle import RemovedBlock, gc
+from ._list import ShareableList
 from ._memory import SharedMemory
 from . import shared_memory
 
@@ -29,6 +30,7 @@ __all__ = [
     "RemovedBlock",
     "SegmentExists",
     "SegmentNotFound",
+    "ShareableList",
     "SharedMemory",
     "ShmemError",
     "UnsafeSegment",

@@ -4,6 +4,7 @@
     shm = shared_memory.SharedMemory(create=True, size=10)
 """
 
+from ._list import ShareableList
 from ._memory import SharedMemory
 
-__all__ = ["SharedMemory"]
+__all__ = ["ShareableList", "SharedMemory"]

@@ -1,0 +1,583 @@
+"""ShareableList: the standard library's, exact, fast, and able to share lists with it.
+
+Binary layout - the standard library's (Python 3.9 and later) at offset 0 of
+the block, so either library attaches, reads and writes lists the other made;
+then shmem's own extension, which the standard library never looks at::
+
+    word = 8 bytes, little-endian on the machines we support
+
+    0                    q       N, the number of items
+    8                    q*(N+1) offsets of the items' slots from the data start; offsets[0] = 0
+    (N+2)*8              ...     data: one slot per item, a multiple of 8 bytes each:
+                                   int 'q', float 'd', bool 'xxxxxxx?', None 'xxxxxx?x' (8 bytes),
+                                   str / bytes: UTF-8 / raw bytes, NUL-padded, capacity 8*(len//8+1)
+    data + offsets[N]    8s*N    each item's struct format, NUL-padded
+    ... + 8*N            b*N     each item's type code: 0 number/bool, 1 str, 2 bytes, 3 None
+    ---- shmem only, in lists shmem created ----
+    ext (8-aligned)      q*2N    per item: a sequence number and the exact byte length of a str/bytes
+
+``ext`` is given by the kind header in the block's trailer (``_header``):
+magic, version, N and ext. Lists the standard library made have none; shmem
+then follows the standard library's rules for them.
+
+What the extension fixes:
+
+* **Exact str and bytes.** The standard library strips trailing NUL bytes on
+  read (gh-96779) because it does not know a value's length. shmem records the
+  exact length and marks such slots with a trailing space in their format
+  (``"16s "``; struct ignores it). The standard library reads that slot as
+  before, and writing one resets the format to ``"16s"``, telling shmem that
+  the exact length no longer applies. (Slots of 1 MB or more have no room for
+  the mark in 8 format characters: they follow the standard library's rule.)
+* **No torn reads.** Each item has a sequence lock: a shmem writer makes the
+  item's sequence number odd, writes, and makes it even again; a shmem reader
+  retries until it read the same even number before and after. A reader in
+  another process therefore never sees a mixture of two values, nor an
+  exception, while a shmem writer changes the item - one writer per item at a
+  time (concurrent writers of one item need a lock of their own), on CPUs that
+  keep stores in order (x86-64; Python exposes no memory fences for weaker ones).
+
+Everything read from the block is hostile input: the header is checked in O(1)
+against the block's size when attaching, and each item's offsets, format and
+code when it is read; nothing proportional to what the header claims is
+allocated.
+"""
+
+from __future__ import annotations
+
+import array
+import itertools
+import operator
+import struct
+import time
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+
+from ._errors import CorruptSegment
+from ._header import KIND_LIST, KIND_NAMES
+from ._memory import SharedMemory
+
+_WORD = 8
+_INT_MIN, _INT_MAX = -(1 << 63), (1 << 63) - 1
+
+# Item kinds and the standard library's type codes ("back transforms").
+INT, FLOAT, BOOL, NONE, STR, BYTES = range(6)
+_CODE = {INT: 0, FLOAT: 0, BOOL: 0, NONE: 3, STR: 1, BYTES: 2}
+_FIXED_FORMAT = {INT: b"q", FLOAT: b"d", BOOL: b"xxxxxxx?", NONE: b"xxxxxx?x"}
+
+
+def _word_of(fmt: bytes) -> int:
+    """An 8-byte format field as the int64 the list's word view reads."""
+    return int.from_bytes(fmt.ljust(_WORD, b"\0"), "little", signed=True)
+
+
+_FIXED_BY_WORD = {_word_of(fmt): kind for kind, fmt in _FIXED_FORMAT.items()}
+_INT_WORD = _word_of(_FIXED_FORMAT[INT])
+_FLOAT_WORD = _word_of(_FIXED_FORMAT[FLOAT])
+_BOOL_TRUE = int.from_bytes(b"\0" * 7 + b"\1", "little")  # 'xxxxxxx?' holding True, as a word
+_EXACT_MARK = b" "  # "16s " = shmem wrote it and recorded the exact length
+_EXACT_MAX_CAPACITY = 999_999  # "999999s " is the longest marked format that fits in 8 bytes
+
+# The kind header in the block's trailer (see _header): magic, version, N, ext offset.
+_EXT = struct.Struct("<8sHxxxxxxqq")
+_EXT_MAGIC = b"shmlist\0"
+_EXT_VERSION = 1
+
+# How long a reader waits for a writer that is in the middle of an item.
+_STUCK_WRITER_SECONDS = 1.0
+
+
+def _capacity(nbytes: int) -> int:
+    """Slot size for a str/bytes of ``nbytes`` bytes: the standard library's rule."""
+    return _WORD * (nbytes // _WORD + 1)
+
+
+def _text_format(capacity: int, exact: bool) -> bytes:
+    fmt = b"%ds" % capacity
+    return fmt + _EXACT_MARK if exact and capacity <= _EXACT_MAX_CAPACITY else fmt
+
+
+def _normalize(value: Any, where: str) -> Tuple[int, Any]:
+    """(kind, what to store) for ``value``; TypeError or OverflowError if it
+    cannot be stored. Subclasses and NumPy scalars are stored as their base type."""
+    t = type(value)
+    if t is int:
+        kind, value = INT, value
+    elif t is float:
+        return FLOAT, value
+    elif t is str:
+        return STR, value.encode("utf-8")
+    elif t is bytes:
+        return BYTES, value
+    elif value is None:
+        return NONE, None
+    elif t is bool or isinstance(value, bool):
+        return BOOL, bool(value)
+    elif isinstance(value, int):
+        kind, value = INT, int(value)
+    elif isinstance(value, float):
+        return FLOAT, float(value)
+    elif isinstance(value, str):
+        return STR, str.__str__(value).encode("utf-8")
+    elif isinstance(value, bytes):
+        return BYTES, bytes(value)
+    else:
+        kind, value = _numpy_scalar(value, where)
+        if kind != INT:
+            return kind, value
+    if not _INT_MIN <= value <= _INT_MAX:
+        raise OverflowError(f"{where}: {value} does not fit in a signed 64-bit integer")
+    return kind, value
+
+
+def _numpy_scalar(value: Any, where: str) -> Tuple[int, Any]:
+    # Recognised without importing NumPy: a numpy scalar has a dtype with a kind letter.
+    dtype_kind = getattr(getattr(value, "dtype", None), "kind", None)
+    if type(value).__module__ == "numpy" and dtype_kind is not None:
+        if dtype_kind == "b":
+            return BOOL, bool(value)
+        if dtype_kind in "iu":
+            return INT, int(value)
+        if dtype_kind == "f":
+            return FLOAT, float(value)
+    raise TypeError(
+        f"{where}: cannot store a {type(value).__name__}; "
+        "a ShareableList holds int, float, bool, str, bytes and None"
+    )
+
+
+class ShareableList:
+    """A list of fixed length in a shared memory block, the standard library's
+    ``ShareableList`` with exact values and fast access.
+
+    ``ShareableList(sequence)`` creates a block holding the items (int, float,
+    bool, str, bytes, None); ``ShareableList(name=...)`` attaches to an
+    existing one - made by shmem or by the standard library. Items can be
+    replaced (a str or bytes only by one that fits the space its slot was
+    given), the length cannot change. ``track`` is SharedMemory's.
+    """
+
+    shm: SharedMemory
+    # Class-level defaults so a half-built instance can be collected.
+    _n = 0
+    _ext = -1
+
+    def __init__(self, sequence: Optional[Iterable[Any]] = None, *, name: Optional[str] = None,
+                 track: bool = True) -> None:
+        if name is None or sequence is not None:
+            self._create(list(sequence) if sequence is not None else [], name, track)
+        else:
+            self.shm = SharedMemory._typed(name, False, track=track)
+            try:
+                self._attach()
+            except BaseException:
+                self.shm.close()
+                raise
+
+    # ------------------------------------------------------------ creating
+
+    def _create(self, items: List[Any], name: Optional[str], track: bool) -> None:
+        where = f"ShareableList({name!r})" if name else "ShareableList"
+        n = len(items)
+        # Everything is validated and encoded before the block exists.
+        if all(type(v) is int for v in items):
+            data = _pack_homogeneous("q", items, where)
+            kinds: Optional[List[int]] = None
+            fmt_words = _FIXED_FORMAT[INT].ljust(_WORD, b"\0") * n
+        elif all(type(v) is float for v in items):
+            data = array.array("d", items).tobytes()
+            kinds = None
+            fmt_words = _FIXED_FORMAT[FLOAT].ljust(_WORD, b"\0") * n
+        else:
+            normalized = [_normalize(v, f"{where}[{i}]") for i, v in enumerate(items)]
+            kinds = [k for k, _ in normalized]
+            data, fmt_words = _pack_mixed(normalized)
+        if kinds is None:
+            capacities: Iterable[int] = itertools.repeat(_WORD, n)
+            codes = bytes(n)
+            lengths = array.array("q", [0, -1] * n)
+        else:
+            capacities = [_capacity(len(p)) if k in (STR, BYTES) else _WORD for k, p in normalized]
+            codes = bytes(_CODE[k] for k in kinds)
+            lengths = array.array("q", itertools.chain.from_iterable(
+                (0, len(p) if k in (STR, BYTES) else -1) for k, p in normalized))
+        offsets = array.array("q", itertools.accumulate(itertools.chain((0,), capacities)))
+        data_start = (n + 2) * _WORD
+        fmt_start = data_start + offsets[-1]
+        codes_start = fmt_start + n * _WORD
+        ext = -(-(codes_start + n) // _WORD) * _WORD
+        total = ext + 2 * _WORD * n
+
+        image = bytearray(max(total, 2 * _WORD))
+        image[0:_WORD] = n.to_bytes(_WORD, "little", signed=True)
+        image[_WORD:data_start] = offsets.tobytes()
+        image[data_start:data_start + len(data)] = data
+        image[fmt_start:codes_start] = fmt_words
+        image[codes_start:codes_start + n] = codes
+        image[ext:total] = lengths.tobytes()
+
+        extra = _EXT.pack(_EXT_MAGIC, _EXT_VERSION, n, ext)
+        self.shm = SharedMemory._typed(name, True, len(image), track=track, kind=KIND_LIST, extra=extra)
+        buf = self.shm.buf
+        assert buf is not None
+        buf[:] = image
+        self._bind(n, offsets[-1], ext)
+
+    # ------------------------------------------------------------ attaching
+
+    def _attach(self) -> None:
+        shm, buf = self.shm, self.shm.buf
+        assert buf is not None
+        name, size = shm.name, shm.size
+        header = shm._header
+        if header is not None and header.kind != KIND_LIST:
+            raise CorruptSegment(
+                f"shared memory block {name!r} holds a {KIND_NAMES[header.kind]} block, not a ShareableList"
+            )
+        if size < 2 * _WORD:
+            raise CorruptSegment(f"shared memory block {name!r} ({size} bytes) is too small for a ShareableList")
+        n, first = struct.unpack_from("qq", buf, 0)
+        # O(1) checks of what the header claims against the real size, before any use.
+        if n < 0 or (n + 2) * _WORD + 9 * n > size:
+            raise CorruptSegment(f"ShareableList {name!r} claims {n} items; its block holds {size} bytes")
+        (data_len,) = struct.unpack_from("q", buf, (n + 1) * _WORD)
+        if first != 0 or data_len < 0 or (n + 2) * _WORD + data_len + 9 * n > size:
+            raise CorruptSegment(f"ShareableList {name!r}: item offsets point outside its {size}-byte block")
+        ext = -1
+        if header is not None:
+            try:
+                magic, version, ext_n, ext = _EXT.unpack(header.extra)
+            except struct.error:
+                magic, version, ext_n = b"", 0, -1
+            codes_end = (n + 2) * _WORD + data_len + 9 * n
+            if magic != _EXT_MAGIC or version != _EXT_VERSION or ext_n != n or ext % _WORD \
+                    or ext < codes_end or ext + 2 * _WORD * n > size:
+                raise CorruptSegment(f"ShareableList {name!r}: its shmem header does not match its layout")
+        self._bind(n, data_len, ext)
+
+    def _bind(self, n: int, data_len: int, ext: int) -> None:
+        buf = self.shm.buf
+        assert buf is not None
+        self._n = n
+        self._data_len = data_len
+        self._data = (n + 2) * _WORD
+        self._data_word = n + 2
+        self._fixed_max = data_len - _WORD  # the last offset an 8-byte item may have
+        self._fmts = self._data + data_len  # byte offset of the formats
+        self._fmt_word = self._fmts // _WORD  # ... as a word index
+        self._codes = self._fmts + n * _WORD
+        self._ext = ext
+        self._ext_word = ext // _WORD if ext >= 0 else -1
+        words = len(buf) // _WORD * _WORD
+        self._b = buf
+        self._q = buf[:words].cast("q")
+        self._d = buf[:words].cast("d")
+
+    # ------------------------------------------------------------ reading
+
+    def _read(self, i: int) -> Any:
+        """Item ``i`` (0 <= i < n) as stored now, checked against the layout.
+
+        The format decides numbers, bool and None (as when the standard library
+        unpacks them); the type code decides between str and bytes.
+        """
+        q = self._q
+        word = q[self._fmt_word + i]
+        off = q[1 + i]
+        kind = _FIXED_BY_WORD.get(word)
+        if kind is None:
+            return self._read_text(i, off, word)
+        if off & 7 or not 0 <= off <= self._fixed_max:
+            raise self._corrupt(i, "its slot lies outside the data area")
+        if kind == INT:
+            return q[self._data_word + (off >> 3)]
+        if kind == FLOAT:
+            return self._d[self._data_word + (off >> 3)]
+        if kind == BOOL:
+            return bool(self._b[self._data + off + 7])
+        return None
+
+    def _read_text(self, i: int, off: int, word: int) -> Union[str, bytes]:
+        end = self._q[2 + i]
+        if not 0 <= off <= end <= self._data_len:
+            raise self._corrupt(i, "its slot lies outside the data area")
+        capacity, exact = _parse_text_format(word)
+        if capacity < 0 or capacity > end - off:
+            raise self._corrupt(i, f"unknown or oversized format {word.to_bytes(8, 'little', signed=True)!r}")
+        code = self._b[self._codes + i]
+        if code not in (1, 2):
+            raise self._corrupt(i, "its format and type code disagree")
+        start = self._data + off
+        length = self._q[self._ext_word + 2 * i + 1] if exact and self._ext >= 0 else -1
+        if 0 <= length <= capacity:
+            raw = bytes(self._b[start:start + length])
+        else:  # written by the standard library: its rule, trailing NULs dropped
+            raw = bytes(self._b[start:start + capacity]).rstrip(b"\0")
+        if code == 2:
+            return raw
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise self._corrupt(i, f"its text is not valid UTF-8 ({err.reason})") from None
+
+    def _read_consistent(self, i: int) -> Any:
+        """Item ``i`` read under its sequence lock, when the list has one."""
+        if self._ext < 0:
+            return self._read(i)
+        q = self._q
+        seq = self._ext_word + 2 * i
+        deadline = 0.0
+        while True:
+            before = q[seq]
+            if not before & 1:
+                value = self._read(i)
+                if q[seq] == before:
+                    return value
+            elif not deadline:
+                deadline = time.monotonic() + _STUCK_WRITER_SECONDS
+            elif time.monotonic() > deadline:
+                raise self._corrupt(i, "a writer started changing it and never finished (killed?)")
+            else:
+                time.sleep(0)
+
+    def __getitem__(self, index: Any) -> Any:
+        if index.__class__ is int:
+            n = self._n
+            if index < 0:
+                index += n
+            if 0 <= index < n:
+                seq = self._ext_word + 2 * index
+                if seq < 0:  # no sequence locks: a list the standard library made
+                    return self._read(index)
+                q = self._q
+                before = q[seq]
+                if not before & 1:  # nobody is writing it: the common case, inlined for ints
+                    if q[self._fmt_word + index] == _INT_WORD:
+                        off = q[1 + index]
+                        if off & 7 or not 0 <= off <= self._fixed_max:
+                            raise self._corrupt(index, "its slot lies outside the data area")
+                        value = q[self._data_word + (off >> 3)]
+                    else:
+                        value = self._read(index)
+                    if q[seq] == before:
+                        return value
+                return self._read_consistent(index)
+            raise IndexError(f"ShareableList index {index - n if index >= n else index} out of range")
+        if isinstance(index, slice):
+            return [self._read_consistent(i) for i in range(*index.indices(self._n))]
+        return self[operator.index(index)]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._snapshot())
+
+    def _snapshot(self) -> List[Any]:
+        """Every item, read in bulk; items a writer touched meanwhile are re-read one by one."""
+        n = self._n
+        if self._ext < 0:
+            return [self._read(i) for i in range(n)]
+        seqs = slice(self._ext_word, self._ext_word + 2 * n, 2)
+        before = self._q[seqs].tolist()
+        values = [self._read(i) for i in range(n)]
+        after = self._q[seqs].tolist()
+        if before != after or any(s & 1 for s in before):
+            for i in range(n):
+                if before[i] != after[i] or before[i] & 1:
+                    values[i] = self._read_consistent(i)
+        return values
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __contains__(self, value: Any) -> bool:
+        return value in self._snapshot()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ShareableList):
+            return self._snapshot() == other._snapshot()
+        if isinstance(other, list):
+            return self._snapshot() == other
+        return NotImplemented
+
+    def __ne__(self, other: object) -> bool:
+        result = self.__eq__(other)
+        return result if result is NotImplemented else not result
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like list
+
+    def count(self, value: Any) -> int:
+        """L.count(value) -> integer -- return number of occurrences of value."""
+        return self._snapshot().count(value)
+
+    def index(self, value: Any, start: int = 0, stop: int = 2**63 - 1) -> int:
+        """L.index(value, [start, [stop]]) -> integer -- return first index of value.
+        Raises ValueError if the value is not present."""
+        try:
+            return self._snapshot().index(value, start, stop)
+        except ValueError:
+            raise ValueError(f"{value!r} not in this container") from None
+
+    @property
+    def format(self) -> str:
+        """The struct packing format of all the items, as the standard library reports it."""
+        return "".join(self._format_of(i) for i in range(self._n))
+
+    def _format_of(self, i: int) -> str:
+        raw = self._q[self._fmt_word + i].to_bytes(_WORD, "little", signed=True)
+        return raw.rstrip(b"\0").rstrip(_EXACT_MARK).decode("ascii", "replace")
+
+    # ------------------------------------------------------------ writing
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        n = self._n
+        i = index if index.__class__ is int else operator.index(index)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"ShareableList assignment index {index} out of range")
+        t = value.__class__
+        if t is int and _INT_MIN <= value <= _INT_MAX:
+            kind, payload = INT, value
+        elif t is float:
+            kind, payload = FLOAT, value
+        else:
+            kind, payload = _normalize(value, f"ShareableList {self.shm.name!r}[{index}]")
+        q = self._q
+        off = q[1 + i]
+        # Checked before anything is written: a value that does not fit leaves the list unchanged.
+        if kind in (STR, BYTES):
+            end = q[2 + i]
+            if not 0 <= off <= end <= self._data_len:
+                raise self._corrupt(i, "its slot lies outside the data area")
+            capacity = end - off
+            if len(payload) > capacity:
+                raise ValueError(
+                    f"ShareableList {self.shm.name!r}[{index}]: {len(payload)} bytes exceed available "
+                    f"storage of {capacity} bytes (a slot keeps the size of the value it was created with)"
+                )
+            self._write_text(i, kind, payload, self._data + off, capacity)
+            return
+        if off & 7 or not 0 <= off <= self._fixed_max:
+            raise self._corrupt(i, "its slot lies outside the data area")
+        at = self._data_word + (off >> 3)
+        seq = self._ext_word + 2 * i
+        if seq >= 0:
+            writing = q[seq] | 1
+            q[seq] = writing  # odd: readers wait
+        if kind == INT:
+            q[at] = payload
+            q[self._fmt_word + i] = _INT_WORD
+        elif kind == FLOAT:
+            self._d[at] = payload
+            q[self._fmt_word + i] = _FLOAT_WORD
+        else:
+            q[at] = _BOOL_TRUE if payload else 0  # None's slot is all zero too
+            q[self._fmt_word + i] = _word_of(_FIXED_FORMAT[kind])
+        self._b[self._codes + i] = _CODE[kind]
+        if seq >= 0:
+            q[seq + 1] = -1
+            q[seq] = writing + 1  # even again: the item is whole
+
+    def _write_text(self, i: int, kind: int, payload: bytes, start: int, capacity: int) -> None:
+        q = self._q
+        seq = self._ext_word + 2 * i
+        if seq >= 0:
+            writing = q[seq] | 1
+            q[seq] = writing
+        self._b[start:start + capacity] = payload.ljust(capacity, b"\0")
+        q[self._fmt_word + i] = _word_of(_text_format(capacity, exact=seq >= 0))
+        self._b[self._codes + i] = _CODE[kind]
+        if seq >= 0:
+            q[seq + 1] = len(payload)
+            q[seq] = writing + 1
+
+    # ------------------------------------------------------------ the rest
+
+    def _corrupt(self, i: int, why: str) -> CorruptSegment:
+        return CorruptSegment(f"ShareableList {self.shm.name!r}, item {i}: {why}")
+
+    def close(self) -> None:
+        """Close this process's access to the list (the block stays)."""
+        for view in ("_q", "_d"):
+            mv = self.__dict__.pop(view, None)
+            if mv is not None:
+                mv.release()
+        self.__dict__.pop("_b", None)
+        self.shm.close()
+
+    def unlink(self) -> None:
+        """Remove the list's block; call it once, from any one process."""
+        self.shm.unlink()
+
+    def __enter__(self) -> ShareableList:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        return (_reattach, (type(self), self.shm.name, self.shm._track))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._snapshot()}, name={self.shm.name!r})"
+
+    def __class_getitem__(cls, item: Any) -> Any:
+        import types
+
+        return types.GenericAlias(cls, item)
+
+
+_TEXT_FORMATS: Dict[int, Tuple[int, bool]] = {}
+
+
+def _parse_text_format(word: int) -> Tuple[int, bool]:
+    """(capacity, exact-length mark) of a "<n>s" format word; (-1, False) if it is not one."""
+    try:
+        return _TEXT_FORMATS[word]
+    except KeyError:
+        pass
+    raw = word.to_bytes(_WORD, "little", signed=True).rstrip(b"\0")
+    exact = raw.endswith(_EXACT_MARK)
+    digits = raw[:-2] if exact else raw[:-1]
+    if raw[len(digits):len(digits) + 1] != b"s" or not digits.isdigit():
+        parsed = (-1, False)
+    else:
+        parsed = (int(digits), exact)
+    if len(_TEXT_FORMATS) < 4096:  # bounded: formats come from other processes
+        _TEXT_FORMATS[word] = parsed
+    return parsed
+
+
+def _pack_homogeneous(typecode: str, items: List[int], where: str) -> bytes:
+    try:
+        return array.array(typecode, items).tobytes()
+    except OverflowError:
+        bad = next(i for i, v in enumerate(items) if not _INT_MIN <= v <= _INT_MAX)
+        raise OverflowError(f"{where}[{bad}]: {items[bad]} does not fit in a signed 64-bit integer") from None
+
+
+def _pack_mixed(normalized: List[Tuple[int, Any]]) -> Tuple[bytes, bytes]:
+    """The data area and the formats area for items of mixed kinds."""
+    data = bytearray()
+    fmts = bytearray()
+    for kind, payload in normalized:
+        if kind in (STR, BYTES):
+            capacity = _capacity(len(payload))
+            data += payload.ljust(capacity, b"\0")
+            fmts += _text_format(capacity, exact=True).ljust(_WORD, b"\0")
+            continue
+        if kind == INT:
+            data += struct.pack("q", payload)
+        elif kind == FLOAT:
+            data += struct.pack("d", payload)
+        elif kind == BOOL:
+            data += b"\0" * 7 + (b"\1" if payload else b"\0")
+        else:
+            data += bytes(_WORD)
+        fmts += _FIXED_FORMAT[kind].ljust(_WORD, b"\0")
+    return bytes(data), bytes(fmts)
+
+
+def _reattach(cls: type, name: str, track: bool) -> ShareableList:
+    return cls(name=name, track=track)  # type: ignore[no-any-return]
+
+
+ShareableList.__module__ = "shmem"
