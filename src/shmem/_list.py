@@ -14,7 +14,8 @@ then shmem's own extension, which the standard library never looks at::
     data + offsets[N]    8s*N    each item's struct format, NUL-padded
     ... + 8*N            b*N     each item's type code: 0 number/bool, 1 str, 2 bytes, 3 None
     ---- shmem only, in lists shmem created ----
-    ext (8-aligned)      q*2N    per item: a sequence number and the exact byte length of a str/bytes
+    ext (8-aligned)      q*N     per item: sequence number (low 32 bits), exact byte length
+                                 of a str/bytes (high 32 bits)
 
 ``ext`` is given by the kind header in the block's trailer (``_header``):
 magic, version, N and ext. Lists the standard library made have none; shmem
@@ -48,7 +49,9 @@ from __future__ import annotations
 import array
 import itertools
 import operator
+import os
 import struct
+import sys
 import time
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
@@ -81,6 +84,16 @@ _EXACT_MAX_CAPACITY = 999_999  # "999999s " is the longest marked format that fi
 _EXT = struct.Struct("<8sHxxxxxxqq")
 _EXT_MAGIC = b"shmlist\0"
 _EXT_VERSION = 1
+
+# Each item's extension word: sequence number in the low 32 bits (odd while a
+# writer is at work), exact byte length of a str/bytes in the high 32 bits.
+_SEQ_MASK = 0xFFFFFFFF
+
+
+def _settled(writing: int, length: int) -> int:
+    """The word that ends a write: the next (even) sequence number and the length."""
+    return (length << 32) | (((writing & _SEQ_MASK) + 1) & _SEQ_MASK)
+
 
 # How long a reader waits for a writer that is in the middle of an item.
 _STUCK_WRITER_SECONDS = 1.0
@@ -145,7 +158,38 @@ def _numpy_scalar(value: Any, where: str) -> Tuple[int, Any]:
     )
 
 
-class ShareableList:
+def _pack_numbers_py(seq: Any) -> Optional[Tuple[bytes, str]]:
+    """(data, typecode) if every item is exactly an int fitting int64 or exactly a float."""
+    kinds = set(map(type, seq))
+    try:
+        if kinds == {int}:
+            return array.array("q", seq).tobytes(), "q"
+        if kinds == {float}:
+            return array.array("d", seq).tobytes(), "d"
+    except OverflowError:
+        pass  # the item-by-item path names the item that does not fit
+    return None
+
+
+def _fixed_offsets_py(n: int) -> bytes:
+    return array.array("q", range(0, _WORD * (n + 1), _WORD)).tobytes()
+
+
+try:
+    if os.environ.get("SHMEM_PURE_PYTHON"):  # for testing the fallback: the same behaviour, slower
+        raise ImportError("pure Python requested")
+    from ._speedups import ListCore as _Core
+    from ._speedups import fixed_offsets as _fixed_offsets
+    from ._speedups import pack_numbers as _pack_numbers
+
+    ACCELERATED = True
+except ImportError:  # built without a C compiler: the same behaviour in pure Python
+    _Core = object  # type: ignore[misc,assignment]
+    _pack_numbers, _fixed_offsets = _pack_numbers_py, _fixed_offsets_py
+    ACCELERATED = False
+
+
+class ShareableList(_Core):
     """A list of fixed length in a shared memory block, the standard library's
     ``ShareableList`` with exact values and fast access.
 
@@ -164,7 +208,7 @@ class ShareableList:
     def __init__(self, sequence: Optional[Iterable[Any]] = None, *, name: Optional[str] = None,
                  track: bool = True) -> None:
         if name is None or sequence is not None:
-            self._create(list(sequence) if sequence is not None else [], name, track)
+            self._create(sequence if sequence is not None else (), name, track)
         else:
             self.shm = SharedMemory._typed(name, False, track=track)
             try:
@@ -175,52 +219,51 @@ class ShareableList:
 
     # ------------------------------------------------------------ creating
 
-    def _create(self, items: List[Any], name: Optional[str], track: bool) -> None:
+    def _create(self, sequence: Iterable[Any], name: Optional[str], track: bool) -> None:
         where = f"ShareableList({name!r})" if name else "ShareableList"
-        n = len(items)
+        if not isinstance(sequence, (list, tuple, range)):
+            sequence = list(sequence)
         # Everything is validated and encoded before the block exists.
-        if all(type(v) is int for v in items):
-            data = _pack_homogeneous("q", items, where)
-            kinds: Optional[List[int]] = None
-            fmt_words = _FIXED_FORMAT[INT].ljust(_WORD, b"\0") * n
-        elif all(type(v) is float for v in items):
-            data = array.array("d", items).tobytes()
-            kinds = None
-            fmt_words = _FIXED_FORMAT[FLOAT].ljust(_WORD, b"\0") * n
-        else:
-            normalized = [_normalize(v, f"{where}[{i}]") for i, v in enumerate(items)]
-            kinds = [k for k, _ in normalized]
-            data, fmt_words = _pack_mixed(normalized)
-        if kinds is None:
-            capacities: Iterable[int] = itertools.repeat(_WORD, n)
+        packed = _pack_numbers(sequence)
+        if packed is not None:  # all ints or all floats: the common case, packed in one go
+            data, typecode = packed
+            n = len(data) // _WORD
+            fmt_words = _FIXED_FORMAT[INT if typecode == "q" else FLOAT].ljust(_WORD, b"\0") * n
             codes = bytes(n)
-            lengths = array.array("q", [0, -1] * n)
+            lengths = b""  # numbers have no length: the words stay zero
+            offsets = _fixed_offsets(n)
+            data_len = _WORD * n
         else:
-            capacities = [_capacity(len(p)) if k in (STR, BYTES) else _WORD for k, p in normalized]
-            codes = bytes(_CODE[k] for k in kinds)
-            lengths = array.array("q", itertools.chain.from_iterable(
-                (0, len(p) if k in (STR, BYTES) else -1) for k, p in normalized))
-        offsets = array.array("q", itertools.accumulate(itertools.chain((0,), capacities)))
+            normalized = [_normalize(v, f"{where}[{i}]") for i, v in enumerate(sequence)]
+            n = len(normalized)
+            data, fmt_words = _pack_mixed(normalized)
+            codes = bytes(_CODE[k] for k, _ in normalized)
+            lengths = array.array("q", (len(p) << 32 if k in (STR, BYTES) else 0 for k, p in normalized)).tobytes()
+            capacities = (_capacity(len(p)) if k in (STR, BYTES) else _WORD for k, p in normalized)
+            offset_list = array.array("q", itertools.accumulate(itertools.chain((0,), capacities)))
+            offsets = offset_list.tobytes()
+            data_len = offset_list[-1]
         data_start = (n + 2) * _WORD
-        fmt_start = data_start + offsets[-1]
+        fmt_start = data_start + data_len
         codes_start = fmt_start + n * _WORD
         ext = -(-(codes_start + n) // _WORD) * _WORD
-        total = ext + 2 * _WORD * n
-
-        image = bytearray(max(total, 2 * _WORD))
-        image[0:_WORD] = n.to_bytes(_WORD, "little", signed=True)
-        image[_WORD:data_start] = offsets.tobytes()
-        image[data_start:data_start + len(data)] = data
-        image[fmt_start:codes_start] = fmt_words
-        image[codes_start:codes_start + n] = codes
-        image[ext:total] = lengths.tobytes()
+        total = ext + _WORD * n
 
         extra = _EXT.pack(_EXT_MAGIC, _EXT_VERSION, n, ext)
-        self.shm = SharedMemory._typed(name, True, len(image), track=track, kind=KIND_LIST, extra=extra)
-        buf = self.shm.buf
-        assert buf is not None
-        buf[:] = image
-        self._bind(n, offsets[-1], ext)
+        # Written into the block before it is marked ready: nobody sees a half-built list.
+        initial = [
+            (0, n.to_bytes(_WORD, sys.byteorder, signed=True)),
+            (_WORD, offsets),
+            (data_start, data),
+            (fmt_start, fmt_words),
+            (codes_start, codes),
+            (ext, lengths),
+        ]
+        self.shm = SharedMemory._typed(
+            name, True, max(total, 2 * _WORD), track=track, kind=KIND_LIST, extra=extra,
+            initial=[(offset, piece) for offset, piece in initial if piece],
+        )
+        self._bind(n, data_len, ext)
 
     # ------------------------------------------------------------ attaching
 
@@ -250,7 +293,7 @@ class ShareableList:
                 magic, version, ext_n = b"", 0, -1
             codes_end = (n + 2) * _WORD + data_len + 9 * n
             if magic != _EXT_MAGIC or version != _EXT_VERSION or ext_n != n or ext % _WORD \
-                    or ext < codes_end or ext + 2 * _WORD * n > size:
+                    or ext < codes_end or ext + _WORD * n > size:
                 raise CorruptSegment(f"ShareableList {name!r}: its shmem header does not match its layout")
         self._bind(n, data_len, ext)
 
@@ -271,6 +314,8 @@ class ShareableList:
         self._b = buf
         self._q = buf[:words].cast("q")
         self._d = buf[:words].cast("d")
+        if ACCELERATED:
+            self._bind_core(buf, n, data_len, ext)
 
     # ------------------------------------------------------------ reading
 
@@ -307,7 +352,7 @@ class ShareableList:
         if code not in (1, 2):
             raise self._corrupt(i, "its format and type code disagree")
         start = self._data + off
-        length = self._q[self._ext_word + 2 * i + 1] if exact and self._ext >= 0 else -1
+        length = self._q[self._ext_word + i] >> 32 if exact and self._ext >= 0 else -1
         if 0 <= length <= capacity:
             raw = bytes(self._b[start:start + length])
         else:  # written by the standard library: its rule, trailing NULs dropped
@@ -324,7 +369,7 @@ class ShareableList:
         if self._ext < 0:
             return self._read(i)
         q = self._q
-        seq = self._ext_word + 2 * i
+        seq = self._ext_word + i
         deadline = 0.0
         while True:
             before = q[seq]
@@ -339,15 +384,17 @@ class ShareableList:
             else:
                 time.sleep(0)
 
-    def __getitem__(self, index: Any) -> Any:
+    def _getitem_slow(self, index: Any) -> Any:
+        """``self[index]``; the C core (when built) answers ints and floats itself
+        and calls this for everything else."""
         if index.__class__ is int:
             n = self._n
             if index < 0:
                 index += n
             if 0 <= index < n:
-                seq = self._ext_word + 2 * index
-                if seq < 0:  # no sequence locks: a list the standard library made
+                if self._ext < 0:  # no sequence locks: a list the standard library made
                     return self._read(index)
+                seq = self._ext_word + index
                 q = self._q
                 before = q[seq]
                 if not before & 1:  # nobody is writing it: the common case, inlined for ints
@@ -371,10 +418,12 @@ class ShareableList:
 
     def _snapshot(self) -> List[Any]:
         """Every item, read in bulk; items a writer touched meanwhile are re-read one by one."""
+        if ACCELERATED:
+            return self._snapshot_core()
         n = self._n
         if self._ext < 0:
             return [self._read(i) for i in range(n)]
-        seqs = slice(self._ext_word, self._ext_word + 2 * n, 2)
+        seqs = slice(self._ext_word, self._ext_word + n)
         before = self._q[seqs].tolist()
         values = [self._read(i) for i in range(n)]
         after = self._q[seqs].tolist()
@@ -384,8 +433,8 @@ class ShareableList:
                     values[i] = self._read_consistent(i)
         return values
 
-    def __len__(self) -> int:
-        return self._n
+    def __reversed__(self) -> Iterator[Any]:
+        return iter(self._snapshot()[::-1])
 
     def __contains__(self, value: Any) -> bool:
         return value in self._snapshot()
@@ -426,7 +475,9 @@ class ShareableList:
 
     # ------------------------------------------------------------ writing
 
-    def __setitem__(self, index: Any, value: Any) -> None:
+    def _setitem_slow(self, index: Any, value: Any) -> None:
+        """``self[index] = value``; the C core (when built) writes ints and floats
+        itself and calls this for everything else."""
         n = self._n
         i = index if index.__class__ is int else operator.index(index)
         if i < 0:
@@ -458,7 +509,7 @@ class ShareableList:
         if off & 7 or not 0 <= off <= self._fixed_max:
             raise self._corrupt(i, "its slot lies outside the data area")
         at = self._data_word + (off >> 3)
-        seq = self._ext_word + 2 * i
+        seq = self._ext_word + i if self._ext >= 0 else -1
         if seq >= 0:
             writing = q[seq] | 1
             q[seq] = writing  # odd: readers wait
@@ -473,12 +524,11 @@ class ShareableList:
             q[self._fmt_word + i] = _word_of(_FIXED_FORMAT[kind])
         self._b[self._codes + i] = _CODE[kind]
         if seq >= 0:
-            q[seq + 1] = -1
-            q[seq] = writing + 1  # even again: the item is whole
+            q[seq] = _settled(writing, 0)  # even again: the item is whole
 
     def _write_text(self, i: int, kind: int, payload: bytes, start: int, capacity: int) -> None:
         q = self._q
-        seq = self._ext_word + 2 * i
+        seq = self._ext_word + i if self._ext >= 0 else -1
         if seq >= 0:
             writing = q[seq] | 1
             q[seq] = writing
@@ -486,8 +536,7 @@ class ShareableList:
         q[self._fmt_word + i] = _word_of(_text_format(capacity, exact=seq >= 0))
         self._b[self._codes + i] = _CODE[kind]
         if seq >= 0:
-            q[seq + 1] = len(payload)
-            q[seq] = writing + 1
+            q[seq] = _settled(writing, len(payload))
 
     # ------------------------------------------------------------ the rest
 
@@ -496,6 +545,8 @@ class ShareableList:
 
     def close(self) -> None:
         """Close this process's access to the list (the block stays)."""
+        if ACCELERATED:
+            self._release_core()
         for view in ("_q", "_d"):
             mv = self.__dict__.pop(view, None)
             if mv is not None:
@@ -524,6 +575,13 @@ class ShareableList:
 
         return types.GenericAlias(cls, item)
 
+    if not ACCELERATED:
+        __getitem__ = _getitem_slow
+        __setitem__ = _setitem_slow
+
+        def __len__(self) -> int:
+            return self._n
+
 
 _TEXT_FORMATS: Dict[int, Tuple[int, bool]] = {}
 
@@ -544,14 +602,6 @@ def _parse_text_format(word: int) -> Tuple[int, bool]:
     if len(_TEXT_FORMATS) < 4096:  # bounded: formats come from other processes
         _TEXT_FORMATS[word] = parsed
     return parsed
-
-
-def _pack_homogeneous(typecode: str, items: List[int], where: str) -> bytes:
-    try:
-        return array.array(typecode, items).tobytes()
-    except OverflowError:
-        bad = next(i for i, v in enumerate(items) if not _INT_MIN <= v <= _INT_MAX)
-        raise OverflowError(f"{where}[{bad}]: {items[bad]} does not fit in a signed 64-bit integer") from None
 
 
 def _pack_mixed(normalized: List[Tuple[int, Any]]) -> Tuple[bytes, bytes]:

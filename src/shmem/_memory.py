@@ -39,7 +39,7 @@ import mmap
 import operator
 import os
 import sys
-from typing import Any, Optional, Tuple, Type, TypeVar
+from typing import Any, Optional, Sequence, Tuple, Type, TypeVar
 
 from . import _lifecycle, _names, _platform
 from ._errors import InvalidSize, SegmentExists, SegmentNotFound
@@ -68,23 +68,26 @@ class SharedMemory:
     _header: Optional[Header] = None
 
     def __init__(self, name: Optional[str] = None, create: bool = False, size: int = 0, *, track: bool = True) -> None:
-        self._setup(name, create, size, track, KIND_RAW, b"", False)
+        self._setup(name, create, size, track, KIND_RAW, b"", (), False)
 
     @classmethod
     def _typed(
         cls: Type[_S], name: Optional[str], create: bool, size: int = 0, *,
-        track: bool = True, kind: int = KIND_RAW, extra: bytes = b"", readonly: bool = False,
+        track: bool = True, kind: int = KIND_RAW, extra: bytes = b"",
+        initial: Sequence[Tuple[int, bytes]] = (), readonly: bool = False,
     ) -> _S:
         """For shmem's own typed blocks (lists, arrays): create one whose header
-        carries ``kind`` and the kind's own header ``extra`` (written before the
-        ready mark), or attach one, read-only if asked. The caller checks the
-        attached block's ``_header``."""
+        carries ``kind`` and the kind's own header ``extra``, filled with the
+        ``initial`` (offset, bytes) pieces - all written before the ready mark,
+        so no attacher ever sees it half built - or attach one, read-only if
+        asked. The caller checks the attached block's ``_header``."""
         self = cls.__new__(cls)
-        self._setup(name, create, size, track, kind, extra, readonly)
+        self._setup(name, create, size, track, kind, extra, initial, readonly)
         return self
 
     def _setup(
-        self, name: Optional[str], create: bool, size: int, track: bool, kind: int, extra: bytes, readonly: bool
+        self, name: Optional[str], create: bool, size: int, track: bool, kind: int, extra: bytes,
+        initial: Sequence[Tuple[int, bytes]], readonly: bool,
     ) -> None:
         # Everything is checked before anything is touched: bad input has no side effect.
         size = operator.index(size)
@@ -98,13 +101,17 @@ class SharedMemory:
             name = _names.validate(name)
         self._track = bool(track)
         if create:
-            self._create(name, size, kind, extra)
+            if any(offset < 0 or offset + len(data) > size for offset, data in initial):
+                raise InvalidSize(f"initial contents do not fit in {size} bytes")
+            self._create(name, size, kind, extra, initial)
         else:
             self._attach(name, readonly)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------ creating
 
-    def _create(self, name: Optional[str], size: int, kind: int, extra: bytes) -> None:
+    def _create(
+        self, name: Optional[str], size: int, kind: int, extra: bytes, initial: Sequence[Tuple[int, bytes]]
+    ) -> None:
         header = Header.new(size, kind=kind, track=self._track, creator=_platform.current_process(), extra=extra)
         total = total_size(size)
         while True:
@@ -130,6 +137,8 @@ class SharedMemory:
             trailer = Header.trailer_offset(total)
             _platform.write_at(opened.fd, header.pack_page(), trailer, candidate)
             _platform.reserve(opened.fd, total, candidate)
+            for offset, data in initial:  # through the file: no page faults, unlike the mapping
+                _platform.write_at(opened.fd, data, offset, candidate)
             _platform.write_at(opened.fd, READY, trailer + READY_OFFSET, candidate)
             self._map(opened.fd, size)  # the data only: the header stays out of reach of buf
         except BaseException:
