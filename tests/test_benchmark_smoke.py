@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_core.py"
 
 
 def test_benchmark_quick_run_prints_ratios_and_leaves_nothing(tmp_path: Path) -> None:
@@ -23,3 +23,12 @@ def test_benchmark_quick_run_prints_ratios_and_leaves_nothing(tmp_path: Path) ->
     assert json.loads(out.read_text())
     leftovers = {n for n in set(os.listdir("/dev/shm")) - before if n.startswith("shmbench_")}
     assert not leftovers
+
+
+def test_list_benchmark_quick_run_reports_its_goals() -> None:
+    run = subprocess.run(
+        [sys.executable, str(BENCH.parent / "bench_list.py"), "--quick"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("goal:") == 6
