@@ -17,7 +17,7 @@ The trailer, in the last 4096 bytes, all integers little-endian::
       0    8  magic       b"\\x93SHMEM\\r\\n"  (a non-ASCII byte and CR LF, as in PNG)
       8    2  version     1
      10    2  kind        0 raw block, 1 ShareableList, 2 NumPy array
-     12    4  flags       bit 0: auto-remove (created with track=True)
+     12    4  flags       bit 0: auto-remove (created with track=True); bit 1: manager-owned
      16    8  size        the size the creator asked for; size + 4096 <= file size
      24    8  block_id    random: tells apart two blocks that had the same name
      32    8  pid         creator's pid            \\
@@ -66,6 +66,7 @@ KIND_ARRAY = 2
 KIND_NAMES = {KIND_RAW: "raw", KIND_LIST: "list", KIND_ARRAY: "array"}
 
 FLAG_AUTO_REMOVE = 1
+FLAG_MANAGED = 2  # created for a SharedMemoryManager
 
 _FIXED = struct.Struct("<8sHHIQQQQQQII")  # bytes 0..71, the checksummed part
 _CRC = struct.Struct("<I")  # bytes 72..75
@@ -97,12 +98,14 @@ class Header(NamedTuple):
         return bool(self.flags & FLAG_AUTO_REMOVE)
 
     @classmethod
-    def new(cls, size: int, *, kind: int, track: bool, creator: ProcessIdentity, extra: bytes = b"") -> Header:
+    def new(
+        cls, size: int, *, kind: int, track: bool, creator: ProcessIdentity, extra: bytes = b"", flags: int = 0
+    ) -> Header:
         if len(extra) > EXTRA_MAX:
             raise ValueError(f"a kind header of {len(extra)} bytes does not fit in {EXTRA_MAX}")
         return cls(
             kind=kind,
-            flags=FLAG_AUTO_REMOVE if track else 0,
+            flags=flags | (FLAG_AUTO_REMOVE if track else 0),
             size=size,
             # Only tells apart blocks that had the same name: no need for a syscall's randomness.
             block_id=random.getrandbits(64),

@@ -208,7 +208,7 @@ class ShareableList(_Core):
     def __init__(self, sequence: Optional[Iterable[Any]] = None, *, name: Optional[str] = None,
                  track: bool = True) -> None:
         if name is None or sequence is not None:
-            self._create(sequence if sequence is not None else (), name, track)
+            self._create(sequence if sequence is not None else (), name, track, 0)
         else:
             self.shm = SharedMemory._typed(name, False, track=track)
             try:
@@ -219,7 +219,14 @@ class ShareableList(_Core):
 
     # ------------------------------------------------------------ creating
 
-    def _create(self, sequence: Iterable[Any], name: Optional[str], track: bool) -> None:
+    @classmethod
+    def _make(cls, sequence: Iterable[Any], *, name: Optional[str], track: bool, flags: int) -> ShareableList:
+        """A new list whose block header carries ``flags`` (``_header.FLAG_MANAGED``)."""
+        self = cls.__new__(cls)
+        self._create(sequence, name, track, flags)
+        return self
+
+    def _create(self, sequence: Iterable[Any], name: Optional[str], track: bool, flags: int) -> None:
         where = f"ShareableList({name!r})" if name else "ShareableList"
         if not isinstance(sequence, (list, tuple, range)):
             sequence = list(sequence)
@@ -261,7 +268,7 @@ class ShareableList(_Core):
         ]
         self.shm = SharedMemory._typed(
             name, True, max(total, 2 * _WORD), track=track, kind=KIND_LIST, extra=extra,
-            initial=[(offset, piece) for offset, piece in initial if piece],
+            initial=[(offset, piece) for offset, piece in initial if piece], flags=flags,
         )
         self._bind(n, data_len, ext)
 

@@ -68,26 +68,27 @@ class SharedMemory:
     _header: Optional[Header] = None
 
     def __init__(self, name: Optional[str] = None, create: bool = False, size: int = 0, *, track: bool = True) -> None:
-        self._setup(name, create, size, track, KIND_RAW, b"", (), False)
+        self._setup(name, create, size, track, KIND_RAW, b"", (), 0, False)
 
     @classmethod
     def _typed(
         cls: Type[_S], name: Optional[str], create: bool, size: int = 0, *,
         track: bool = True, kind: int = KIND_RAW, extra: bytes = b"",
-        initial: Sequence[Tuple[int, bytes]] = (), readonly: bool = False,
+        initial: Sequence[Tuple[int, bytes]] = (), flags: int = 0, readonly: bool = False,
     ) -> _S:
         """For shmem's own typed blocks (lists, arrays): create one whose header
         carries ``kind`` and the kind's own header ``extra``, filled with the
         ``initial`` (offset, bytes) pieces - all written before the ready mark,
-        so no attacher ever sees it half built - or attach one, read-only if
-        asked. The caller checks the attached block's ``_header``."""
+        so no attacher ever sees it half built - with extra header ``flags``
+        (``_header.FLAG_MANAGED``); or attach one, read-only if asked. The
+        caller checks the attached block's ``_header``."""
         self = cls.__new__(cls)
-        self._setup(name, create, size, track, kind, extra, initial, readonly)
+        self._setup(name, create, size, track, kind, extra, initial, flags, readonly)
         return self
 
     def _setup(
         self, name: Optional[str], create: bool, size: int, track: bool, kind: int, extra: bytes,
-        initial: Sequence[Tuple[int, bytes]], readonly: bool,
+        initial: Sequence[Tuple[int, bytes]], flags: int, readonly: bool,
     ) -> None:
         # Everything is checked before anything is touched: bad input has no side effect.
         size = operator.index(size)
@@ -103,16 +104,19 @@ class SharedMemory:
         if create:
             if any(offset < 0 or offset + len(data) > size for offset, data in initial):
                 raise InvalidSize(f"initial contents do not fit in {size} bytes")
-            self._create(name, size, kind, extra, initial)
+            self._create(name, size, kind, extra, initial, flags)
         else:
             self._attach(name, readonly)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------ creating
 
     def _create(
-        self, name: Optional[str], size: int, kind: int, extra: bytes, initial: Sequence[Tuple[int, bytes]]
+        self, name: Optional[str], size: int, kind: int, extra: bytes, initial: Sequence[Tuple[int, bytes]],
+        flags: int,
     ) -> None:
-        header = Header.new(size, kind=kind, track=self._track, creator=_platform.current_process(), extra=extra)
+        header = Header.new(
+            size, kind=kind, track=self._track, creator=_platform.current_process(), extra=extra, flags=flags
+        )
         total = total_size(size)
         while True:
             candidate = name if name is not None else _names.generate()
