@@ -158,7 +158,7 @@ def test_untracked_block_is_never_removed_automatically(shm_name) -> None:
     creator.kill()
     time.sleep(1.0)
     assert _exists(name)
-    assert name not in [r.name for r in shmem.gc()]
+    assert name not in [r.name for r in shmem.gc(prefix=name)]
     shmem.SharedMemory(name, track=False).unlink()
 
 
@@ -219,14 +219,18 @@ def test_gc_removes_abandoned_blocks_and_nothing_else(shm_name, shm_prefix: str)
     user = Holder("shmem", in_use_by_orphan, "attach")
     creator.kill()
 
-    removed = _ours(shmem.gc(), shm_prefix)
+    preview = shmem.gc(prefix=shm_prefix, dry_run=True)
+    assert [r.name for r in preview] == [abandoned] and preview.dry_run and _exists(abandoned)
+    assert preview.in_use == (in_use_by_orphan,)  # its creator is dead, but a process still uses it
+
+    removed = _ours(shmem.gc(prefix=shm_prefix), shm_prefix)
     assert [(r.name, r.size) for r in removed] == [(abandoned, 4096)]
     assert removed[0].created <= time.time()
     assert not _exists(abandoned)
     for name in (foreign, untracked, in_use, in_use_by_orphan):
         assert _exists(name), name
 
-    assert _ours(shmem.gc(), shm_prefix) == []  # idempotent
+    assert _ours(shmem.gc(prefix=shm_prefix), shm_prefix) == []  # idempotent
     user.kill()
     assert wait_until(lambda: not _exists(in_use_by_orphan))
     mine.close()
@@ -235,11 +239,11 @@ def test_gc_removes_abandoned_blocks_and_nothing_else(shm_name, shm_prefix: str)
     os.unlink(f"{SHM_DIR}/{foreign}")
 
 
-def test_concurrent_gc_runs_remove_each_block_once(shm_name) -> None:
+def test_concurrent_gc_runs_remove_each_block_once(shm_name, shm_prefix: str) -> None:
     names = [shm_name() for _ in range(6)]
     for name in names:
         _abandon(name)
-    code = "import shmem, json; print(json.dumps([r.name for r in shmem.gc()]))"
+    code = f"import shmem, json; print(json.dumps([r.name for r in shmem.gc(prefix={shm_prefix!r})]))"
     runs = [subprocess.Popen([PYTHON, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
     removed: List[str] = []
     for run in runs:

@@ -15,7 +15,7 @@ from ._errors import (
     ShmemError,
     UnsafeSegment,
 )
-from ._lifecycle import RemovedBlock, gc
+from ._lifecycle import GcReport, RemovedBlock, gc
 from ._list import ShareableList
 from ._memory import SharedMemory
 from . import shared_memory
@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CorruptSegment",
+    "GcReport",
     "InvalidName",
     "InvalidSize",
     "NoSpace",

@@ -40,11 +40,12 @@ gets FileNotFoundError). Two callers apply it:
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import enum
 import os
 import sys
 import threading
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, Iterator, NamedTuple, Optional, Tuple
 
 from . import _platform
 from ._errors import CorruptSegment, ShmemError
@@ -68,10 +69,14 @@ class Verdict(enum.Enum):
     FOREIGN = "foreign"  # not made by shmem, or unreadable: never touched
 
 
-def remove_if_abandoned(name: str, block_id: Optional[int] = None) -> Tuple[Verdict, Optional[Header]]:
+def remove_if_abandoned(
+    name: str, block_id: Optional[int] = None, *, dry_run: bool = False
+) -> Tuple[Verdict, Optional[Header]]:
     """Unlink block ``name`` if the lifecycle rule says it is abandoned.
 
     With ``block_id``, only that block: a newer block under the same name is GONE.
+    With ``dry_run``, everything is checked (the exclusive lock taken and
+    dropped) but nothing is unlinked; REMOVED then means "would be removed".
     """
     try:
         opened = _platform.open_existing(name)
@@ -96,6 +101,8 @@ def remove_if_abandoned(name: str, block_id: Optional[int] = None) -> Tuple[Verd
             return Verdict.IN_USE, header
         if not _platform.still_published(name, opened.inode):
             return Verdict.GONE, header
+        if dry_run:
+            return Verdict.REMOVED, header
         try:
             _platform.unlink(name)
         except FileNotFoundError:
@@ -106,7 +113,7 @@ def remove_if_abandoned(name: str, block_id: Optional[int] = None) -> Tuple[Verd
 
 
 class RemovedBlock(NamedTuple):
-    """A block ``gc()`` removed."""
+    """A block ``gc()`` removed (or, in a dry run, would remove)."""
 
     name: str
     size: int
@@ -114,22 +121,52 @@ class RemovedBlock(NamedTuple):
     created: float  # seconds since the epoch
 
 
-def gc() -> List[RemovedBlock]:
-    """Remove abandoned shmem blocks and return what was removed.
+@dataclasses.dataclass(frozen=True)
+class GcReport:
+    """What ``gc()`` did. It iterates, counts and compares as its ``removed`` list."""
+
+    removed: Tuple[RemovedBlock, ...]
+    in_use: Tuple[str, ...] = ()  # blocks of dead creators that somebody still has open (left alone)
+    dry_run: bool = False
+
+    def __iter__(self) -> Iterator[RemovedBlock]:
+        return iter(self.removed)
+
+    def __len__(self) -> int:
+        return len(self.removed)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, GcReport):
+            return (self.removed, self.in_use, self.dry_run) == (other.removed, other.in_use, other.dry_run)
+        if isinstance(other, (list, tuple)):
+            return list(self.removed) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def gc(*, dry_run: bool = False, prefix: str = "") -> GcReport:
+    """Remove abandoned shmem blocks and report what was removed.
 
     Abandoned: created by shmem with ``track=True``, its creator is dead and no
-    process has it open. That is what remains when every process involved
-    was killed at once (a process group, a container) and nobody was left to
-    clean up. Blocks made by other programs, blocks created with
+    process has it open. That is what remains when every process involved was
+    killed at once, the reaper included (a container OOM-killed), and nobody
+    was left to clean up. Blocks made by other programs, blocks created with
     ``track=False`` and blocks still in use are never touched. Safe to run
-    concurrently with itself and with running programs.
+    concurrently with itself and with running programs; idempotent.
+    With ``dry_run``, reports what would be removed and removes nothing; with
+    ``prefix``, looks only at blocks whose names start with it.
     """
     removed = []
-    for name in _platform.entries():
-        verdict, header = remove_if_abandoned(name)
+    in_use = []
+    for name in sorted(n for n in _platform.entries() if n.startswith(prefix)):
+        verdict, header = remove_if_abandoned(name, dry_run=dry_run)
         if verdict is Verdict.REMOVED and header is not None:
             removed.append(RemovedBlock(name, header.size, header.creator.pid, header.created_ns / 1e9))
-    return removed
+        elif verdict is Verdict.IN_USE and header is not None and header.auto_remove:
+            if _platform.process_alive(header.creator) is False:
+                in_use.append(name)
+    return GcReport(tuple(removed), tuple(in_use), dry_run)
 
 
 # --------------------------------------------------------------- the reaper
