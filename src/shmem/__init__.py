@@ -11,6 +11,7 @@ from ._errors import (
     InvalidSize,
     NoSpace,
     SegmentExists,
+    SegmentInUse,
     SegmentNotFound,
     ShmemError,
     UnsafeSegment,
@@ -18,6 +19,7 @@ from ._errors import (
 from ._lifecycle import GcReport, RemovedBlock, gc
 from ._list import ShareableList
 from ._memory import SharedMemory
+from ._segments import Segment, inspect_segment, list_segments, remove_segment
 from . import shared_memory
 
 __version__ = "0.1.0"
@@ -29,12 +31,17 @@ __all__ = [
     "InvalidSize",
     "NoSpace",
     "RemovedBlock",
+    "Segment",
     "SegmentExists",
+    "SegmentInUse",
     "SegmentNotFound",
     "ShareableList",
     "SharedMemory",
     "ShmemError",
     "UnsafeSegment",
     "gc",
+    "inspect_segment",
+    "list_segments",
+    "remove_segment",
     "shared_memory",
 ]

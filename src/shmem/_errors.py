@@ -60,6 +60,13 @@ class UnsafeSegment(ShmemError, PermissionError, _NamedOSError):
         super().__init__(_errno.EPERM, cause, name)
 
 
+class SegmentInUse(ShmemError, PermissionError, _NamedOSError):
+    """Refusing to remove a block that processes still have open."""
+
+    def __init__(self, name: str, cause: str = "in use by another process") -> None:
+        super().__init__(_errno.EBUSY, cause, name)
+
+
 class InvalidName(ShmemError, ValueError):
     """The name cannot be a shared memory block's name."""
 

@@ -17,7 +17,7 @@ import fcntl
 import os
 import stat
 import struct
-from typing import Iterator, List, NamedTuple, Optional
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional
 
 from .._errors import NoSpace, SegmentExists, SegmentNotFound, UnsafeSegment
 
@@ -112,6 +112,8 @@ class Opened(NamedTuple):
     size: int
     inode: int
     mtime: float
+    uid: int = 0
+    mode: int = 0  # permission bits
 
 
 def open_existing(name: str, writable: bool = True) -> Opened:
@@ -132,7 +134,7 @@ def open_existing(name: str, writable: bool = True) -> Opened:
     except BaseException:
         os.close(fd)
         raise
-    return Opened(fd, st.st_size, st.st_ino, st.st_mtime)
+    return Opened(fd, st.st_size, st.st_ino, st.st_mtime, st.st_uid, st.st_mode & 0o7777)
 
 
 def still_published(name: str, inode: int) -> bool:
@@ -232,7 +234,46 @@ def try_lock_exclusive(fd: int, offset: int) -> bool:
     return True
 
 
+def is_locked(fd: int, offset: int) -> bool:
+    """Whether any open file description (other than fd's) holds a lock on this byte."""
+    raw = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
+    kind: int = _FLOCK.unpack(raw)[0]
+    return kind != fcntl.F_UNLCK
+
+
 # --------------------------------------------------------------- processes
+
+
+def processes_using(names: Iterable[str]) -> Dict[str, List[int]]:
+    """For each block name, the pids that have it mapped or open (as fuser would
+    say), among the processes this user may inspect. One pass over /proc."""
+    paths = {path_of(name): name for name in names}
+    found: Dict[str, List[int]] = {name: [] for name in paths.values()}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid, seen = int(entry), set()
+        try:
+            with open(f"/proc/{pid}/maps") as maps:
+                for line in maps:
+                    path = line.rstrip("\n").split(None, 5)[-1]
+                    if path.endswith(" (deleted)"):
+                        continue
+                    if path in paths:
+                        seen.add(paths[path])
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if target in paths:
+                    seen.add(paths[target])
+        except OSError:  # gone meanwhile, or not ours to inspect
+            pass
+        for name in seen:
+            found[name].append(pid)
+    return found
+
 
 
 def spawn_with_stdin(argv: List[str], stdin_fd: int) -> int:

@@ -1,0 +1,246 @@
+"""The ``shmem`` command (also ``python -m shmem``): list, inspect, remove and collect blocks.
+
+Data goes to stdout, diagnostics to stderr. Exit codes:
+
+    0  success
+    1  nothing matched, or refused (a block in use, a permission denied)
+    2  usage error
+
+A missing name, a permission error or a damaged header is a one-line
+message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+from ._segments import Segment, inspect_segment, list_segments, remove_segment, users_of
+
+EXIT_OK, EXIT_NO_MATCH, EXIT_USAGE = 0, 1, 2
+
+
+def _human_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)  # pragma: no cover
+
+
+def _human_age(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    for unit, span in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= span:
+            return f"{seconds / span:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _kind_label(s: Segment) -> str:
+    label = s.kind + (f" {s.detail}" if s.detail and s.kind != "corrupt" else "")
+    if s.managed:
+        label += " (manager)"
+    if not s.ready:
+        label += " (incomplete)"
+    return label
+
+
+def _as_json(s: Segment) -> Dict[str, Any]:
+    record = s._asdict()
+    record["age"] = s.age
+    return record
+
+
+def _table(rows: List[List[str]], header: List[str], right: Sequence[int] = ()) -> str:
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+
+    def line(cells: List[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([line(header)] + [line(r) for r in rows])
+
+
+def _fail(message: str, code: int = EXIT_NO_MATCH) -> int:
+    print(f"shmem: {message}", file=sys.stderr)
+    return code
+
+
+def _describe_error(err: OSError) -> str:
+    return f"{err.filename}: {err.strerror}" if err.filename else str(err)
+
+
+# ------------------------------------------------------------------ commands
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    segments = list_segments(include_foreign=args.all)
+    if args.json:
+        print(json.dumps([_as_json(s) for s in segments], indent=1))
+        return EXIT_OK
+    if not segments:
+        print("no shared memory blocks" + ("" if args.all else " made by shmem (--all shows every block)"),
+              file=sys.stderr)
+        return EXIT_OK
+    rows = [[s.name, _human_size(s.size), _kind_label(s), s.state,
+             str(s.creator_pid) if s.creator_pid is not None else "-", _human_age(s.age)] for s in segments]
+    print(_table(rows, ["NAME", "SIZE", "KIND", "STATE", "CREATOR", "AGE"], right=(1, 4, 5)))
+    return EXIT_OK
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    try:
+        s = inspect_segment(args.name)
+    except OSError as err:
+        return _fail(_describe_error(err))
+    pids = users_of([s.name])[s.name]
+    record = _as_json(s)
+    record["used_by"] = pids
+    try:
+        with open(f"/dev/shm/{s.name}", "rb") as f:
+            head = f.read(max(0, args.bytes))
+    except OSError as err:
+        return _fail(_describe_error(err))
+    if args.json:
+        record["first_bytes"] = head.hex()
+        print(json.dumps(record, indent=1))
+        return EXIT_OK
+    fields = [
+        ("name", s.name), ("kind", _kind_label(s)), ("size", f"{s.size} bytes ({_human_size(s.size)})"),
+        ("file size", f"{s.file_size} bytes"), ("state", s.state),
+        ("creator pid", str(s.creator_pid) if s.creator_pid is not None else "-"),
+        ("created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created)) if s.created else "-"),
+        ("age", _human_age(s.age)), ("removed when abandoned", {True: "yes", False: "no (track=False)",
+                                                                None: "- (not made by shmem)"}[s.track]),
+        ("complete", "yes" if s.ready else "no"), ("held open (users lock)", {True: "yes", False: "no", None: "-"}[s.in_use]),
+        ("mapped or open by pids", ", ".join(map(str, pids)) or "none seen"),
+        ("owner uid, mode", f"{s.uid}, {s.mode:04o}"),
+    ]
+    width = max(len(k) for k, _ in fields)
+    for key, value in fields:
+        print(f"{key:<{width}}  {value}")
+    print(f"\nfirst {len(head)} bytes:")
+    print(_hexdump(head))
+    return EXIT_OK
+
+
+def _hexdump(data: bytes) -> str:
+    lines = []
+    for offset in range(0, len(data), 16):
+        chunk = data[offset:offset + 16]
+        hexes = " ".join(f"{b:02x}" for b in chunk)
+        text = "".join(chr(b) if 32 <= b < 127 else "." for b in chunk)
+        lines.append(f"{offset:08x}  {hexes:<47}  {text}")
+    return "\n".join(lines) or "(empty)"
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    status = EXIT_OK
+    for name in args.names:
+        try:
+            remove_segment(name, force=args.force)
+        except OSError as err:
+            suffix = " (--force removes it anyway)" if isinstance(err, PermissionError) and err.errno == 16 else ""
+            _fail(_describe_error(err) + suffix)
+            status = EXIT_NO_MATCH
+        else:
+            print(f"removed {name}")
+    return status
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from ._lifecycle import gc
+
+    report = gc(dry_run=args.dry_run, prefix=args.prefix)
+    if args.json:
+        print(json.dumps({"dry_run": report.dry_run, "removed": [r._asdict() for r in report],
+                          "in_use": list(report.in_use)}, indent=1))
+        return EXIT_OK
+    verb = "would remove" if args.dry_run else "removed"
+    for r in report:
+        print(f"{verb} {r.name} ({_human_size(r.size)}, creator pid {r.creator_pid}, "
+              f"age {_human_age(time.time() - r.created)})")
+    for name in report.in_use:
+        print(f"kept {name}: its creator is gone but a process still has it open", file=sys.stderr)
+    if not report.removed:
+        print("nothing to collect", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ._demo import run
+
+    return run()
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    # The benchmarks ship with the source tree, beside src/.
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "bench.py")
+    if not os.path.exists(script):
+        return _fail("the benchmarks come with the source repository (benchmarks/bench.py); run it there")
+    return subprocess.call([sys.executable, os.path.normpath(script)] + (["--quick"] if args.quick else []))
+
+
+# ------------------------------------------------------------------ parsing
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"shmem: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="shmem", description="List, inspect, remove and collect shared memory blocks.",
+                     epilog="exit codes: 0 success, 1 nothing matched or refused, 2 usage error")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    ls = commands.add_parser("ls", help="list shmem's blocks (--all: every block)")
+    ls.add_argument("--all", action="store_true", help="also blocks other programs made")
+    ls.add_argument("--json", action="store_true", help="a JSON list of objects")
+    ls.set_defaults(run=cmd_ls)
+
+    info = commands.add_parser("info", help="everything known about one block")
+    info.add_argument("name")
+    info.add_argument("--json", action="store_true")
+    info.add_argument("--bytes", type=int, default=64, metavar="N", help="hexdump the first N bytes (64)")
+    info.set_defaults(run=cmd_info)
+
+    rm = commands.add_parser("rm", help="remove blocks; refuses one in use unless --force")
+    rm.add_argument("names", nargs="+", metavar="NAME")
+    rm.add_argument("--force", action="store_true")
+    rm.set_defaults(run=cmd_rm)
+
+    gc = commands.add_parser("gc", help="remove abandoned shmem blocks")
+    gc.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
+    gc.add_argument("--json", action="store_true")
+    gc.add_argument("--prefix", default="", help="only blocks whose names start with this")
+    gc.set_defaults(run=cmd_gc)
+
+    demo = commands.add_parser("demo", help="two processes share a block; what happened and how long it took")
+    demo.set_defaults(run=cmd_demo)
+
+    bench = commands.add_parser("bench", help="run the benchmarks (from a source checkout)")
+    bench.add_argument("--quick", action="store_true")
+    bench.set_defaults(run=cmd_bench)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return int(args.run(args))
+    except BrokenPipeError:  # `shmem ls | head`
+        return EXIT_OK
+    except OSError as err:
+        return _fail(_describe_error(err))
