@@ -79,6 +79,7 @@ _FLOAT_WORD = _word_of(_FIXED_FORMAT[FLOAT])
 _BOOL_TRUE = int.from_bytes(b"\0" * 7 + b"\1", "little")  # 'xxxxxxx?' holding True, as a word
 _EXACT_MARK = b" "  # "16s " = shmem wrote it and recorded the exact length
 _EXACT_MAX_CAPACITY = 999_999  # "999999s " is the longest marked format that fits in 8 bytes
+_MAX_CAPACITY = 9_999_999  # "9999999s": the largest slot any format can describe
 
 # The kind header in the block's trailer (see _header): magic, version, N, ext offset.
 _EXT = struct.Struct("<8sHxxxxxxqq")
@@ -204,6 +205,7 @@ class ShareableList(_Core):
     # Class-level defaults so a half-built instance can be collected.
     _n = 0
     _ext = -1
+    _closed = False
 
     def __init__(self, sequence: Optional[Iterable[Any]] = None, *, name: Optional[str] = None,
                  track: bool = True) -> None:
@@ -243,6 +245,12 @@ class ShareableList(_Core):
         else:
             normalized = [_normalize(v, f"{where}[{i}]") for i, v in enumerate(sequence)]
             n = len(normalized)
+            for i, (kind, payload) in enumerate(normalized):
+                if kind in (STR, BYTES) and _capacity(len(payload)) > _MAX_CAPACITY:
+                    raise ValueError(
+                        f"{where}[{i}]: {len(payload)} bytes is more than a ShareableList slot can hold "
+                        f"({_MAX_CAPACITY - _WORD} bytes: its format must fit in 8 characters)"
+                    )
             data, fmt_words = _pack_mixed(normalized)
             codes = bytes(_CODE[k] for k, _ in normalized)
             lengths = array.array("q", (len(p) << 32 if k in (STR, BYTES) else 0 for k, p in normalized)).tobytes()
@@ -340,6 +348,8 @@ class ShareableList(_Core):
             return self._read_text(i, off, word)
         if off & 7 or not 0 <= off <= self._fixed_max:
             raise self._corrupt(i, "its slot lies outside the data area")
+        if self._b[self._codes + i] != _CODE[kind]:
+            raise self._corrupt(i, "its format and type code disagree")
         if kind == INT:
             return q[self._data_word + (off >> 3)]
         if kind == FLOAT:
@@ -381,7 +391,14 @@ class ShareableList(_Core):
         while True:
             before = q[seq]
             if not before & 1:
-                value = self._read(i)
+                try:
+                    value = self._read(i)
+                except CorruptSegment:
+                    # A damaged item stays damaged; one a writer changed meanwhile
+                    # was only read half-written: read it again.
+                    if q[seq] == before:
+                        raise
+                    continue
                 if q[seq] == before:
                     return value
             elif not deadline:
@@ -394,28 +411,14 @@ class ShareableList(_Core):
     def _getitem_slow(self, index: Any) -> Any:
         """``self[index]``; the C core (when built) answers ints and floats itself
         and calls this for everything else."""
+        if self._closed:
+            raise self._closed_error()
         if index.__class__ is int:
             n = self._n
-            if index < 0:
-                index += n
-            if 0 <= index < n:
-                if self._ext < 0:  # no sequence locks: a list the standard library made
-                    return self._read(index)
-                seq = self._ext_word + index
-                q = self._q
-                before = q[seq]
-                if not before & 1:  # nobody is writing it: the common case, inlined for ints
-                    if q[self._fmt_word + index] == _INT_WORD:
-                        off = q[1 + index]
-                        if off & 7 or not 0 <= off <= self._fixed_max:
-                            raise self._corrupt(index, "its slot lies outside the data area")
-                        value = q[self._data_word + (off >> 3)]
-                    else:
-                        value = self._read(index)
-                    if q[seq] == before:
-                        return value
-                return self._read_consistent(index)
-            raise IndexError(f"ShareableList index {index - n if index >= n else index} out of range")
+            i = index + n if index < 0 else index
+            if 0 <= i < n:
+                return self._read_consistent(i)
+            raise IndexError(f"ShareableList index {index} out of range")
         if isinstance(index, slice):
             return [self._read_consistent(i) for i in range(*index.indices(self._n))]
         return self[operator.index(index)]
@@ -425,6 +428,8 @@ class ShareableList(_Core):
 
     def _snapshot(self) -> List[Any]:
         """Every item, read in bulk; items a writer touched meanwhile are re-read one by one."""
+        if self._closed:
+            raise self._closed_error()
         if ACCELERATED:
             return self._snapshot_core()
         n = self._n
@@ -432,7 +437,10 @@ class ShareableList(_Core):
             return [self._read(i) for i in range(n)]
         seqs = slice(self._ext_word, self._ext_word + n)
         before = self._q[seqs].tolist()
-        values = [self._read(i) for i in range(n)]
+        try:
+            values = [self._read(i) for i in range(n)]
+        except CorruptSegment:  # damaged, or half-written meanwhile: item by item decides
+            return [self._read_consistent(i) for i in range(n)]
         after = self._q[seqs].tolist()
         if before != after or any(s & 1 for s in before):
             for i in range(n):
@@ -474,6 +482,8 @@ class ShareableList(_Core):
     @property
     def format(self) -> str:
         """The struct packing format of all the items, as the standard library reports it."""
+        if self._closed:
+            raise self._closed_error()
         return "".join(self._format_of(i) for i in range(self._n))
 
     def _format_of(self, i: int) -> str:
@@ -485,6 +495,8 @@ class ShareableList(_Core):
     def _setitem_slow(self, index: Any, value: Any) -> None:
         """``self[index] = value``; the C core (when built) writes ints and floats
         itself and calls this for everything else."""
+        if self._closed:
+            raise self._closed_error()
         n = self._n
         i = index if index.__class__ is int else operator.index(index)
         if i < 0:
@@ -508,8 +520,9 @@ class ShareableList(_Core):
             capacity = end - off
             if len(payload) > capacity:
                 raise ValueError(
-                    f"ShareableList {self.shm.name!r}[{index}]: {len(payload)} bytes exceed available "
-                    f"storage of {capacity} bytes (a slot keeps the size of the value it was created with)"
+                    f"ShareableList {self.shm.name!r}[{index}]: bytes/str item exceeds available storage "
+                    f"({len(payload)} bytes, the slot holds {capacity}: a slot keeps the size of the "
+                    "value it was created with)"
                 )
             self._write_text(i, kind, payload, self._data + off, capacity)
             return
@@ -547,11 +560,16 @@ class ShareableList(_Core):
 
     # ------------------------------------------------------------ the rest
 
+    def _closed_error(self) -> ValueError:
+        return ValueError(f"ShareableList {self.shm.name!r} is closed")
+
     def _corrupt(self, i: int, why: str) -> CorruptSegment:
         return CorruptSegment(f"ShareableList {self.shm.name!r}, item {i}: {why}")
 
     def close(self) -> None:
-        """Close this process's access to the list (the block stays)."""
+        """Close this process's access to the list (the block stays). Idempotent;
+        using the list afterwards raises ValueError, like a closed file."""
+        self._closed = True
         if ACCELERATED:
             self._release_core()
         for view in ("_q", "_d"):

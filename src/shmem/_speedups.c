@@ -121,6 +121,8 @@ fast_read(ListCore *self, Py_ssize_t i)
     int64_t fmt = load_relaxed(self->base + self->fmts + 8 * i);
     if (fmt != INT_WORD && fmt != FLOAT_WORD)
         return NULL;
+    if (__atomic_load_n((int8_t *)(self->base + self->codes + i), __ATOMIC_RELAXED) != 0)
+        return NULL;  /* the type code disagrees: the slow path judges */
     Py_ssize_t at = fixed_slot(self, i);
     if (at < 0)
         return NULL;  /* damaged: the slow path raises CorruptSegment */
@@ -137,24 +139,33 @@ fast_read(ListCore *self, Py_ssize_t i)
     return PyFloat_FromDouble(d);
 }
 
+/* The item an exact-int key designates (negative keys count from the end), or
+ * -1 when the Python side must answer: another key type, out of range (it
+ * words the IndexError), or an unbound list. */
+static Py_ssize_t
+item_index(ListCore *self, PyObject *key)
+{
+    if (!self->bound || !PyLong_CheckExact(key))
+        return -1;
+    Py_ssize_t i = PyLong_AsSsize_t(key);
+    if (i == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return -1;
+    }
+    if (i < 0)
+        i += self->n;
+    return (i < 0 || i >= self->n) ? -1 : i;
+}
+
 static PyObject *
 core_getitem(ListCore *self, PyObject *key)
 {
-    if (self->bound && PyLong_CheckExact(key)) {
-        Py_ssize_t i = PyLong_AsSsize_t(key);
-        if (i == -1 && PyErr_Occurred()) {
-            PyErr_Clear();
-            goto slow;
-        }
-        if (i < 0)
-            i += self->n;
-        if (i < 0 || i >= self->n)
-            goto slow;  /* the Python side words the IndexError */
+    Py_ssize_t i = item_index(self, key);
+    if (i >= 0) {
         PyObject *v = fast_read(self, i);
         if (v != NULL || PyErr_Occurred())
             return v;
     }
-slow:
     return PyObject_CallMethod((PyObject *)self, "_getitem_slow", "O", key);
 }
 
@@ -194,16 +205,8 @@ core_setitem(ListCore *self, PyObject *key, PyObject *value)
         PyErr_SetString(PyExc_TypeError, "ShareableList items cannot be deleted (its length is fixed)");
         return -1;
     }
-    if (self->bound && PyLong_CheckExact(key) && (PyLong_CheckExact(value) || PyFloat_CheckExact(value))) {
-        Py_ssize_t i = PyLong_AsSsize_t(key);
-        if (i == -1 && PyErr_Occurred()) {
-            PyErr_Clear();
-            goto slow;
-        }
-        if (i < 0)
-            i += self->n;
-        if (i < 0 || i >= self->n)
-            goto slow;
+    Py_ssize_t i = (PyLong_CheckExact(value) || PyFloat_CheckExact(value)) ? item_index(self, key) : -1;
+    if (i >= 0) {
         int64_t raw, fmt;
         if (PyLong_CheckExact(value)) {
             int overflow = 0;
