@@ -14,8 +14,8 @@ then shmem's own extension, which the standard library never looks at::
     data + offsets[N]    8s*N    each item's struct format, NUL-padded
     ... + 8*N            b*N     each item's type code: 0 number/bool, 1 str, 2 bytes, 3 None
     ---- shmem only, in lists shmem created ----
-    ext (8-aligned)      q*N     per item: sequence number (low 32 bits), exact byte length
-                                 of a str/bytes (high 32 bits)
+    ext (8-aligned)      q*N     per item: sequence number, exact byte length of a str/bytes,
+                                 and a check of large values (bits drawn at _SEQ_MASK below)
 
 ``ext`` is given by the kind header in the block's trailer (``_header``):
 magic, version, N and ext. Lists the standard library made have none; shmem
@@ -28,8 +28,9 @@ What the extension fixes:
   exact length and marks such slots with a trailing space in their format
   (``"16s "``; struct ignores it). The standard library reads that slot as
   before, and writing one resets the format to ``"16s"``, telling shmem that
-  the exact length no longer applies. (Slots of 1 MB or more have no room for
-  the mark in 8 format characters: they follow the standard library's rule.)
+  the exact length no longer applies. Slots of 1,000,000 bytes or more leave
+  no room for the mark in 8 format characters; there a checksum of the value
+  beside its length tells whether shmem's record still applies.
 * **No torn reads.** Each item has a sequence lock: a shmem writer makes the
   item's sequence number odd, writes, and makes it even again; a shmem reader
   retries until it read the same even number before and after. A reader in
@@ -53,6 +54,7 @@ import os
 import struct
 import sys
 import time
+import zlib
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 from ._errors import CorruptSegment
@@ -86,14 +88,30 @@ _EXT = struct.Struct("<8sHxxxxxxqq")
 _EXT_MAGIC = b"shmlist\0"
 _EXT_VERSION = 1
 
-# Each item's extension word: sequence number in the low 32 bits (odd while a
-# writer is at work), exact byte length of a str/bytes in the high 32 bits.
-_SEQ_MASK = 0xFFFFFFFF
+# Each item's extension word (int64, kept positive):
+#   bits  0..15  sequence number, odd while a writer is at work
+#   bits 16..39  exact byte length of a str/bytes
+#   bits 40..62  for slots too large for the format mark: a check of the value
+#                (crc32-based, never 0), so a later standard-library write -
+#                which leaves this word alone - is recognised as such
+_SEQ_MASK = 0xFFFF
+_LEN_SHIFT, _LEN_MASK = 16, (1 << 24) - 1
+_TAG_SHIFT = 40
 
 
-def _settled(writing: int, length: int) -> int:
-    """The word that ends a write: the next (even) sequence number and the length."""
-    return (length << 32) | (((writing & _SEQ_MASK) + 1) & _SEQ_MASK)
+def _settled(writing: int) -> int:
+    """The sequence part of the word that ends a write: the next, even, number."""
+    return ((writing & _SEQ_MASK) + 1) & _SEQ_MASK
+
+
+def _tag(value: bytes) -> int:
+    return (zlib.crc32(value) & 0x3FFFFF) + 1  # 22 bits + 1: never 0, below 2**23
+
+
+def _ext_word_for(payload: bytes, capacity: int) -> int:
+    """The length (and, for slots the format cannot mark, the check) of a new value."""
+    tag = _tag(payload) if capacity > _EXACT_MAX_CAPACITY else 0
+    return (tag << _TAG_SHIFT) | (len(payload) << _LEN_SHIFT)
 
 
 # How long a reader waits for a writer that is in the middle of an item.
@@ -253,7 +271,8 @@ class ShareableList(_Core):
                     )
             data, fmt_words = _pack_mixed(normalized)
             codes = bytes(_CODE[k] for k, _ in normalized)
-            lengths = array.array("q", (len(p) << 32 if k in (STR, BYTES) else 0 for k, p in normalized)).tobytes()
+            lengths = array.array("q", (_ext_word_for(p, _capacity(len(p))) if k in (STR, BYTES) else 0
+                                        for k, p in normalized)).tobytes()
             capacities = (_capacity(len(p)) if k in (STR, BYTES) else _WORD for k, p in normalized)
             offset_list = array.array("q", itertools.accumulate(itertools.chain((0,), capacities)))
             offsets = offset_list.tobytes()
@@ -369,10 +388,8 @@ class ShareableList(_Core):
         if code not in (1, 2):
             raise self._corrupt(i, "its format and type code disagree")
         start = self._data + off
-        length = self._q[self._ext_word + i] >> 32 if exact and self._ext >= 0 else -1
-        if 0 <= length <= capacity:
-            raw = bytes(self._b[start:start + length])
-        else:  # written by the standard library: its rule, trailing NULs dropped
+        raw = self._exact_text(i, start, capacity, exact)
+        if raw is None:  # written by the standard library: its rule, trailing NULs dropped
             raw = bytes(self._b[start:start + capacity]).rstrip(b"\0")
         if code == 2:
             return raw
@@ -380,6 +397,25 @@ class ShareableList(_Core):
             return raw.decode("utf-8")
         except UnicodeDecodeError as err:
             raise self._corrupt(i, f"its text is not valid UTF-8 ({err.reason})") from None
+
+    def _exact_text(self, i: int, start: int, capacity: int, marked: bool) -> Optional[bytes]:
+        """The value shmem wrote, with its exact length; None if shmem's record does
+        not apply (a list without one, or a standard-library write since)."""
+        if self._ext < 0:
+            return None
+        word = self._q[self._ext_word + i]
+        length = (word >> _LEN_SHIFT) & _LEN_MASK
+        if length > capacity:
+            return None
+        if marked:  # the format says shmem wrote it (see _text_format)
+            return bytes(self._b[start:start + length])
+        tag = word >> _TAG_SHIFT
+        if not tag:
+            return None
+        raw = bytes(self._b[start:start + length])
+        if _tag(raw) != tag or bytes(self._b[start + length:start + capacity]).strip(b"\0"):
+            return None
+        return raw
 
     def _read_consistent(self, i: int) -> Any:
         """Item ``i`` read under its sequence lock, when the list has one."""
@@ -544,7 +580,7 @@ class ShareableList(_Core):
             q[self._fmt_word + i] = _word_of(_FIXED_FORMAT[kind])
         self._b[self._codes + i] = _CODE[kind]
         if seq >= 0:
-            q[seq] = _settled(writing, 0)  # even again: the item is whole
+            q[seq] = _settled(writing)  # even again: the item is whole
 
     def _write_text(self, i: int, kind: int, payload: bytes, start: int, capacity: int) -> None:
         q = self._q
@@ -556,7 +592,7 @@ class ShareableList(_Core):
         q[self._fmt_word + i] = _word_of(_text_format(capacity, exact=seq >= 0))
         self._b[self._codes + i] = _CODE[kind]
         if seq >= 0:
-            q[seq] = _settled(writing, len(payload))
+            q[seq] = _settled(writing) | _ext_word_for(payload, capacity)
 
     # ------------------------------------------------------------ the rest
 

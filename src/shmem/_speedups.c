@@ -30,7 +30,7 @@ typedef struct {
     Py_ssize_t data;     /* byte offset of the data area */
     Py_ssize_t fmts;     /* byte offset of the format fields */
     Py_ssize_t codes;    /* byte offset of the type codes */
-    Py_ssize_t ext;      /* byte offset of shmem's per-item (sequence | length << 32) words, or -1 */
+    Py_ssize_t ext;      /* byte offset of shmem's per-item words (sequence in the low 16 bits), or -1 */
     Py_ssize_t fixed_max;/* largest slot offset an 8-byte item may have */
 } ListCore;
 
@@ -237,7 +237,7 @@ core_setitem(ListCore *self, PyObject *key, PyObject *value)
         __atomic_store_n((int8_t *)(self->base + self->codes + i), 0, __ATOMIC_RELAXED);
         if (seqp) {
             /* even again, length 0 (not text): the item is whole */
-            __atomic_store_n((int64_t *)seqp, ((writing & 0xFFFFFFFF) + 1) & 0xFFFFFFFF, __ATOMIC_RELEASE);
+            __atomic_store_n((int64_t *)seqp, ((writing & 0xFFFF) + 1) & 0xFFFF, __ATOMIC_RELEASE);
         }
         return 0;
     }
