@@ -457,7 +457,7 @@ class ShareableList(_Core):
             raise IndexError(f"ShareableList index {index} out of range")
         if isinstance(index, slice):
             return [self._read_consistent(i) for i in range(*index.indices(self._n))]
-        return self[operator.index(index)]
+        return self[int(operator.index(index))]  # int(): on 3.9, index() may return a subclass
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self._snapshot())
@@ -534,7 +534,7 @@ class ShareableList(_Core):
         if self._closed:
             raise self._closed_error()
         n = self._n
-        i = index if index.__class__ is int else operator.index(index)
+        i = index if index.__class__ is int else int(operator.index(index))
         if i < 0:
             i += n
         if not 0 <= i < n:
