@@ -11,18 +11,18 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_core.py"
 
 
-def test_benchmark_quick_run_prints_ratios_and_leaves_nothing(tmp_path: Path) -> None:
+def test_benchmark_quick_run_prints_ratios_and_leaves_nothing(tmp_path: Path, shm_prefix: str) -> None:
     out = tmp_path / "bench.json"
-    before = set(os.listdir("/dev/shm"))
+    prefix = shm_prefix + "bench_"  # the run's own blocks: other runs on the machine do not count
     run = subprocess.run(
         [sys.executable, str(BENCH), "--quick", "--sizes", "4K", "--json", str(out)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env={**os.environ, "SHMBENCH_PREFIX": prefix},
     )
     assert run.returncode == 0, run.stderr
     assert "create+close+unlink" in run.stdout and "attach+close" in run.stdout
     assert json.loads(out.read_text())
-    leftovers = {n for n in set(os.listdir("/dev/shm")) - before if n.startswith("shmbench_")}
-    assert not leftovers
+    assert "cleanup: removed leftover" not in run.stderr  # the run unlinked what it made itself
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
 
 
 def test_list_benchmark_quick_run_reports_its_goals() -> None:
