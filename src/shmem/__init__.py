@@ -5,6 +5,8 @@ SharedMemory`` (or ``from shmem import shared_memory``) and the same code runs,
 without the standard library's lifecycle defects. This module only re-exports.
 """
 
+from typing import TYPE_CHECKING
+
 from ._errors import (
     CorruptSegment,
     InvalidName,
@@ -22,6 +24,33 @@ from ._memory import SharedMemory
 from ._segments import Segment, inspect_segment, list_segments, remove_segment
 from . import shared_memory
 
+# Imported on first use. NumPy is optional: without it, the first use of an
+# array name raises an ImportError saying how to install it. The manager pulls
+# in multiprocessing.managers, which a program that does not use it need not pay.
+_LAZY = {
+    "SharedMemoryManager": "._manager",
+    "SharedArray": "._array",
+    "array": "._array",
+    "attach_array": "._array",
+    "empty": "._array",
+    "full": "._array",
+    "zeros": "._array",
+}
+
+if TYPE_CHECKING:
+    from ._array import SharedArray, array, attach_array, empty, full, zeros
+    from ._manager import SharedMemoryManager
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'shmem' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module, __name__), name)
+
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -36,12 +65,19 @@ __all__ = [
     "SegmentInUse",
     "SegmentNotFound",
     "ShareableList",
+    "SharedArray",
     "SharedMemory",
+    "SharedMemoryManager",
     "ShmemError",
     "UnsafeSegment",
+    "array",
+    "attach_array",
+    "empty",
+    "full",
     "gc",
     "inspect_segment",
     "list_segments",
     "remove_segment",
     "shared_memory",
+    "zeros",
 ]

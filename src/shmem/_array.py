@@ -1,0 +1,774 @@
+"""NumPy arrays by name: create, attach by name alone, hand to workers without copying.
+
+``shmem.zeros / empty / full / array`` create a block holding one array and
+return a :class:`SharedArray` (an ``ndarray`` subclass) on it; any process
+attaches it with ``shmem.attach_array(name)``. Pickling a SharedArray, or a
+slice or view of one, sends a handle of a few hundred bytes, never the data.
+This is the only shmem module that imports NumPy.
+
+The block
+---------
+The data starts at offset 0 of the block (page-aligned, so aligned for any
+dtype) and fills ``max(nbytes, 1)`` bytes: a block has at least one byte, so
+a zero-size array still has a block and a name. The array's own header is the
+*kind header* (``extra``) of the block's trailer (``_header``), which shmem
+checksums and writes before the block's "ready" mark: an attacher sees no
+block, or a block with its whole header, never a half-built array. All
+integers little-endian::
+
+    off        len        field
+      0          8        magic      b"\\x93SHMARR\\n"
+      8          2        version    1
+     10          1        order      b"C" or b"F" (memory order of the whole array)
+     11          1        ndim       0 .. 64 (32 with NumPy 1.x)
+     12          4        dtype_len  length of the dtype description below
+     16          8        nbytes     product(shape) x itemsize: a cross-check of both
+     24     8 x ndim      shape      int64 each, >= 0
+     24+8*ndim  dtype_len dtype      ASCII JSON, one of:
+                                       "<f8"                      a plain dtype: its .str (kinds b i u f c S U V M m)
+                                       {"base": D, "shape": [..]} a subarray dtype
+                                       {"names": [..], "formats": [D, ..], "offsets": [..],
+                                        "titles": [..], "itemsize": n, "aligned": bool}
+                                                                  a structured dtype
+
+The header is hostile input: it was copied once by ``Header.read`` (which
+checked its checksum); here every field is checked against that copy and the
+block's real size before anything is mapped as an array - magic, version,
+order, ndim, exact length, no negative dimension, nbytes == product(shape) x
+itemsize <= the block's size (Python integers: no overflow). The dtype text is
+parsed by ``json`` and rebuilt field by field (never ``eval`` or pickle);
+object dtypes, and structured dtypes containing objects, are refused on
+create and on attach: an object pointer read from shared memory crashes NumPy.
+
+Handing arrays to other processes
+---------------------------------
+``SharedArray.__reduce_ex__`` pickles (name, block_id, byte offset of the
+view's first element, shape, strides, dtype, readonly, track): negative
+strides, non-contiguous views and field views round-trip. Unpickling attaches
+by name, checks that the name still holds the same block (``block_id``: a
+name reused by another block is FileNotFoundError, as is a removed one), and
+counts as a user of the block while the arrays live (``track=True``); a
+process that only attached never removes the block.
+
+Lifetime of the mapping, and the mapping cache
+----------------------------------------------
+Every SharedArray, and every view or slice of one, references its block's
+handle (``_use``, copied to views by ``__array_finalize__``) and the memory
+(through ``.base``), so the mapping lives as long as any of them: nothing is
+ever unmapped under an array. There is no ``close()``: dropping the last
+array (and view) of a block releases it.
+
+Within one process a block is mapped at most once per access mode: every
+array attached or unpickled from it shares that mapping (a thousand slices
+received are one mapping and one file descriptor, not a thousand). An
+attached mapping stays cached after its arrays are gone, for the
+``WARM_BLOCKS`` most recently used blocks, so a worker that receives the same
+array again finds its pages already mapped: the hand-off then costs no page
+fault, whatever the size. A cached mapping does not count as a user (it is
+untracked; users hold a separate tracked handle while they have arrays), so
+it never keeps a block from being removed. It does keep the memory of a block
+whose name was removed until this process next attaches or creates an array
+(every cached name is checked then) or exits.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import operator
+import os
+import re
+import struct
+import threading
+import weakref
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+try:
+    import numpy as np
+except ImportError as err:  # pragma: no cover - exercised without NumPy
+    raise ImportError("shmem's NumPy arrays need NumPy: pip install 'shmem[numpy]'") from err
+
+from . import _platform
+from ._errors import CorruptSegment, SegmentNotFound, ShmemError
+from ._header import EXTRA_MAX, KIND_ARRAY, KIND_NAMES
+from ._memory import SharedMemory
+
+__all__ = ["SharedArray", "UnsupportedDtype", "array", "attach_array", "empty", "full", "zeros"]
+
+ShapeLike = Union[int, Sequence[int]]
+
+#: Attached blocks whose mapping this process keeps after their arrays are gone.
+WARM_BLOCKS = 4
+
+_MAGIC = b"\x93SHMARR\n"
+_VERSION = 1
+_FIXED = struct.Struct("<8sHcBIQ")  # magic, version, order, ndim, dtype_len, nbytes: 24 bytes
+_DIM = struct.Struct("<q")
+_MAX_DIMS = 64 if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else 32
+_MAX_DTYPE_DEPTH = 16  # nested structured / subarray dtypes: far beyond real use
+_PLAIN_KINDS = "biufcSUVMm"  # fixed-size, pointer-free: bool, ints, floats, complex, bytes, str, void, datetime
+# A plain dtype's .str: byte order, kind, item size, and a datetime unit such as [ns] or [25s].
+_OBJECT_DTYPE = re.compile(r"[<>|=]?O")
+_PLAIN_DTYPE = re.compile(r"[<>|=][biufcSUVMm][0-9]{1,10}(\[[0-9]{0,10}[A-Za-z]{1,10}\])?\Z")
+
+
+class UnsupportedDtype(ShmemError, TypeError):
+    """This dtype cannot live in shared memory: it holds Python objects, or
+    is not fixed-size (its items point into one process's memory)."""
+
+
+# ===================================================================== dtypes
+
+
+def _describe(dtype: np.dtype[Any], depth: int = 0) -> Any:
+    """The JSON-able description of a dtype (grammar in the module docstring)."""
+    if dtype.hasobject:
+        raise UnsupportedDtype(
+            f"dtype {dtype} holds Python objects, which cannot be shared: an object is a pointer "
+            "into one process's memory (use fixed-size types: numbers, bytes 'S10', str 'U10', ...)"
+        )
+    if depth > _MAX_DTYPE_DEPTH:
+        raise UnsupportedDtype(f"dtype nested more than {_MAX_DTYPE_DEPTH} levels deep")
+    if dtype.names is not None:
+        assert dtype.fields is not None
+        fields = [dtype.fields[n] for n in dtype.names]
+        titles = [f[2] if len(f) > 2 else None for f in fields]
+        if any(t is not None and not isinstance(t, str) for t in titles):
+            raise UnsupportedDtype(f"dtype {dtype}: field titles other than str cannot be stored")
+        return {
+            "names": list(dtype.names),
+            "formats": [_describe(f[0], depth + 1) for f in fields],
+            "offsets": [f[1] for f in fields],
+            "titles": titles,
+            "itemsize": dtype.itemsize,
+            "aligned": bool(dtype.isalignedstruct),
+        }
+    if dtype.subdtype is not None:
+        base, shape = dtype.subdtype
+        return {"base": _describe(base, depth + 1), "shape": list(shape)}
+    if dtype.kind not in _PLAIN_KINDS:
+        raise UnsupportedDtype(f"dtype {dtype} is not a fixed-size dtype, so it cannot be shared")
+    if dtype.itemsize == 0:
+        raise UnsupportedDtype(f"dtype {dtype} has no size: give one, e.g. 'S10' or 'U10'")
+    return dtype.str
+
+
+class _Bad(Exception):
+    """A header field that does not add up (turned into CorruptSegment naming the block)."""
+
+
+def _int(value: Any, what: str, low: int = 0, high: int = 1 << 62) -> int:
+    if type(value) is not int or not low <= value <= high:  # bool is not an int here
+        raise _Bad(f"bad {what} {value!r}")
+    return value
+
+
+def _list(value: Any, what: str, length: Optional[int] = None) -> List[Any]:
+    if type(value) is not list or (length is not None and len(value) != length):
+        raise _Bad(f"bad {what}")
+    return value
+
+
+def _build(desc: Any, depth: int = 0) -> np.dtype[Any]:
+    """The dtype a description stands for; _Bad for anything outside the grammar."""
+    if depth > _MAX_DTYPE_DEPTH:
+        raise _Bad("dtype nested too deep")
+    if isinstance(desc, str):
+        if _OBJECT_DTYPE.match(desc):
+            raise _Bad(f"object dtype {desc!r}: objects are pointers into one process's memory")
+        if not _PLAIN_DTYPE.match(desc):
+            raise _Bad(f"unknown dtype {desc!r}")
+        dtype = np.dtype(desc)
+        if dtype.str != desc or dtype.kind not in _PLAIN_KINDS or dtype.itemsize == 0:
+            raise _Bad(f"unknown dtype {desc!r}")
+        return dtype
+    if type(desc) is dict and set(desc) == {"base", "shape"}:
+        shape = tuple(_int(n, "subarray dimension") for n in _list(desc["shape"], "subarray shape"))
+        if not 1 <= len(shape) <= _MAX_DIMS:
+            raise _Bad("bad subarray shape")
+        return np.dtype((_build(desc["base"], depth + 1), shape))
+    if type(desc) is dict and set(desc) == {"names", "formats", "offsets", "titles", "itemsize", "aligned"}:
+        names = _list(desc["names"], "field names")
+        count = len(names)
+        formats = [_build(f, depth + 1) for f in _list(desc["formats"], "field formats", count)]
+        offsets = [_int(o, "field offset") for o in _list(desc["offsets"], "field offsets", count)]
+        titles = _list(desc["titles"], "field titles", count)
+        itemsize = _int(desc["itemsize"], "itemsize")
+        if not all(isinstance(n, str) for n in names) or not all(t is None or isinstance(t, str) for t in titles):
+            raise _Bad("bad field names")
+        if type(desc["aligned"]) is not bool:
+            raise _Bad("bad aligned flag")
+        for fmt, offset in zip(formats, offsets):
+            if offset + fmt.itemsize > itemsize:  # a field reaching past its record would read past the block
+                raise _Bad(f"a field at offset {offset} does not fit in records of {itemsize} bytes")
+        spec = {"names": names, "formats": formats, "offsets": offsets, "itemsize": itemsize}
+        if any(t is not None for t in titles):
+            spec["titles"] = titles
+        built: np.dtype[Any] = np.dtype(spec, align=desc["aligned"])  # type: ignore[call-overload]
+        return built
+    raise _Bad("unknown dtype description")
+
+
+def _check_dtype(dtype: Any) -> Tuple[np.dtype[Any], bytes]:
+    """``dtype`` as a NumPy dtype, with its description; UnsupportedDtype if it
+    cannot be shared or would not come back the same from the header."""
+    dtype = np.dtype(dtype)
+    text = json.dumps(_describe(dtype), separators=(",", ":")).encode("ascii")
+    try:
+        same = _build(json.loads(text)) == dtype
+    except (_Bad, ValueError, TypeError):
+        same = False
+    if not same:  # e.g. a user-defined dtype NumPy shows as plain void bytes
+        raise UnsupportedDtype(f"dtype {dtype} cannot be described in an array header")
+    return dtype, text
+
+
+# ===================================================================== header
+
+
+class _Meta(NamedTuple):
+    dtype: np.dtype[Any]
+    shape: Tuple[int, ...]
+    order: str
+
+
+def _pack(meta: _Meta, dtype_text: bytes) -> bytes:
+    nbytes = _nbytes(meta.shape, meta.dtype)
+    head = _FIXED.pack(_MAGIC, _VERSION, meta.order.encode(), len(meta.shape), len(dtype_text), nbytes)
+    extra = head + b"".join(_DIM.pack(n) for n in meta.shape) + dtype_text
+    if len(extra) > EXTRA_MAX:
+        raise UnsupportedDtype(f"this dtype and shape need a {len(extra)}-byte header; at most {EXTRA_MAX} fit")
+    return extra
+
+
+def _unpack(extra: bytes, block_size: int) -> _Meta:
+    """The array header ``extra`` (already copied out of shared memory), checked
+    against the block's size; _Bad if anything does not add up."""
+    if len(extra) < _FIXED.size or extra[:8] != _MAGIC:
+        raise _Bad("not an array header (wrong magic)")
+    _, version, order_b, ndim, dtype_len, nbytes = _FIXED.unpack_from(extra)
+    if version != _VERSION:
+        raise _Bad(f"array header version {version}, this shmem reads {_VERSION}; upgrade shmem everywhere")
+    if order_b not in (b"C", b"F"):
+        raise _Bad(f"bad memory order {order_b!r}")
+    if ndim > _MAX_DIMS:
+        raise _Bad(f"{ndim} dimensions (NumPy allows {_MAX_DIMS})")
+    shape_end = _FIXED.size + _DIM.size * ndim
+    if shape_end + dtype_len != len(extra):
+        raise _Bad(f"array header of {len(extra)} bytes announces {shape_end + dtype_len}")
+    shape = tuple(_DIM.unpack_from(extra, _FIXED.size + _DIM.size * i)[0] for i in range(ndim))
+    if any(n < 0 for n in shape):
+        raise _Bad(f"negative dimension in shape {shape}")
+    try:
+        desc = json.loads(extra[shape_end:].decode("ascii"))
+        dtype = _build(desc)
+    except (ValueError, TypeError, RecursionError, OverflowError) as err:  # json, NumPy refusing the dtype
+        raise _Bad(f"unreadable dtype ({err})") from None
+    if dtype.hasobject:  # not expressible in the grammar; checked anyway
+        raise _Bad(f"object dtype {dtype}")
+    if _nbytes(shape, dtype) != nbytes:
+        raise _Bad(f"shape {shape} x itemsize {dtype.itemsize} is not the announced {nbytes} bytes")
+    if nbytes > block_size:
+        raise _Bad(f"shape {shape} x itemsize {dtype.itemsize} = {nbytes} bytes, larger than the block ({block_size})")
+    return _Meta(dtype, shape, order_b.decode())
+
+
+def _nbytes(shape: Tuple[int, ...], dtype: np.dtype[Any]) -> int:
+    total = dtype.itemsize
+    for n in shape:
+        total *= n
+    return total
+
+
+def _corrupt(name: str, cause: str) -> CorruptSegment:
+    return CorruptSegment(f"shared memory block {name!r}: {cause}")
+
+
+def _meta_of(shm: SharedMemory, name: str) -> _Meta:
+    header = shm._header
+    if header is None or header.kind != KIND_ARRAY:
+        made_by = (
+            "was not made by shmem" if header is None
+            else f"is a {KIND_NAMES.get(header.kind, 'raw')} block made with shmem"
+        )
+        raise _corrupt(name, f"it has no array header: it {made_by}, not with shmem.zeros/empty/full/array; "
+                             "attach it with shmem.SharedMemory instead")
+    try:
+        return _unpack(header.extra, shm.size)
+    except _Bad as err:
+        raise _corrupt(name, f"corrupt array header: {err}") from None
+
+
+# ===================================================================== mappings
+
+
+def _inode(name: str) -> Optional[int]:
+    try:
+        return os.stat(os.path.join(_platform.SHM_DIR, name), follow_symlinks=False).st_ino
+    except OSError:
+        return None
+
+
+class _Block:
+    """This process's one mapping of a block, in one access mode. Every array
+    on it refers to it through a _Use; the caches below refer to it too."""
+
+    def __init__(self, shm: SharedMemory, meta: _Meta, inode: Optional[int], owned: bool, readonly: bool) -> None:
+        assert shm._header is not None and shm.buf is not None and shm.name is not None
+        self.shm = shm
+        self.name: str = shm.name
+        self.block_id = shm._header.block_id
+        self.size = shm.size
+        self.meta = meta
+        self.inode = inode  # None: unknown, never trusted for a cache hit
+        self.owned = owned  # created by this process: shm is the creator's handle
+        self.readonly = readonly
+        # Built as the arrays are: NumPy makes the buffer's owner (the mmap) their .base.
+        probe = np.ndarray((self.size,), np.uint8, buffer=shm.buf)
+        self.address: int = probe.__array_interface__["data"][0]
+        self.memory = _owner(probe)  # what every array on this mapping ends its .base chain with
+        self.uses: Dict[bool, "weakref.ref[_Use]"] = {}
+
+    def current(self) -> bool:
+        """Whether the name still refers to this very block."""
+        return self.inode is not None and _platform.still_published(self.name, self.inode)
+
+    def use(self, track: bool) -> _Use:
+        """The _Use arrays of this block share (one per ``track``), made if needed."""
+        ref = self.uses.get(track)
+        use = ref() if ref is not None else None
+        if use is not None:
+            return use
+        lease = None
+        if track and not (self.owned and self.shm._track):
+            lease = _lease(self.name)
+            if lease._header is None or lease._header.block_id != self.block_id:
+                lease.close()
+                raise _Stale
+        use = _Use(self, lease, track)
+        self.uses[track] = weakref.ref(use)
+        return use
+
+    def root(self, use: _Use) -> SharedArray:
+        dtype, shape, order = self.meta
+        arr = np.ndarray.__new__(SharedArray, shape, dtype, buffer=self.shm.buf, order="F" if order == "F" else "C")
+        arr._use = use
+        return arr
+
+
+class _Use:
+    """What a SharedArray holds: its block and, for ``track=True`` in a process
+    that did not create it, a tracked handle counting this process as a user."""
+
+    __slots__ = ("block", "lease", "track", "__weakref__")
+
+    def __init__(self, block: _Block, lease: Optional[SharedMemory], track: bool) -> None:
+        self.block = block
+        self.lease = lease  # released (closed by its __del__) with the last array
+        self.track = track
+
+
+class _Stale(Exception):
+    """The cached block is no longer the one behind its name."""
+
+
+def _lease(name: str) -> SharedMemory:
+    # Read-only and never touched: only its users lock matters (the mapping costs no page).
+    return SharedMemory._typed(name, False, track=True, readonly=True)
+
+
+_lock = threading.RLock()
+_mapped: "weakref.WeakValueDictionary[Tuple[str, bool], _Block]" = weakref.WeakValueDictionary()
+_warm: "collections.OrderedDict[Tuple[str, bool], _Block]" = collections.OrderedDict()
+
+
+def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.RLock()  # another thread may have held it at fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _forget(key: Tuple[str, bool], block: Optional[_Block] = None) -> None:
+    if block is None or _warm.get(key) is block:
+        _warm.pop(key, None)
+    if block is None or _mapped.get(key) is block:
+        _mapped.pop(key, None)
+
+
+def _sweep() -> None:
+    """Drop cached mappings of blocks whose name was removed or reused."""
+    for key, block in list(_warm.items()):
+        if not block.current():
+            _forget(key, block)
+
+
+def _forget_all() -> None:
+    """Drop every cached mapping (tests; arrays still alive keep theirs)."""
+    with _lock:
+        _warm.clear()
+        _mapped.clear()
+
+
+def _attach_block(name: str, readonly: bool, track: bool, block_id: Optional[int]) -> Tuple[_Block, _Use]:
+    # Tracked: take the lease first, so the block cannot be removed while we map it.
+    lease = _lease(name) if track else None
+    data: Optional[SharedMemory] = None
+    try:
+        before = _inode(name)
+        data = SharedMemory._typed(name, False, track=False, readonly=readonly)
+        after = _inode(name)
+        meta = _meta_of(data, name)
+        assert data._header is not None
+        found = data._header.block_id
+        if (block_id is not None and found != block_id) or (
+            lease is not None and (lease._header is None or lease._header.block_id != found)
+        ):
+            raise SegmentNotFound(name, _REUSED)
+        block = _Block(data, meta, before if before == after else None, owned=False, readonly=readonly)
+    except BaseException:
+        for shm in (data, lease):
+            if shm is not None:
+                shm.close()  # never unlink: the block is not ours
+        raise
+    use = _Use(block, lease, track)
+    block.uses[track] = weakref.ref(use)
+    return block, use
+
+
+_REUSED = "the block this array was on is gone: the name now belongs to another block"
+
+
+def _acquire(name: str, readonly: bool, track: bool, block_id: Optional[int] = None) -> _Use:
+    """A _Use of block ``name`` in this process: this process's mapping when the
+    name still refers to the block mapped there, else a new one."""
+    key = (name, readonly)
+    with _lock:
+        _sweep()
+        use: Optional[_Use] = None
+        cached = _mapped.get(key)
+        if cached is not None and cached.current():
+            if block_id is not None and cached.block_id != block_id:
+                raise SegmentNotFound(name, _REUSED)
+            try:
+                use = cached.use(track)
+            except _Stale:  # replaced between the check and the lease
+                pass
+        if use is not None:
+            block = use.block
+        else:
+            if cached is not None:
+                _forget(key, cached)
+            block, use = _attach_block(name, readonly, track, block_id)
+            if block.inode is not None:
+                _mapped[key] = block
+        if not block.owned and block.inode is not None:
+            _warm[key] = block
+            _warm.move_to_end(key)
+            while len(_warm) > WARM_BLOCKS:
+                _warm.popitem(last=False)
+        return use
+
+
+# ===================================================================== the class
+
+
+def _owner(arr: Any) -> Any:
+    """The object at the end of an array's .base chain: what owns its memory."""
+    base = arr.base
+    while isinstance(base, np.ndarray):
+        base = base.base
+    return base
+
+
+def _plain(result: Any) -> Any:
+    """``result`` with every SharedArray that is not on a block as a plain ndarray."""
+    if type(result) is SharedArray and result._use is None:
+        return result.view(np.ndarray)
+    if type(result) in (tuple, list):
+        return type(result)(_plain(r) for r in result)
+    return result
+
+
+class SharedArray(np.ndarray[Any, np.dtype[Any]]):
+    """A NumPy array in a shared memory block: usable anywhere an ndarray is.
+
+    Made by :func:`zeros`, :func:`empty`, :func:`full`, :func:`array` or
+    :func:`attach_array`. Slices and views are SharedArrays on the same
+    block; results of arithmetic, reductions, copies and every other new
+    array are plain ndarrays (private memory). Should a NumPy path still
+    return a SharedArray with memory of its own, it is not shared: its
+    ``name`` is None and it pickles as data. Pickling a SharedArray sends a
+    small handle, not the data: the receiving process attaches the same memory.
+
+    The mapping lives as long as any array or view of it; there is no
+    ``close()``. ``unlink()`` removes the block's name, as
+    ``SharedMemory.unlink()`` does.
+    """
+
+    _use: Optional[_Use] = None
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> SharedArray:
+        raise TypeError("make a SharedArray with shmem.zeros, empty, full, array or attach_array")
+
+    def __array_finalize__(self, obj: Any) -> None:
+        # A view keeps its parent's block; an array with memory of its own (a copy, the
+        # result of fancy indexing, even when NumPy returns it as a view of a temporary) has none.
+        use = getattr(obj, "_use", None)
+        self._use = use if use is not None and _owner(self) is use.block.memory else None
+
+    @property
+    def name(self) -> Optional[str]:
+        """The block's name (None for an array that is not on a block)."""
+        return self._use.block.name if self._use is not None else None
+
+    def unlink(self) -> None:
+        """Remove the block's name; call it once, from any one process.
+
+        Arrays already mapped (here and elsewhere) keep working; attaching or
+        unpickling it afterwards raises FileNotFoundError. A second call
+        raises FileNotFoundError, as ``SharedMemory.unlink()`` does.
+        """
+        if self._use is None:
+            raise ValueError("this array is not on a shared memory block (it is a copy)")
+        block = self._use.block
+        block.shm.unlink()
+        with _lock:
+            for readonly in (False, True):
+                _forget((block.name, readonly))
+
+    # ---- results that are not on the block are plain ndarrays
+
+    def __array_ufunc__(self, ufunc: Any, method: Any, *inputs: Any, **kwargs: Any) -> Any:
+        inputs = tuple(x.view(np.ndarray) if isinstance(x, SharedArray) else x for x in inputs)
+        if isinstance(kwargs.get("where"), SharedArray):
+            kwargs["where"] = kwargs["where"].view(np.ndarray)
+        outputs = kwargs.get("out")
+        if outputs:
+            kwargs["out"] = tuple(x.view(np.ndarray) if isinstance(x, SharedArray) else x for x in outputs)
+        results = super().__array_ufunc__(ufunc, method, *inputs, **kwargs)
+        if results is NotImplemented or method == "at" or not outputs:
+            return results
+        # In place (a += 1, out=...): give back the caller's own output arrays.
+        if ufunc.nout == 1:
+            return outputs[0] if outputs[0] is not None else results
+        return tuple(o if o is not None else r for o, r in zip(outputs, results))
+
+    def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
+        return _plain(super().__array_function__(func, types, args, kwargs))
+
+    def __array_wrap__(self, obj: Any, context: Any = None, return_scalar: bool = False) -> Any:
+        if isinstance(obj, SharedArray) and obj._use is not None:
+            return obj
+        if return_scalar and obj.ndim == 0:
+            return obj[()]
+        return obj.view(np.ndarray) if type(obj) is not np.ndarray else obj
+
+    def __getitem__(self, key: Any) -> Any:
+        return _plain(super().__getitem__(key))
+
+    def copy(self, order: Any = "C") -> Any:
+        return self.view(np.ndarray).copy(order)
+
+    def __copy__(self) -> Any:
+        return self.view(np.ndarray).copy()
+
+    def __deepcopy__(self, memo: Any, /) -> Any:
+        return self.view(np.ndarray).copy()
+
+    def flatten(self, *args: Any, **kwargs: Any) -> Any:
+        return self.view(np.ndarray).flatten(*args, **kwargs)
+
+    # Methods that return a view when they can and new memory otherwise (ufuncs and
+    # NumPy functions are covered above): a view stays a SharedArray, new memory is plain.
+    def astype(self, *args: Any, **kwargs: Any) -> Any:
+        return _plain(super().astype(*args, **kwargs))
+
+    def reshape(self, *args: Any, **kwargs: Any) -> Any:
+        return _plain(super().reshape(*args, **kwargs))
+
+    def ravel(self, *args: Any, **kwargs: Any) -> Any:
+        return _plain(super().ravel(*args, **kwargs))
+
+    def dot(self, *args: Any, **kwargs: Any) -> Any:
+        return _plain(super().dot(*args, **kwargs))
+
+    def take(self, *args: Any, **kwargs: Any) -> Any:
+        return _plain(super().take(*args, **kwargs))
+
+    def repeat(self, *args: Any, **kwargs: Any) -> Any:
+        return _plain(super().repeat(*args, **kwargs))
+
+    def compress(self, *args: Any, **kwargs: Any) -> Any:
+        return _plain(super().compress(*args, **kwargs))
+
+    def argsort(self, *args: Any, **kwargs: Any) -> Any:
+        return _plain(super().argsort(*args, **kwargs))
+
+    def argmax(self, *args: Any, **kwargs: Any) -> Any:
+        return _plain(super().argmax(*args, **kwargs))
+
+    def argmin(self, *args: Any, **kwargs: Any) -> Any:
+        return _plain(super().argmin(*args, **kwargs))
+
+    def searchsorted(self, *args: Any, **kwargs: Any) -> Any:
+        return _plain(super().searchsorted(*args, **kwargs))
+
+    # ---- pickling: a handle, not the data
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        use = self._use
+        if use is None:  # private memory: pickles as the plain ndarray it is
+            return self.view(np.ndarray).__reduce_ex__(protocol)
+        block = use.block
+        offset = self.__array_interface__["data"][0] - block.address
+        if self.size == 0:
+            offset = 0  # nothing is read: any place in the block will do
+        low, high = _extent(offset, self.shape, self.strides, self.itemsize)
+        if not 0 <= low <= high <= block.size:  # pragma: no cover - a view always lies in its block
+            raise ValueError(f"array is not inside its block {block.name!r}")
+        readonly = block.readonly or not self.flags.writeable
+        return (_rebuild, (block.name, block.block_id, offset, self.shape, self.strides, self.dtype, readonly, use.track))
+
+    def __reduce__(self) -> Any:
+        return self.__reduce_ex__(2)
+
+
+SharedArray.__module__ = "shmem"
+
+
+def _extent(offset: int, shape: Tuple[int, ...], strides: Tuple[int, ...], itemsize: int) -> Tuple[int, int]:
+    """First and one-past-last byte an array with this layout touches."""
+    if 0 in shape:
+        return offset, offset
+    low = high = offset
+    for n, s in zip(shape, strides):
+        if s < 0:
+            low += s * (n - 1)
+        else:
+            high += s * (n - 1)
+    return low, high + itemsize
+
+
+def _rebuild(
+    name: str, block_id: int, offset: int, shape: Tuple[int, ...], strides: Tuple[int, ...],
+    dtype: np.dtype[Any], readonly: bool, track: bool,
+) -> SharedArray:
+    """Unpickle a SharedArray: attach its block by name (or reuse this process's mapping)."""
+    dtype = np.dtype(dtype)
+    if dtype.hasobject:
+        raise UnsupportedDtype(f"refusing to map objects ({dtype}) from shared memory block {name!r}")
+    use = _acquire(name, readonly, track, block_id)
+    block = use.block
+    low, high = _extent(offset, tuple(shape), tuple(strides), dtype.itemsize)
+    if not 0 <= low <= high <= block.size:
+        raise _corrupt(name, f"the array handle reaches bytes {low}..{high}, outside the block ({block.size})")
+    arr = np.ndarray.__new__(SharedArray, shape, dtype, buffer=block.shm.buf, offset=offset, strides=strides)
+    arr._use = use
+    return arr
+
+
+# ===================================================================== the API
+
+
+def _shape(shape: ShapeLike) -> Tuple[int, ...]:
+    dims = (operator.index(shape),) if not isinstance(shape, Iterable) else tuple(operator.index(n) for n in shape)
+    if any(n < 0 for n in dims):
+        raise ValueError(f"negative dimensions are not allowed: {dims}")
+    if len(dims) > _MAX_DIMS:
+        raise ValueError(f"{len(dims)} dimensions; NumPy allows {_MAX_DIMS}")
+    return dims
+
+
+def _create(shape: ShapeLike, dtype: Any, order: str, name: Optional[str], track: bool) -> SharedArray:
+    if order not in ("C", "F"):
+        raise ValueError(f"order must be 'C' or 'F', not {order!r}")
+    dims = _shape(shape)
+    dt, text = _check_dtype(dtype)
+    meta = _Meta(dt, dims, order if len(dims) > 1 else "C")
+    extra = _pack(meta, text)
+    size = max(_nbytes(dims, dt), 1)  # a block has at least one byte
+    shm = SharedMemory._typed(name, True, size, track=track, kind=KIND_ARRAY, extra=extra)
+    assert shm.name is not None
+    try:
+        block = _Block(shm, meta, _inode(shm.name), owned=True, readonly=False)
+    except BaseException:
+        shm.close()
+        shm.unlink()
+        raise
+    with _lock:
+        _sweep()
+        if block.inode is not None:
+            _mapped[(block.name, False)] = block
+        use = block.use(track)
+    return block.root(use)
+
+
+def _create_filled(shape: ShapeLike, dtype: Any, order: str, name: Optional[str], track: bool, source: Any) -> SharedArray:
+    arr = _create(shape, dtype, order, name, track)
+    try:
+        np.copyto(arr.view(np.ndarray), source, casting="unsafe")
+    except BaseException:
+        # We made this block and cannot fill it: remove it (ours, and only ours).
+        try:
+            arr.unlink()
+        except FileNotFoundError:
+            pass  # someone else removed it meanwhile
+        raise
+    return arr
+
+
+def empty(shape: ShapeLike, dtype: Any = float, *, order: str = "C", name: Optional[str] = None,
+          track: bool = True) -> SharedArray:
+    """A new shared array of ``shape`` and ``dtype`` in a new block.
+
+    Like ``numpy.empty``, but the memory is a new shared memory block, which
+    the kernel hands out zeroed. ``name=None`` picks a new name; ``track``
+    is ``SharedMemory``'s (True: removed once its creator and every process
+    using it are gone). Raises FileExistsError if ``name`` is taken, and
+    UnsupportedDtype (a TypeError) for object or other non-fixed-size dtypes.
+    """
+    return _create(shape, dtype, order, name, track)
+
+
+def zeros(shape: ShapeLike, dtype: Any = float, *, order: str = "C", name: Optional[str] = None,
+          track: bool = True) -> SharedArray:
+    """A new shared array of zeros (see :func:`empty`; a new block reads as zeros)."""
+    return _create(shape, dtype, order, name, track)
+
+
+def full(shape: ShapeLike, fill_value: Any, dtype: Any = None, *, order: str = "C", name: Optional[str] = None,
+         track: bool = True) -> SharedArray:
+    """A new shared array filled with ``fill_value`` (see :func:`empty`; ``dtype``
+    defaults to ``fill_value``'s, as in ``numpy.full``)."""
+    if dtype is None:
+        fill_value = np.asarray(fill_value)
+        dtype = fill_value.dtype
+    return _create_filled(shape, dtype, order, name, track, fill_value)
+
+
+def array(obj: Any, dtype: Any = None, *, order: str = "K", name: Optional[str] = None,
+          track: bool = True) -> SharedArray:
+    """A new shared array holding a copy of ``obj`` (an array or anything
+    ``numpy.asarray`` takes). ``order`` 'K'/'A' keeps a Fortran-ordered
+    source's order, 'C'/'F' choose it; see :func:`empty` for the rest."""
+    source = np.asarray(obj, dtype=dtype)
+    if order in ("K", "A"):
+        order = "F" if source.flags.f_contiguous and not source.flags.c_contiguous else "C"
+    return _create_filled(source.shape, source.dtype, order, name, track, source)
+
+
+def attach_array(name: str, *, readonly: bool = False, track: bool = True) -> SharedArray:
+    """The shared array in block ``name``, made by another process (or this one).
+
+    dtype, shape and memory order come from the block's header. With
+    ``readonly=True`` the block is mapped read-only: writes raise ValueError.
+    ``track=True`` counts this process as a user while it has arrays of the
+    block; attaching never removes the block. Raises FileNotFoundError if
+    there is no such block, CorruptSegment (a ValueError) if its array header
+    is damaged or missing (a block made with ``SharedMemory``).
+    """
+    use = _acquire(name, bool(readonly), bool(track))
+    return use.block.root(use)
