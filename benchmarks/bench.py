@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Every shmem benchmark, one after the other: the README's benchmark command.
 
-    python benchmarks/bench.py [--quick] [--only core,list,arrays]
+    python benchmarks/bench.py [--quick] [--only core,list,arrays,manager]
 
 Each suite measures shmem and its baselines in the same run and prints ratios;
 see benchmarks/README.md. Suites whose optional requirements are missing
@@ -21,6 +21,7 @@ SUITES = {
     "core": ("bench_core.py", None),
     "list": ("bench_list.py", None),
     "arrays": ("bench_arrays.py", "numpy"),
+    "manager": ("bench_manager.py", None),
 }
 
 

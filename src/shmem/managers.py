@@ -1,0 +1,17 @@
+"""Mirror of ``multiprocessing.managers`` for shared memory: change the import, keep the code.
+
+    from shmem.managers import SharedMemoryManager
+
+    with SharedMemoryManager() as smm:
+        sl = smm.ShareableList(range(2000))   # removed when the with block ends, whatever happens
+"""
+
+from ._manager import (
+    ManagedBlock,
+    ManagerNotStarted,
+    ManagerUnavailable,
+    SharedMemoryManager,
+    SharedMemoryServer,
+)
+
+__all__ = ["ManagedBlock", "ManagerNotStarted", "ManagerUnavailable", "SharedMemoryManager", "SharedMemoryServer"]
