@@ -12,6 +12,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+from typing import Any, List, Tuple
 
 import pytest
 
@@ -464,3 +465,26 @@ def test_threads_unpickling_at_once_share_one_mapping() -> None:
     assert len({id(r._use.block) for r in received}) == 1
     assert all(r._use.lease is None for r in received)  # track=False travels with the handle
     arr.unlink()
+
+
+@pytest.mark.parametrize("make", ["full", "array"])
+def test_contents_are_written_before_the_block_is_marked_ready(make: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """full() and array() fill the block before its ready mark: an attacher that
+    knows the name never sees the array half filled."""
+    from shmem import _header, _memory
+
+    writes: List[Tuple[int, bytes]] = []
+    real = _memory._platform.write_at
+
+    def recording(fd: int, data: Any, offset: int, name: str) -> None:
+        writes.append((offset, bytes(data)))
+        real(fd, data, offset, name)
+
+    monkeypatch.setattr(_memory._platform, "write_at", recording)
+    arr = shmem.full((1000,), 3.0) if make == "full" else shmem.array(np.arange(1000.0))
+    try:
+        ready_at = next(i for i, (_, data) in enumerate(writes) if data == _header.READY)
+        data_writes = [i for i, (offset, _) in enumerate(writes) if offset < arr.nbytes]
+        assert data_writes and max(data_writes) < ready_at
+    finally:
+        arr.unlink()

@@ -81,7 +81,7 @@ import re
 import struct
 import threading
 import weakref
-from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 try:
     import numpy as np
@@ -682,15 +682,20 @@ def _shape(shape: ShapeLike) -> Tuple[int, ...]:
     return dims
 
 
-def _create(shape: ShapeLike, dtype: Any, order: str, name: Optional[str], track: bool) -> SharedArray:
+def _create(shape: ShapeLike, dtype: Any, order: str, name: Optional[str], track: bool,
+            fill: Optional[Callable[[_Meta, int], List[Tuple[int, Any]]]] = None) -> SharedArray:
+    """A new block holding an array; ``fill(meta, nbytes)`` gives the (offset, buffer)
+    pieces of its contents, written before the block's ready mark."""
     if order not in ("C", "F"):
         raise ValueError(f"order must be 'C' or 'F', not {order!r}")
     dims = _shape(shape)
     dt, text = _check_dtype(dtype)
     meta = _Meta(dt, dims, order if len(dims) > 1 else "C")
     extra = _pack(meta, text)
-    size = max(_nbytes(dims, dt), 1)  # a block has at least one byte
-    shm = SharedMemory._typed(name, True, size, track=track, kind=KIND_ARRAY, extra=extra)
+    nbytes = _nbytes(dims, dt)
+    size = max(nbytes, 1)  # a block has at least one byte
+    initial = fill(meta, nbytes) if fill is not None and nbytes else []
+    shm = SharedMemory._typed(name, True, size, track=track, kind=KIND_ARRAY, extra=extra, initial=initial)
     assert shm.name is not None
     try:
         block = _Block(shm, meta, _inode(shm.name), owned=True, readonly=False)
@@ -706,18 +711,29 @@ def _create(shape: ShapeLike, dtype: Any, order: str, name: Optional[str], track
     return block.root(use)
 
 
-def _create_filled(shape: ShapeLike, dtype: Any, order: str, name: Optional[str], track: bool, source: Any) -> SharedArray:
-    arr = _create(shape, dtype, order, name, track)
-    try:
-        np.copyto(arr.view(np.ndarray), source, casting="unsafe")
-    except BaseException:
-        # We made this block and cannot fill it: remove it (ours, and only ours).
-        try:
-            arr.unlink()
-        except FileNotFoundError:
-            pass  # someone else removed it meanwhile
-        raise
-    return arr
+# full() writes its value in pieces of this size: one buffer, repeated.
+_FILL_CHUNK = 1 << 20
+
+
+def _bytes_of(data: Any) -> Any:
+    """A contiguous array's memory as a flat uint8 buffer, in memory order."""
+    return data.reshape(-1, order="A").view(np.uint8)
+
+
+def _fill_with(value: Any) -> Callable[[_Meta, int], List[Tuple[int, Any]]]:
+    def pieces(meta: _Meta, nbytes: int) -> List[Tuple[int, Any]]:
+        count = max(1, _FILL_CHUNK // meta.dtype.itemsize) if meta.dtype.itemsize else 1
+        chunk = _bytes_of(np.full(count, value, dtype=meta.dtype))  # numpy.full's (unsafe) casting
+        step = len(chunk)
+        return [(offset, chunk[:min(step, nbytes - offset)]) for offset in range(0, nbytes, step)]
+    return pieces
+
+
+def _copy_of(source: Any) -> Callable[[_Meta, int], List[Tuple[int, Any]]]:
+    def pieces(meta: _Meta, nbytes: int) -> List[Tuple[int, Any]]:
+        data = np.asfortranarray(source) if meta.order == "F" else np.ascontiguousarray(source)
+        return [(0, _bytes_of(data))]
+    return pieces
 
 
 def empty(shape: ShapeLike, dtype: Any = float, *, order: str = "C", name: Optional[str] = None,
@@ -746,7 +762,8 @@ def full(shape: ShapeLike, fill_value: Any, dtype: Any = None, *, order: str = "
     if dtype is None:
         fill_value = np.asarray(fill_value)
         dtype = fill_value.dtype
-    return _create_filled(shape, dtype, order, name, track, fill_value)
+    # The contents go in before the block is marked ready: no attacher sees it half filled.
+    return _create(shape, dtype, order, name, track, _fill_with(fill_value))
 
 
 def array(obj: Any, dtype: Any = None, *, order: str = "K", name: Optional[str] = None,
@@ -757,7 +774,8 @@ def array(obj: Any, dtype: Any = None, *, order: str = "K", name: Optional[str] 
     source = np.asarray(obj, dtype=dtype)
     if order in ("K", "A"):
         order = "F" if source.flags.f_contiguous and not source.flags.c_contiguous else "C"
-    return _create_filled(source.shape, source.dtype, order, name, track, source)
+    # The contents go in before the block is marked ready: no attacher sees it half filled.
+    return _create(source.shape, source.dtype, order, name, track, _copy_of(source))
 
 
 def attach_array(name: str, *, readonly: bool = False, track: bool = True) -> SharedArray:
