@@ -392,3 +392,12 @@ def test_benchmark_quick_run_reports_its_goal_and_leaves_nothing(tmp_path) -> No
     results = json.loads(out.read_text())
     assert set(results["medians"]) == {"shmem direct", "shmem manager", "stdlib direct", "stdlib manager"}
     assert results["leftovers"] == []
+
+
+def test_arrays_made_through_the_manager_say_so_in_their_header() -> None:
+    pytest.importorskip("numpy")
+    with SharedMemoryManager() as smm:
+        made = [smm.zeros(4), smm.empty(4), smm.full(4, 1.0), smm.array([1, 2])]
+        for arr in made:
+            assert shmem.inspect_segment(arr.name).managed
+        del made

@@ -683,9 +683,10 @@ def _shape(shape: ShapeLike) -> Tuple[int, ...]:
 
 
 def _create(shape: ShapeLike, dtype: Any, order: str, name: Optional[str], track: bool,
-            fill: Optional[Callable[[_Meta, int], List[Tuple[int, Any]]]] = None) -> SharedArray:
+            fill: Optional[Callable[[_Meta, int], List[Tuple[int, Any]]]] = None, flags: int = 0) -> SharedArray:
     """A new block holding an array; ``fill(meta, nbytes)`` gives the (offset, buffer)
-    pieces of its contents, written before the block's ready mark."""
+    pieces of its contents, written before the block's ready mark. ``flags`` go
+    into the block's header (``_header.FLAG_MANAGED`` for a manager's arrays)."""
     if order not in ("C", "F"):
         raise ValueError(f"order must be 'C' or 'F', not {order!r}")
     dims = _shape(shape)
@@ -695,7 +696,8 @@ def _create(shape: ShapeLike, dtype: Any, order: str, name: Optional[str], track
     nbytes = _nbytes(dims, dt)
     size = max(nbytes, 1)  # a block has at least one byte
     initial = fill(meta, nbytes) if fill is not None and nbytes else []
-    shm = SharedMemory._typed(name, True, size, track=track, kind=KIND_ARRAY, extra=extra, initial=initial)
+    shm = SharedMemory._typed(name, True, size, track=track, kind=KIND_ARRAY, extra=extra, initial=initial,
+                              flags=flags)
     assert shm.name is not None
     try:
         block = _Block(shm, meta, _inode(shm.name), owned=True, readonly=False)
@@ -759,11 +761,16 @@ def full(shape: ShapeLike, fill_value: Any, dtype: Any = None, *, order: str = "
          track: bool = True) -> SharedArray:
     """A new shared array filled with ``fill_value`` (see :func:`empty`; ``dtype``
     defaults to ``fill_value``'s, as in ``numpy.full``)."""
+    return _full(shape, fill_value, dtype, order, name, track)
+
+
+def _full(shape: ShapeLike, fill_value: Any, dtype: Any, order: str, name: Optional[str], track: bool,
+          flags: int = 0) -> SharedArray:
     if dtype is None:
         fill_value = np.asarray(fill_value)
         dtype = fill_value.dtype
     # The contents go in before the block is marked ready: no attacher sees it half filled.
-    return _create(shape, dtype, order, name, track, _fill_with(fill_value))
+    return _create(shape, dtype, order, name, track, _fill_with(fill_value), flags)
 
 
 def array(obj: Any, dtype: Any = None, *, order: str = "K", name: Optional[str] = None,
@@ -771,11 +778,15 @@ def array(obj: Any, dtype: Any = None, *, order: str = "K", name: Optional[str] 
     """A new shared array holding a copy of ``obj`` (an array or anything
     ``numpy.asarray`` takes). ``order`` 'K'/'A' keeps a Fortran-ordered
     source's order, 'C'/'F' choose it; see :func:`empty` for the rest."""
+    return _array(obj, dtype, order, name, track)
+
+
+def _array(obj: Any, dtype: Any, order: str, name: Optional[str], track: bool, flags: int = 0) -> SharedArray:
     source = np.asarray(obj, dtype=dtype)
     if order in ("K", "A"):
         order = "F" if source.flags.f_contiguous and not source.flags.c_contiguous else "C"
     # The contents go in before the block is marked ready: no attacher sees it half filled.
-    return _create(source.shape, source.dtype, order, name, track, _copy_of(source))
+    return _create(source.shape, source.dtype, order, name, track, _copy_of(source), flags)
 
 
 def attach_array(name: str, *, readonly: bool = False, track: bool = True) -> SharedArray:

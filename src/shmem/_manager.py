@@ -79,7 +79,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, NamedTupl
 
 from . import _lifecycle, _names, _platform
 from ._errors import CorruptSegment, SegmentExists, ShmemError
-from ._header import FLAG_MANAGED, KIND_ARRAY, KIND_NAMES, Header
+from ._header import FLAG_MANAGED, KIND_NAMES, Header
 from ._list import ShareableList
 from ._memory import SharedMemory
 
@@ -134,8 +134,7 @@ def _unavailable(address: object, cause: str, code: int = errno.ECONNREFUSED) ->
 
 
 def _is_managed(header: Optional[Header]) -> bool:
-    # Arrays: until _array can set FLAG_MANAGED, a block under the prefix says it enough.
-    return header is not None and bool(header.flags & FLAG_MANAGED or header.kind == KIND_ARRAY)
+    return header is not None and bool(header.flags & FLAG_MANAGED)
 
 
 def _managed_under(prefix: str) -> List[Tuple[str, int, Header]]:
@@ -720,27 +719,33 @@ class SharedMemoryManager(managers.BaseManager):
         """``shmem.empty`` in a block owned by the manager."""
         from . import _array
 
-        return self._new_block(lambda name: _array.empty(shape, dtype, order=order, name=name), _undo_array)
+        return self._new_block(
+            lambda name: _array._create(shape, dtype, order, name, True, flags=FLAG_MANAGED), _undo_array
+        )
 
     def zeros(self, shape: Any, dtype: Any = float, *, order: str = "C") -> SharedArray:
         """``shmem.zeros`` in a block owned by the manager."""
         from . import _array
 
-        return self._new_block(lambda name: _array.zeros(shape, dtype, order=order, name=name), _undo_array)
+        return self._new_block(
+            lambda name: _array._create(shape, dtype, order, name, True, flags=FLAG_MANAGED), _undo_array
+        )
 
     def full(self, shape: Any, fill_value: Any, dtype: Any = None, *, order: str = "C") -> SharedArray:
         """``shmem.full`` in a block owned by the manager."""
         from . import _array
 
         return self._new_block(
-            lambda name: _array.full(shape, fill_value, dtype, order=order, name=name), _undo_array
+            lambda name: _array._full(shape, fill_value, dtype, order, name, True, FLAG_MANAGED), _undo_array
         )
 
     def array(self, obj: Any, dtype: Any = None, *, order: str = "K") -> SharedArray:
         """``shmem.array`` (a copy of ``obj``) in a block owned by the manager."""
         from . import _array
 
-        return self._new_block(lambda name: _array.array(obj, dtype, order=order, name=name), _undo_array)
+        return self._new_block(
+            lambda name: _array._array(obj, dtype, order, name, True, FLAG_MANAGED), _undo_array
+        )
 
     def blocks(self) -> List[ManagedBlock]:
         """What the manager owns now, sorted by name: every block it would remove
