@@ -17,6 +17,7 @@ from ._errors import (
     SegmentNotFound,
     ShmemError,
     UnsafeSegment,
+    UnsupportedDtype,
 )
 from ._lifecycle import GcReport, RemovedBlock, gc
 from ._list import ShareableList
@@ -70,6 +71,7 @@ __all__ = [
     "SharedMemoryManager",
     "ShmemError",
     "UnsafeSegment",
+    "UnsupportedDtype",
     "array",
     "attach_array",
     "empty",

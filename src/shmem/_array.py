@@ -89,7 +89,7 @@ except ImportError as err:  # pragma: no cover - exercised without NumPy
     raise ImportError("shmem's NumPy arrays need NumPy: pip install 'shmem[numpy]'") from err
 
 from . import _platform
-from ._errors import CorruptSegment, SegmentNotFound, ShmemError
+from ._errors import CorruptSegment, SegmentNotFound, UnsupportedDtype
 from ._header import EXTRA_MAX, KIND_ARRAY, KIND_NAMES
 from ._memory import SharedMemory
 
@@ -110,11 +110,6 @@ _PLAIN_KINDS = "biufcSUVMm"  # fixed-size, pointer-free: bool, ints, floats, com
 # A plain dtype's .str: byte order, kind, item size, and a datetime unit such as [ns] or [25s].
 _OBJECT_DTYPE = re.compile(r"[<>|=]?O")
 _PLAIN_DTYPE = re.compile(r"[<>|=][biufcSUVMm][0-9]{1,10}(\[[0-9]{0,10}[A-Za-z]{1,10}\])?\Z")
-
-
-class UnsupportedDtype(ShmemError, TypeError):
-    """This dtype cannot live in shared memory: it holds Python objects, or
-    is not fixed-size (its items point into one process's memory)."""
 
 
 # ===================================================================== dtypes
@@ -302,13 +297,6 @@ def _meta_of(shm: SharedMemory, name: str) -> _Meta:
 # ===================================================================== mappings
 
 
-def _inode(name: str) -> Optional[int]:
-    try:
-        return os.stat(os.path.join(_platform.SHM_DIR, name), follow_symlinks=False).st_ino
-    except OSError:
-        return None
-
-
 class _Block:
     """This process's one mapping of a block, in one access mode. Every array
     on it refers to it through a _Use; the caches below refer to it too."""
@@ -417,9 +405,7 @@ def _attach_block(name: str, readonly: bool, track: bool, block_id: Optional[int
     lease = _lease(name) if track else None
     data: Optional[SharedMemory] = None
     try:
-        before = _inode(name)
         data = SharedMemory._typed(name, False, track=False, readonly=readonly)
-        after = _inode(name)
         meta = _meta_of(data, name)
         assert data._header is not None
         found = data._header.block_id
@@ -427,7 +413,7 @@ def _attach_block(name: str, readonly: bool, track: bool, block_id: Optional[int
             lease is not None and (lease._header is None or lease._header.block_id != found)
         ):
             raise SegmentNotFound(name, _REUSED)
-        block = _Block(data, meta, before if before == after else None, owned=False, readonly=readonly)
+        block = _Block(data, meta, data._inode, owned=False, readonly=readonly)
     except BaseException:
         for shm in (data, lease):
             if shm is not None:
@@ -700,7 +686,7 @@ def _create(shape: ShapeLike, dtype: Any, order: str, name: Optional[str], track
                               flags=flags)
     assert shm.name is not None
     try:
-        block = _Block(shm, meta, _inode(shm.name), owned=True, readonly=False)
+        block = _Block(shm, meta, shm._inode, owned=True, readonly=False)
     except BaseException:
         shm.close()
         shm.unlink()

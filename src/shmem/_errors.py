@@ -75,6 +75,11 @@ class InvalidSize(ShmemError, ValueError):
     """The requested size cannot be a shared memory block's size."""
 
 
+class UnsupportedDtype(ShmemError, TypeError):
+    """This dtype cannot live in shared memory: it holds Python objects, or
+    is not fixed-size (its items point into one process's memory)."""
+
+
 class CorruptSegment(ShmemError, ValueError):
     """A header read from shared memory is inconsistent: someone wrote garbage
     into it, or it was made by a program that is not shmem."""

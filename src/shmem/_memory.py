@@ -66,6 +66,7 @@ class SharedMemory:
     _size = 0
     _track = True
     _header: Optional[Header] = None
+    _inode: Optional[int] = None  # the file this handle mapped: tells it from a later block of the same name
 
     def __init__(self, name: Optional[str] = None, create: bool = False, size: int = 0, *, track: bool = True) -> None:
         self._setup(name, create, size, track, KIND_RAW, b"", (), 0, False)
@@ -155,6 +156,7 @@ class SharedMemory:
             os.close(opened.fd)  # mmap holds its own duplicate (and with it the users lock)
         self._name = candidate
         self._size = size
+        self._inode = opened.inode
         self._header = header._replace(ready=True)
         self._buf = memoryview(self._mmap)  # type: ignore[arg-type]
 
@@ -185,6 +187,7 @@ class SharedMemory:
             os.close(opened.fd)
         self._name = name
         self._size = size
+        self._inode = opened.inode
         self._header = header
         self._buf = memoryview(self._mmap)  # type: ignore[arg-type]
 
