@@ -37,10 +37,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 import shmem
+from _common import GiB, KiB, MiB, SHM_DIR, fmt_ns, parse_size, remove_prefixed, shm_free_bytes, size_label, summarize
 from shmem import _array
 
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-SHM_DIR = "/dev/shm"
 # Blocks made here without shmem (stdlib, raw files) carry this prefix: cleanup removes exactly those.
 PREFIX = f"shmbencharr_{os.getpid()}_{secrets.token_hex(3)}_"
 # shmem's own blocks too, unless a caller (the tests) chose a prefix: inherited by the workers.
@@ -52,44 +51,24 @@ _serial = iter(range(1 << 30))
 Results = Dict[Tuple[str, str], Dict[str, List[int]]]  # (part/operation, size) -> implementation -> ns samples
 
 
+def cleanup() -> None:
+    remove_prefixed(PREFIX)
+
+
 def new_name() -> str:
     return f"{PREFIX}{next(_serial)}"
 
 
-def size_label(size: int) -> str:
-    for unit, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-        if size >= scale and size % scale == 0:
-            return f"{size // scale} {unit}"
-    return f"{size} B"
 
 
-def parse_size(text: str) -> int:
-    text, units = text.strip().upper(), {"K": KiB, "M": MiB, "G": GiB}
-    return int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text)
 
 
-def fmt_ns(ns: float) -> str:
-    for unit, scale in (("s", 1e9), ("ms", 1e6), ("µs", 1e3)):
-        if ns >= scale:
-            return f"{ns / scale:.3g} {unit}"
-    return f"{ns:.0f} ns"
 
 
-def summarize(samples: List[int]) -> Dict[str, float]:
-    p25, median, p75 = statistics.quantiles(samples * 2 if len(samples) == 1 else samples, n=4, method="inclusive")
-    return {"median": median, "p25": p25, "p75": p75, "n": len(samples)}
 
 
-def shm_free() -> int:
-    st = os.statvfs(SHM_DIR)
-    return st.f_bavail * st.f_frsize
 
 
-def cleanup() -> None:
-    for entry in os.listdir(SHM_DIR):
-        if entry.startswith(PREFIX):
-            os.unlink(os.path.join(SHM_DIR, entry))
-            print(f"cleanup: removed leftover {entry}", file=sys.stderr)
 
 
 def record(results: Results, row: Tuple[str, str], impl: str, ns: int) -> None:
@@ -211,8 +190,8 @@ def run_handoff(sizes: List[int], reps: Dict[int, Tuple[int, int]], ray: Optiona
         qproc.start()
         try:
             for size in sizes:
-                if shm_free() < 3 * size + 256 * MiB:
-                    print(f"skipped hand-off of {size_label(size)}: {SHM_DIR} has {shm_free() / GiB:.1f} GiB free")
+                if shm_free_bytes() < 3 * size + 256 * MiB:
+                    print(f"skipped hand-off of {size_label(size)}: {SHM_DIR} has {shm_free_bytes() / GiB:.1f} GiB free")
                     continue
                 print(f"... hand-off, {size_label(size)}", file=sys.stderr)
                 n = size // 8
@@ -285,7 +264,7 @@ def run_attach(sizes: List[int], reps: int, results: Results) -> None:
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(1) as pool:
         for size in sizes:
-            if shm_free() < 2 * size + 256 * MiB:
+            if shm_free_bytes() < 2 * size + 256 * MiB:
                 continue
             print(f"... attach by name, {size_label(size)}", file=sys.stderr)
             arr = shmem.zeros(size // 8)
@@ -399,8 +378,8 @@ def fill_variants(size: int) -> Dict[str, Callable[[], Tuple[int, int, int]]]:
 
 
 def run_fill(size: int, reps: int, results: Results) -> None:
-    if shm_free() < size + 256 * MiB:
-        print(f"skipped fill of {size_label(size)}: {SHM_DIR} has {shm_free() / GiB:.1f} GiB free")
+    if shm_free_bytes() < size + 256 * MiB:
+        print(f"skipped fill of {size_label(size)}: {SHM_DIR} has {shm_free_bytes() / GiB:.1f} GiB free")
         return
     print(f"... first touch, {size_label(size)}", file=sys.stderr)
     variants = fill_variants(size)
@@ -537,7 +516,7 @@ def main() -> None:
           + (f", Ray {ray.ray.__version__}" if ray is not None else "") + f" on {platform.platform()}")
     with open("/sys/kernel/mm/transparent_hugepage/shmem_enabled") as f:
         thp = f.read().strip()
-    print(f"os.cpu_count()={os.cpu_count()}, {SHM_DIR} free {shm_free() / GiB:.1f} GiB, THP for shmem: {thp}\n")
+    print(f"os.cpu_count()={os.cpu_count()}, {SHM_DIR} free {shm_free_bytes() / GiB:.1f} GiB, THP for shmem: {thp}\n")
 
     results: Results = {}
     try:

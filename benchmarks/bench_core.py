@@ -28,9 +28,8 @@ from multiprocessing import shared_memory as stdlib_shm
 from typing import Callable, Dict, List, Optional, Tuple
 
 import shmem
+from _common import GiB, KiB, MiB, SHM_DIR, fmt_ns, parse_size, remove_prefixed, shm_free_bytes, size_label, summarize
 
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-SHM_DIR = "/dev/shm"
 SMALL_LIMIT = 1 * MiB  # sizes up to this get the per-operation suite, larger ones the large-block suite
 # Every block this script makes starts with this (pid + random token), so cleanup
 # removes exactly ours. Fresh-process probes get the parent's prefix via the environment.
@@ -86,46 +85,24 @@ Op = Callable[[], Dict[Row, List[int]]]  # one timed round of one implementation
 Results = Dict[Row, Dict[str, List[int]]]  # row -> implementation -> samples in ns
 
 
+def cleanup() -> None:
+    remove_prefixed(PREFIX)
+
+
 def new_name() -> str:
     return f"{PREFIX}{next(_serial)}"
 
 
-def size_label(size: int) -> str:
-    for unit, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-        if size >= scale and size % scale == 0:
-            return f"{size // scale} {unit}"
-    return f"{size} B"
 
 
-def parse_size(text: str) -> int:
-    """'4096', '4K', '256M', '1G' (binary units)."""
-    text, units = text.strip().upper(), {"K": KiB, "M": MiB, "G": GiB}
-    return int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text)
 
 
-def fmt_ns(ns: float) -> str:
-    for unit, scale in (("s", 1e9), ("ms", 1e6), ("µs", 1e3)):
-        if ns >= scale:
-            return f"{ns / scale:.3g} {unit}"
-    return f"{ns:.0f} ns"
 
 
-def summarize(samples: List[int]) -> Dict[str, float]:
-    p25, median, p75 = statistics.quantiles(samples * 2 if len(samples) == 1 else samples, n=4, method="inclusive")
-    return {"median": median, "p25": p25, "p75": p75, "n": len(samples)}
 
 
-def shm_free_bytes() -> int:
-    st = os.statvfs(SHM_DIR)
-    return st.f_bavail * st.f_frsize
 
 
-def cleanup() -> None:
-    """Unlink whatever this run left in /dev/shm: only names with our prefix."""
-    for entry in os.listdir(SHM_DIR):
-        if entry.startswith(PREFIX):
-            os.unlink(os.path.join(SHM_DIR, entry))
-            print(f"cleanup: removed leftover {entry}", file=sys.stderr)
 
 
 def time_create_close_unlink(cls: type, kw: dict, size: int) -> int:

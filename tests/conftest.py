@@ -77,6 +77,17 @@ def shm_name(shm_prefix: str) -> Callable[[], str]:
     return lambda: f"{shm_prefix}{next(counter)}"
 
 
+@pytest.fixture
+def drop_cached_array_mappings() -> Iterator[None]:
+    """shmem keeps recently used array blocks mapped (by design, across tests):
+    drop that cache after the test, before the leak guard looks at /proc/self/maps."""
+    yield
+    from shmem import _array  # needs NumPy: only array tests use this fixture
+
+    _array._forget_all()
+    gc.collect()
+
+
 STDLIB_FAILS = "the standard library has this defect"
 
 

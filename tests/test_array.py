@@ -24,13 +24,8 @@ from shmem import _array
 from conftest import PYTHON, SHM_DIR, mapped_with_prefix
 
 
-@pytest.fixture(autouse=True)
-def _drop_cached_mappings():
-    """This process's mapping cache outlives a test by design: drop it before
-    the leak guard looks at /proc/self/maps."""
-    yield
-    _array._forget_all()
-    gc.collect()
+# This process's mapping cache outlives a test by design: drop it before the leak guard looks.
+pytestmark = pytest.mark.usefixtures("drop_cached_array_mappings")
 
 
 def _exists(name: str) -> bool:

@@ -23,28 +23,14 @@ import shmem
 from shmem import _array
 from shmem._header import EXTRA_OFFSET, TRAILER_SIZE
 
+from _forge import forge_kind_header
 from conftest import SHM_DIR
 
 
-@pytest.fixture(autouse=True)
-def _drop_cached_mappings():
-    yield
-    _array._forget_all()
-    gc.collect()
+# This process's mapping cache outlives a test by design: drop it before the leak guard looks.
+pytestmark = pytest.mark.usefixtures("drop_cached_array_mappings")
 
 
-def _forge(name: str, extra: bytes) -> None:
-    """Replace block ``name``'s kind header with ``extra``, checksums fixed."""
-    assert len(extra) <= TRAILER_SIZE - EXTRA_OFFSET
-    fd = os.open(f"{SHM_DIR}/{name}", os.O_RDWR)
-    try:
-        trailer = os.fstat(fd).st_size - TRAILER_SIZE
-        os.pwrite(fd, extra.ljust(TRAILER_SIZE - EXTRA_OFFSET, b"\0"), trailer + EXTRA_OFFSET)
-        os.pwrite(fd, struct.pack("<II", len(extra), zlib.crc32(extra)), trailer + 64)
-        fixed = os.pread(fd, 72, trailer)
-        os.pwrite(fd, struct.pack("<I", zlib.crc32(fixed)), trailer + 72)
-    finally:
-        os.close(fd)
 
 
 def _header(shape, dtype_text, *, magic=b"\x93SHMARR\n", version=1, order=b"C", ndim=None, nbytes=None,
@@ -73,7 +59,7 @@ def block():
 
 
 def test_the_forger_makes_valid_headers(block: str) -> None:
-    _forge(block, _header((2, 5), "<i8"))
+    forge_kind_header(block, _header((2, 5), "<i8"))
     arr = shmem.attach_array(block)
     assert (arr.shape, arr.dtype) == ((2, 5), np.dtype("<i8"))
 
@@ -115,7 +101,7 @@ FORGERIES = {
 
 @pytest.mark.parametrize("extra, message", list(FORGERIES.values()), ids=list(FORGERIES))
 def test_forged_array_header_raises_corrupt_segment_naming_the_block(block: str, extra: bytes, message: str) -> None:
-    _forge(block, extra)
+    forge_kind_header(block, extra)
     for readonly in (False, True):
         with pytest.raises(shmem.CorruptSegment, match=message) as info:
             shmem.attach_array(block, readonly=readonly)
@@ -124,7 +110,7 @@ def test_forged_array_header_raises_corrupt_segment_naming_the_block(block: str,
 
 
 def test_a_forged_header_leaves_nothing_mapped(block: str, shm_prefix: str) -> None:
-    _forge(block, _header((1000,), "<f8"))
+    forge_kind_header(block, _header((1000,), "<f8"))
     with pytest.raises(shmem.CorruptSegment):
         shmem.attach_array(block)
     with open("/proc/self/maps") as f:
@@ -158,7 +144,7 @@ def test_forged_block_size_cannot_stretch_the_array(shm_name) -> None:
     del arr
     _array._forget_all()
     gc.collect()
-    _forge(name, _header((513,), "<f8"))
+    forge_kind_header(name, _header((513,), "<f8"))
     with pytest.raises(shmem.CorruptSegment, match="larger than the block"):
         shmem.attach_array(name)
     shmem.SharedMemory(name, track=False).unlink()

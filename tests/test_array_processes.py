@@ -22,11 +22,8 @@ import _array_workers as workers
 from conftest import PYTHON, SHM_DIR, wait_until
 
 
-@pytest.fixture(autouse=True)
-def _drop_cached_mappings():
-    yield
-    _array._forget_all()
-    gc.collect()
+# This process's mapping cache outlives a test by design: drop it before the leak guard looks.
+pytestmark = pytest.mark.usefixtures("drop_cached_array_mappings")
 
 
 def _exists(name: str) -> bool:

@@ -11,30 +11,8 @@ import pytest
 import shmem
 from shmem._header import EXTRA_OFFSET, KIND_ARRAY, TRAILER_SIZE
 
+from _forge import poke, refix_header_crc, trailer_offset
 from conftest import SHM_DIR
-
-
-def _trailer(name: str) -> int:
-    return os.stat(f"{SHM_DIR}/{name}").st_size - TRAILER_SIZE
-
-
-def _poke(name: str, offset: int, data: bytes) -> None:
-    fd = os.open(f"{SHM_DIR}/{name}", os.O_RDWR)
-    try:
-        os.pwrite(fd, data, offset)
-    finally:
-        os.close(fd)
-
-
-def _refix_crc(name: str) -> None:
-    """Recompute the header checksum after a poke, as a deliberate forger would."""
-    fd = os.open(f"{SHM_DIR}/{name}", os.O_RDWR)
-    try:
-        offset = os.fstat(fd).st_size - TRAILER_SIZE
-        fixed = os.pread(fd, 72, offset)
-        os.pwrite(fd, struct.pack("<I", zlib.crc32(fixed)), offset + 72)
-    finally:
-        os.close(fd)
 
 
 @pytest.fixture
@@ -70,9 +48,9 @@ def test_typed_block_round_trips_its_kind_header(shm_name) -> None:
     ids=["crc", "version", "kind", "size-too-big", "size-zero", "extra-too-long"],
 )
 def test_corrupted_header_raises_corrupt_segment(block: str, offset: int, data: bytes, refix: bool, message: str) -> None:
-    _poke(block, _trailer(block) + offset, data)
+    poke(block, trailer_offset(block) + offset, data)
     if refix:
-        _refix_crc(block)
+        refix_header_crc(block)
     with pytest.raises(shmem.CorruptSegment, match=message) as info:
         shmem.SharedMemory(block)
     assert block in str(info.value) and isinstance(info.value, ValueError)
@@ -80,7 +58,7 @@ def test_corrupted_header_raises_corrupt_segment(block: str, offset: int, data: 
 
 def test_corrupted_kind_header_raises_corrupt_segment(shm_name) -> None:
     made = shmem.SharedMemory._typed(shm_name(), True, 64, track=False, kind=KIND_ARRAY, extra=b"abc")
-    _poke(made.name, _trailer(made.name) + EXTRA_OFFSET, b"x")
+    poke(made.name, trailer_offset(made.name) + EXTRA_OFFSET, b"x")
     with pytest.raises(shmem.CorruptSegment, match="kind header"):
         shmem.SharedMemory(made.name)
     made.close()
@@ -88,7 +66,7 @@ def test_corrupted_kind_header_raises_corrupt_segment(shm_name) -> None:
 
 
 def test_block_not_marked_ready_is_not_found(block: str) -> None:
-    _poke(block, _trailer(block) + 76, b"\0\0\0\0")
+    poke(block, trailer_offset(block) + 76, b"\0\0\0\0")
     with pytest.raises(FileNotFoundError, match="being created"):
         shmem.SharedMemory(block)
 

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator, List
 import pytest
 
 import shmem
+from _forge import forge_kind_header, peek, poke, trailer_offset
 from conftest import PYTHON, SHM_DIR, blocks_with_prefix, implementations, wait_until
 from shmem._header import EXTRA_OFFSET, TRAILER_SIZE
 
@@ -137,24 +138,10 @@ def code_at(buf: Any, i: int) -> int:
     return data_start(buf) + data_len(buf) + n_items(buf) * W + i
 
 
-def trailer(name: str) -> int:
-    return os.stat(f"{SHM_DIR}/{name}").st_size - TRAILER_SIZE
 
 
-def poke(name: str, offset: int, data: bytes) -> None:
-    fd = os.open(f"{SHM_DIR}/{name}", os.O_RDWR)
-    try:
-        os.pwrite(fd, data, offset)
-    finally:
-        os.close(fd)
 
 
-def peek(name: str, offset: int, size: int) -> bytes:
-    fd = os.open(f"{SHM_DIR}/{name}", os.O_RDONLY)
-    try:
-        return os.pread(fd, size, offset)
-    finally:
-        os.close(fd)
 
 
 #: The list's kind header in the trailer (at EXTRA_OFFSET): magic, version, N, ext offset.
@@ -162,15 +149,9 @@ KIND_HEADER = struct.Struct("<8sH6xqq")
 
 
 def kind_header(name: str) -> tuple:
-    return KIND_HEADER.unpack(peek(name, trailer(name) + EXTRA_OFFSET, KIND_HEADER.size))
+    return KIND_HEADER.unpack(peek(name, trailer_offset(name) + EXTRA_OFFSET, KIND_HEADER.size))
 
 
-def forge_kind_header(name: str, extra: bytes) -> None:
-    """Replace the kind header and fix both checksums, as a deliberate forger would."""
-    base = trailer(name)
-    poke(name, base + EXTRA_OFFSET, extra)
-    poke(name, base + 64, struct.pack("<II", len(extra), zlib.crc32(extra)))
-    poke(name, base + 72, struct.pack("<I", zlib.crc32(peek(name, base, 72))))
 
 
 def ext_offset(name: str) -> int:
@@ -746,7 +727,7 @@ def test_broken_kind_header_is_refused_on_attach(damage: str, lists: Any) -> Non
 
 def test_kind_header_with_a_bad_checksum_is_refused(lists: Any) -> None:
     name = _shmem_list(lists)
-    poke(name, trailer(name) + EXTRA_OFFSET + 16, struct.pack("<q", 99))
+    poke(name, trailer_offset(name) + EXTRA_OFFSET + 16, struct.pack("<q", 99))
     _check_corrupt(shmem, name, lambda: attach(shmem, name))
 
 
