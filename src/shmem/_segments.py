@@ -68,7 +68,7 @@ def _describe(header: Header) -> str:
     return ""
 
 
-# The start of an array's own header (drawn in _array's docstring), read here
+# The start of an array's own header (drawn in _array_header's docstring), read here
 # without NumPy: magic, version, order, ndim, dtype length, nbytes, then the
 # shape (int64 each) and the dtype as ASCII JSON.
 _ARRAY_HEAD = struct.Struct("<8sHcBIq")
