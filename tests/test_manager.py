@@ -401,3 +401,16 @@ def test_arrays_made_through_the_manager_say_so_in_their_header() -> None:
         for arr in made:
             assert shmem.inspect_segment(arr.name).managed
         del made
+
+
+def test_manager_array_functions_take_the_module_functions_arguments() -> None:
+    """smm.zeros/empty/full/array take shmem.zeros/...'s arguments, except name and
+    track: the manager names its blocks (under its prefix, so that it only ever
+    removes its own) and keeps them until it shuts down."""
+    pytest.importorskip("numpy")
+    import inspect
+
+    for fn in ("zeros", "empty", "full", "array"):
+        module_params = [p for p in inspect.signature(getattr(shmem, fn)).parameters if p not in ("name", "track")]
+        manager_params = list(inspect.signature(getattr(SharedMemoryManager, fn)).parameters)[1:]
+        assert manager_params == module_params, fn
