@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import json
 import mmap
@@ -308,61 +309,52 @@ def raw_block(size: int, reserve: bool, map_flags: int, advice: Optional[int]) -
     return fd, mm, name
 
 
+Made = Tuple[Any, Callable[[], None]]  # a fresh float64 array of the block, and how to release both
+
+
+def timed_fills(make: Callable[[], Made]) -> Tuple[int, int, int]:
+    """(prepare ns, first fill ns, second fill ns) of one fresh block made by ``make``."""
+    t0 = now()
+    arr, release = make()
+    t1 = now()
+    arr.fill(1.0)
+    t2 = now()
+    arr.fill(2.0)
+    t3 = now()
+    del arr
+    release()
+    return t1 - t0, t2 - t1, t3 - t2
+
+
 def fill_variants(size: int) -> Dict[str, Callable[[], Tuple[int, int, int]]]:
     """Each returns (prepare ns, first fill ns, second fill ns) for a fresh block."""
     n = size // 8
 
-    def shmem_empty() -> Tuple[int, int, int]:
-        t0 = now()
+    def shmem_empty() -> Made:
         arr = shmem.empty(n)
-        t1 = now()
-        arr.fill(1.0)
-        t2 = now()
-        arr.fill(2.0)
-        t3 = now()
-        arr.unlink()
-        return t1 - t0, t2 - t1, t3 - t2
+        return arr, arr.unlink
 
-    def stdlib() -> Tuple[int, int, int]:
-        t0 = now()
+    def stdlib() -> Made:
         shm = stdlib_shm.SharedMemory(new_name(), create=True, size=size)
-        arr = np.ndarray((n,), np.float64, buffer=shm.buf)
-        t1 = now()
-        arr.fill(1.0)
-        t2 = now()
-        arr.fill(2.0)
-        t3 = now()
-        del arr
-        shm.close()
-        shm.unlink()
-        return t1 - t0, t2 - t1, t3 - t2
 
-    def private() -> Tuple[int, int, int]:
-        t0 = now()
-        arr = np.empty(n)
-        t1 = now()
-        arr.fill(1.0)
-        t2 = now()
-        arr.fill(2.0)
-        t3 = now()
-        return t1 - t0, t2 - t1, t3 - t2
+        def release() -> None:
+            shm.close()
+            shm.unlink()
+        return np.ndarray((n,), np.float64, buffer=shm.buf), release
 
-    def raw(reserve: bool, flags: int = mmap.MAP_SHARED, advice: Optional[int] = None) -> Callable[[], Tuple[int, int, int]]:
-        def run() -> Tuple[int, int, int]:
-            t0 = now()
+    def private() -> Made:
+        return np.empty(n), lambda: None
+
+    def raw(reserve: bool, flags: int = mmap.MAP_SHARED, advice: Optional[int] = None) -> Callable[[], Made]:
+        def make() -> Made:
             fd, mm, name = raw_block(size, reserve, flags, advice)
-            t1 = now()
-            arr = np.frombuffer(mm, np.float64)
-            arr.fill(1.0)
-            t2 = now()
-            arr.fill(2.0)
-            t3 = now()
-            del arr
-            mm.close()
-            os.close(fd)
-            os.unlink(os.path.join(SHM_DIR, name))
-            return t1 - t0, t2 - t1, t3 - t2
-        return run
+
+            def release() -> None:
+                mm.close()
+                os.close(fd)
+                os.unlink(os.path.join(SHM_DIR, name))
+            return np.frombuffer(mm, np.float64), release
+        return make
 
     variants = {
         "shmem.empty (fallocate, as now)": shmem_empty,
@@ -374,7 +366,7 @@ def fill_variants(size: int) -> Dict[str, Callable[[], Tuple[int, int, int]]]:
     }
     if hasattr(mmap, "MAP_POPULATE"):  # Python >= 3.10
         variants["fallocate + MAP_POPULATE"] = raw(True, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
-    return variants
+    return {impl: functools.partial(timed_fills, make) for impl, make in variants.items()}
 
 
 def run_fill(size: int, reps: int, results: Results) -> None:
