@@ -114,3 +114,12 @@ def mp_context(request: pytest.FixtureRequest) -> multiprocessing.context.BaseCo
 
 
 PYTHON = sys.executable
+
+
+def run_to_completion(processes: List[multiprocessing.process.BaseProcess], timeout: float = 60) -> None:
+    """Start every process, wait for all of them, and require that each exited with 0."""
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(timeout)
+        assert p.exitcode == 0, f"{p.name} exited with {p.exitcode}"

@@ -21,7 +21,7 @@ from typing import List, Optional
 import pytest
 
 import shmem
-from conftest import PYTHON, SHM_DIR, implementations, wait_until
+from conftest import PYTHON, SHM_DIR, implementations, run_to_completion, wait_until
 
 # Creates or attaches a block, says "ready", holds it until a line arrives on stdin.
 _HOLDER = textwrap.dedent(
@@ -171,11 +171,7 @@ def test_handles_passed_to_workers_never_remove_the_block(mp_context, shm_name) 
         mp_context.Process(target=write_through_handle, args=(shm, 0, 11)),
         mp_context.Process(target=attach_write_close, args=(name, 1, 22)),
     ]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(60)
-        assert w.exitcode == 0
+    run_to_completion(workers)
     with mp_context.Pool(2) as pool:
         pool.starmap(write_through_handle, [(shm, 2, 33), (shm, 3, 44)])
     time.sleep(0.5)

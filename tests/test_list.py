@@ -32,7 +32,7 @@ import pytest
 
 import shmem
 from _forge import forge_kind_header, peek, poke, trailer_offset
-from conftest import PYTHON, SHM_DIR, blocks_with_prefix, implementations, wait_until
+from conftest import PYTHON, SHM_DIR, blocks_with_prefix, implementations, run_to_completion, wait_until
 from shmem._header import EXTRA_OFFSET, TRAILER_SIZE
 
 STDLIB = multiprocessing.shared_memory
@@ -186,11 +186,7 @@ def test_seed_two_workers_fill_halves_then_sum(mp_context: Any) -> None:
         mp_context.Process(target=fill, args=(sl.shm.name, 0, 1000)),
         mp_context.Process(target=fill, args=(sl, 1000, 2000)),
     ]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(60)
-        assert w.exitcode == 0
+    run_to_completion(workers)
     assert sum(sl) == sum(i * i for i in range(2000))
     assert sl[1999] == 1999 * 1999 and sl[0] == 0
     sl.close()
