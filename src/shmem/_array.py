@@ -349,41 +349,6 @@ class SharedArray(np.ndarray[Any, np.dtype[Any]]):
     def flatten(self, *args: Any, **kwargs: Any) -> Any:
         return self.view(np.ndarray).flatten(*args, **kwargs)
 
-    # Methods that return a view when they can and new memory otherwise (ufuncs and
-    # NumPy functions are covered above): a view stays a SharedArray, new memory is plain.
-    def astype(self, *args: Any, **kwargs: Any) -> Any:
-        return _plain(super().astype(*args, **kwargs))
-
-    def reshape(self, *args: Any, **kwargs: Any) -> Any:
-        return _plain(super().reshape(*args, **kwargs))
-
-    def ravel(self, *args: Any, **kwargs: Any) -> Any:
-        return _plain(super().ravel(*args, **kwargs))
-
-    def dot(self, *args: Any, **kwargs: Any) -> Any:
-        return _plain(super().dot(*args, **kwargs))
-
-    def take(self, *args: Any, **kwargs: Any) -> Any:
-        return _plain(super().take(*args, **kwargs))
-
-    def repeat(self, *args: Any, **kwargs: Any) -> Any:
-        return _plain(super().repeat(*args, **kwargs))
-
-    def compress(self, *args: Any, **kwargs: Any) -> Any:
-        return _plain(super().compress(*args, **kwargs))
-
-    def argsort(self, *args: Any, **kwargs: Any) -> Any:
-        return _plain(super().argsort(*args, **kwargs))
-
-    def argmax(self, *args: Any, **kwargs: Any) -> Any:
-        return _plain(super().argmax(*args, **kwargs))
-
-    def argmin(self, *args: Any, **kwargs: Any) -> Any:
-        return _plain(super().argmin(*args, **kwargs))
-
-    def searchsorted(self, *args: Any, **kwargs: Any) -> Any:
-        return _plain(super().searchsorted(*args, **kwargs))
-
     # ---- pickling: a handle, not the data
 
     def __reduce_ex__(self, protocol: Any) -> Any:
@@ -405,6 +370,26 @@ class SharedArray(np.ndarray[Any, np.dtype[Any]]):
 
 
 SharedArray.__module__ = "shmem"
+
+
+def _returning_plain(name: str) -> Callable[..., Any]:
+    method = getattr(np.ndarray, name)
+
+    def wrapper(self: SharedArray, *args: Any, **kwargs: Any) -> Any:
+        return _plain(method(self, *args, **kwargs))
+
+    wrapper.__name__ = wrapper.__qualname__ = name
+    wrapper.__doc__ = method.__doc__
+    return wrapper
+
+
+# Methods that return a view when they can and new memory otherwise (ufuncs and
+# NumPy functions are covered by __array_ufunc__ / __array_function__): a view
+# stays a SharedArray, new memory is a plain ndarray.
+for _name in ("astype", "reshape", "ravel", "dot", "take", "repeat", "compress",
+              "argsort", "argmax", "argmin", "searchsorted"):
+    setattr(SharedArray, _name, _returning_plain(_name))
+del _name
 
 
 def _extent(offset: int, shape: Tuple[int, ...], strides: Tuple[int, ...], itemsize: int) -> Tuple[int, int]:

@@ -61,7 +61,7 @@ import threading
 import time
 from multiprocessing import connection, managers, util
 from multiprocessing.context import BaseContext, ProcessError
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, TypeVar, Union
 
 from . import _lifecycle, _manager_server, _platform
 from ._errors import SegmentExists, ShmemError
@@ -311,14 +311,14 @@ class SharedMemoryManager(managers.BaseManager):
     def SharedMemory(self, size: int) -> SharedMemory:
         """A new ``shmem.SharedMemory`` block of ``size`` bytes, owned by the manager."""
         return self._new_block(
-            lambda name: SharedMemory._typed(name, True, size, track=True, flags=FLAG_MANAGED), _undo_raw
+            lambda name: SharedMemory._typed(name, True, size, track=True, flags=FLAG_MANAGED), _undo_handle
         )
 
     def ShareableList(self, sequence: Optional[Iterable[Any]]) -> ShareableList:
         """A new ``shmem.ShareableList`` holding ``sequence``, owned by the manager."""
         items = sequence if sequence is not None else ()
         return self._new_block(lambda name: ShareableList._make(items, name=name, track=True, flags=FLAG_MANAGED),
-                               _undo_list)
+                               _undo_handle)
 
     def empty(self, shape: Any, dtype: Any = float, *, order: str = "C") -> SharedArray:
         """``shmem.empty`` in a block owned by the manager."""
@@ -406,18 +406,10 @@ class SharedMemoryManager(managers.BaseManager):
         return _call(self._address, bytes(self._authkey), self._serializer, method, *args)
 
 
-def _undo_raw(shm: SharedMemory) -> None:
-    shm.close()
+def _undo_handle(made: Union[SharedMemory, ShareableList]) -> None:
+    made.close()
     try:
-        shm.unlink()
-    except FileNotFoundError:
-        pass
-
-
-def _undo_list(sl: ShareableList) -> None:
-    sl.close()
-    try:
-        sl.unlink()
+        made.unlink()
     except FileNotFoundError:
         pass
 
