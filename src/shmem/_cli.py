@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-from ._segments import Segment, inspect_segment, list_segments, remove_segment, users_of
+from ._segments import Segment, first_bytes, inspect_segment, list_segments, remove_segment, users_of
 
 EXIT_OK, EXIT_NO_MATCH, EXIT_USAGE = 0, 1, 2
 
@@ -102,8 +102,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     record = _as_json(s)
     record["used_by"] = pids
     try:
-        with open(f"/dev/shm/{s.name}", "rb") as f:
-            head = f.read(max(0, args.bytes))
+        head = first_bytes(s.name, args.bytes)
     except OSError as err:
         return _fail(_describe_error(err))
     if args.json:

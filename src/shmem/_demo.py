@@ -17,6 +17,7 @@ import zlib
 from typing import Callable, Iterator, Tuple
 
 from ._memory import SharedMemory
+from ._segments import inspect_segment
 
 DATA_BYTES = 64 * 1024 * 1024
 _ANSWER = struct.Struct("<QI")  # pid of the second process, crc32 it computed
@@ -75,7 +76,10 @@ def run(out=sys.stdout) -> int:  # type: ignore[no-untyped-def]
         pid, crc = _ANSWER.unpack(shm.buf[DATA_BYTES:])
         verdict = "matches" if crc == expected else "DIFFERS"
         print(f"  process 1 reads the answer of pid {pid}: checksum {crc:#010x} {verdict}", file=out)
-        alive = os.path.exists(f"/dev/shm/{shm.name}")
+        try:
+            alive = inspect_segment(str(shm.name)).name == shm.name
+        except FileNotFoundError:
+            alive = False
         print(f"  block still there after process 2 exited: {'yes' if alive else 'NO'}"
               " (the standard library can lose it: gh-82300)", file=out)
     finally:

@@ -130,6 +130,16 @@ def list_segments(*, include_foreign: bool = False) -> List[Segment]:
     return found
 
 
+def first_bytes(name: str, count: int) -> bytes:
+    """The first ``count`` bytes of block ``name``, read without mapping it
+    (symlinks and special files refused, as everywhere)."""
+    opened = _platform.open_existing(name, writable=False)
+    try:
+        return os.pread(opened.fd, max(0, count), 0)
+    finally:
+        os.close(opened.fd)
+
+
 def users_of(names: List[str]) -> Dict[str, List[int]]:
     """The pids that have each block mapped or open (a scan of /proc)."""
     return _platform.processes_using(names)

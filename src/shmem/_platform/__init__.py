@@ -13,8 +13,6 @@ import sys
 if sys.platform.startswith("linux"):
     from ._linux import (
         NAME_MAX,
-        SHM_DIR,
-        Opened,
         ProcessIdentity,
         create_exclusive,
         enlarge_pipe,
@@ -41,8 +39,6 @@ else:  # pragma: no cover
 
 __all__ = [
     "NAME_MAX",
-    "SHM_DIR",
-    "Opened",
     "ProcessIdentity",
     "create_exclusive",
     "enlarge_pipe",
