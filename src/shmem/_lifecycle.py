@@ -63,7 +63,8 @@ POLL_SECONDS = 0.25
 
 class Verdict(enum.Enum):
     REMOVED = "removed"
-    IN_USE = "in use"  # creator alive (or unknown), or a process has it open
+    IN_USE = "in use"  # its creator is alive (or cannot be judged)
+    HELD_OPEN = "held open"  # its creator is gone, but a process has it open
     KEEP = "kept"  # created with track=False
     GONE = "gone"  # no such block, or the name now belongs to another block
     FOREIGN = "foreign"  # not made by shmem, or unreadable: never touched
@@ -98,7 +99,7 @@ def remove_if_abandoned(
         if _platform.process_alive(header.creator) is not False:
             return Verdict.IN_USE, header
         if not _platform.try_lock_exclusive(opened.fd, USERS_LOCK):
-            return Verdict.IN_USE, header
+            return Verdict.HELD_OPEN, header
         if not _platform.still_published(name, opened.inode):
             return Verdict.GONE, header
         if dry_run:
@@ -163,9 +164,8 @@ def gc(*, dry_run: bool = False, prefix: str = "") -> GcReport:
         verdict, header = remove_if_abandoned(name, dry_run=dry_run)
         if verdict is Verdict.REMOVED and header is not None:
             removed.append(RemovedBlock(name, header.size, header.creator.pid, header.created_ns / 1e9))
-        elif verdict is Verdict.IN_USE and header is not None and header.auto_remove:
-            if _platform.process_alive(header.creator) is False:
-                in_use.append(name)
+        elif verdict is Verdict.HELD_OPEN and header is not None and header.auto_remove:
+            in_use.append(name)
     return GcReport(tuple(removed), tuple(in_use), dry_run)
 
 

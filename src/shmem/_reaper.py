@@ -65,7 +65,7 @@ def main() -> None:
                 verdict, _ = remove_if_abandoned(name, block_id)
             except Exception:  # never loop forever on a block we cannot handle
                 verdict = Verdict.FOREIGN
-            if verdict is not Verdict.IN_USE:
+            if verdict not in (Verdict.IN_USE, Verdict.HELD_OPEN):
                 del blocks[block_id]
         if blocks:
             time.sleep(POLL_SECONDS)
