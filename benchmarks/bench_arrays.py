@@ -39,7 +39,7 @@ import numpy as np
 
 import shmem
 from _common import GiB, KiB, MiB, SHM_DIR, fmt_ns, parse_size, remove_prefixed, shm_free_bytes, size_label, summarize
-from shmem import _array
+from shmem._kinds import array as _array
 
 # Blocks made here without shmem (stdlib, raw files) carry this prefix: cleanup removes exactly those.
 PREFIX = f"shmbencharr_{os.getpid()}_{secrets.token_hex(3)}_"

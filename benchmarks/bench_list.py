@@ -24,7 +24,7 @@ from multiprocessing import shared_memory as stdlib_shm
 from typing import Callable, Dict, List, Tuple
 
 import shmem
-from shmem import _list
+from shmem._kinds import list as _list
 
 IMPLS = {"shmem": shmem.ShareableList, "stdlib": stdlib_shm.ShareableList}
 N = 100_000

@@ -7,7 +7,7 @@ import os
 import struct
 import zlib
 
-from shmem._header import EXTRA_OFFSET, TRAILER_SIZE
+from shmem._core.header import EXTRA_OFFSET, TRAILER_SIZE
 
 SHM_DIR = "/dev/shm"
 

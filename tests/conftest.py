@@ -57,7 +57,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float = REAP_WAIT) -> boo
 def shm_prefix(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """The unique name prefix of this test; guards against leaked blocks and mappings."""
     prefix = f"shmt{_RUN}_{os.getpid()}_{next(_counter)}_"
-    monkeypatch.setenv(shmem._names.PREFIX_ENV, prefix)
+    monkeypatch.setenv(shmem._core.names.PREFIX_ENV, prefix)
     yield prefix
     gc.collect()
     expected_failure = request.node.get_closest_marker("xfail") is not None
@@ -82,7 +82,7 @@ def drop_cached_array_mappings() -> Iterator[None]:
     """shmem keeps recently used array blocks mapped (by design, across tests):
     drop that cache after the test, before the leak guard looks at /proc/self/maps."""
     yield
-    from shmem import _array  # needs NumPy: only array tests use this fixture
+    from shmem._kinds import array as _array  # needs NumPy: only array tests use this fixture
 
     _array._forget_all()
     gc.collect()

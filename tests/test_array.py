@@ -19,7 +19,7 @@ import pytest
 np = pytest.importorskip("numpy")
 
 import shmem
-from shmem import _array
+from shmem._kinds import array as _array
 
 from conftest import PYTHON, SHM_DIR, mapped_with_prefix
 
@@ -368,7 +368,7 @@ VIEWS_OUTLIVE_HANDLES = textwrap.dedent(
     import gc, json, sys
     import numpy as np
     import shmem
-    from shmem import _array
+    from shmem._kinds import array as _array
 
     def mapped(name):
         with open("/proc/self/maps") as f:
@@ -437,7 +437,7 @@ def test_numpy_is_imported_only_by_the_array_module() -> None:
     code = "import sys, shmem; shmem.SharedMemory; print('numpy' in sys.modules)"
     run = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert run.stdout.strip() == "False"
-    assert sys.modules.get("shmem._array") is not None
+    assert sys.modules.get("shmem._kinds.array") is not None
 
 
 def test_threads_unpickling_at_once_share_one_mapping() -> None:
@@ -466,7 +466,7 @@ def test_threads_unpickling_at_once_share_one_mapping() -> None:
 def test_contents_are_written_before_the_block_is_marked_ready(make: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """full() and array() fill the block before its ready mark: an attacher that
     knows the name never sees the array half filled."""
-    from shmem import _header, _memory
+    from shmem._core import header as _header; from shmem._kinds import raw as _memory
 
     writes: List[Tuple[int, bytes]] = []
     real = _memory._platform.write_at

@@ -20,8 +20,8 @@ import pytest
 np = pytest.importorskip("numpy")
 
 import shmem
-from shmem import _array
-from shmem._header import EXTRA_OFFSET, TRAILER_SIZE
+from shmem._kinds import array as _array
+from shmem._core.header import EXTRA_OFFSET, TRAILER_SIZE
 
 from _forge import forge_kind_header
 from conftest import SHM_DIR

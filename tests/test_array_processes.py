@@ -16,7 +16,7 @@ import pytest
 np = pytest.importorskip("numpy")
 
 import shmem
-from shmem import _array
+from shmem._kinds import array as _array
 
 import _array_workers as workers
 from conftest import PYTHON, SHM_DIR, wait_until

@@ -15,7 +15,7 @@ from typing import Any, List
 import pytest
 
 import shmem
-import shmem._memory
+import shmem._kinds.raw
 from conftest import PYTHON, SHM_DIR, implementations
 from test_defects import (
     BOTH,
@@ -105,7 +105,7 @@ def test_failed_mmap_on_attach_never_unlinks(impl: Any, shm_name: Any) -> None:
     creator = impl.SharedMemory(name, create=True, size=64)
     try:
         creator.buf[:4] = b"keep"
-        mmap_module = STDLIB.mmap if is_stdlib(impl) else shmem._memory.mmap
+        mmap_module = STDLIB.mmap if is_stdlib(impl) else shmem._kinds.raw.mmap
 
         def failing_mmap(*args: Any, **kwargs: Any) -> Any:
             raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
@@ -194,7 +194,7 @@ def test_failed_create_leaves_nothing(step: str, err: int, shm_name: Any) -> Non
         raise OSError(err, os.strerror(err))
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(shmem._memory.mmap if step == "mmap" else os, step, failing)
+        mp.setattr(shmem._kinds.raw.mmap if step == "mmap" else os, step, failing)
         with pytest.raises(OSError) as info:
             shmem.SharedMemory(name, create=True, size=4096)
     assert info.value.errno == err
@@ -243,7 +243,7 @@ def test_failed_create_after_sizing_never_removes_a_replacement(shm_name: Any) -
 
     try:
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(shmem._memory.mmap, "mmap", replaced_then_failing)
+            mp.setattr(shmem._kinds.raw.mmap, "mmap", replaced_then_failing)
             with pytest.raises(OSError):
                 shmem.SharedMemory(name, create=True, size=4096)
         assert read_file(path) == b"other"

@@ -9,7 +9,7 @@ import zlib
 import pytest
 
 import shmem
-from shmem._header import EXTRA_OFFSET, KIND_ARRAY, TRAILER_SIZE
+from shmem._core.header import EXTRA_OFFSET, KIND_ARRAY, TRAILER_SIZE
 
 from _forge import poke, refix_header_crc, trailer_offset
 from conftest import SHM_DIR

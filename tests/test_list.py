@@ -33,7 +33,7 @@ import pytest
 import shmem
 from _forge import forge_kind_header, peek, poke, trailer_offset
 from conftest import PYTHON, SHM_DIR, blocks_with_prefix, implementations, run_to_completion, wait_until
-from shmem._header import EXTRA_OFFSET, TRAILER_SIZE
+from shmem._core.header import EXTRA_OFFSET, TRAILER_SIZE
 
 STDLIB = multiprocessing.shared_memory
 BOTH = [pytest.param(shmem.shared_memory, id="shmem"), pytest.param(STDLIB, id="stdlib")]
@@ -729,7 +729,7 @@ def test_kind_header_with_a_bad_checksum_is_refused(lists: Any) -> None:
 
 @pytest.mark.parametrize("kind", ["raw", "array"])
 def test_a_block_of_another_kind_is_not_a_list(kind: str) -> None:
-    from shmem._header import KIND_ARRAY
+    from shmem._core.header import KIND_ARRAY
 
     if kind == "raw":
         block = shmem.SharedMemory(create=True, size=64)

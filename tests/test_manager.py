@@ -20,7 +20,7 @@ import time
 import pytest
 
 import shmem
-from shmem._header import FLAG_MANAGED
+from shmem._core.header import FLAG_MANAGED
 from shmem.managers import ManagedBlock, ManagerNotStarted, ManagerUnavailable, SharedMemoryManager
 
 import _manager_workers as workers
@@ -337,7 +337,7 @@ def test_a_standard_library_client_can_use_a_shmem_manager() -> None:
 def np():
     numpy = pytest.importorskip("numpy")
     yield numpy
-    from shmem import _array
+    from shmem._kinds import array as _array
 
     _array._forget_all()  # attached mappings are cached by design: not a leak
     gc.collect()

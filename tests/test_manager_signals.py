@@ -148,7 +148,7 @@ def test_sigterm_to_the_manager_removes_its_blocks() -> None:
 
 def test_a_stopped_manager_never_hangs_its_clients() -> None:
     """Alive but not answering (SIGSTOP): calls give up after CALL_TIMEOUT with a clear error."""
-    from shmem import _manager
+    from shmem._kinds import manager as _manager
 
     smm = SharedMemoryManager()
     smm.start()

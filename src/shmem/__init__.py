@@ -19,9 +19,9 @@ from ._errors import (
     UnsafeSegment,
     UnsupportedDtype,
 )
-from ._lifecycle import GcReport, RemovedBlock, gc
-from ._list import ShareableList
-from ._memory import SharedMemory
+from ._core.lifecycle import GcReport, RemovedBlock, gc
+from ._kinds.list import ShareableList
+from ._kinds.raw import SharedMemory
 from ._segments import Segment, inspect_segment, list_segments, remove_segment
 from . import shared_memory
 
@@ -29,18 +29,18 @@ from . import shared_memory
 # array name raises an ImportError saying how to install it. The manager pulls
 # in multiprocessing.managers, which a program that does not use it need not pay.
 _LAZY = {
-    "SharedMemoryManager": "._manager",
-    "SharedArray": "._array",
-    "array": "._array",
-    "attach_array": "._array",
-    "empty": "._array",
-    "full": "._array",
-    "zeros": "._array",
+    "SharedMemoryManager": "._kinds.manager",
+    "SharedArray": "._kinds.array",
+    "array": "._kinds.array",
+    "attach_array": "._kinds.array",
+    "empty": "._kinds.array",
+    "full": "._kinds.array",
+    "zeros": "._kinds.array",
 }
 
 if TYPE_CHECKING:
-    from ._array import SharedArray, array, attach_array, empty, full, zeros
-    from ._manager import SharedMemoryManager
+    from ._kinds.array import SharedArray, array, attach_array, empty, full, zeros
+    from ._kinds.manager import SharedMemoryManager
 
 
 def __getattr__(name: str) -> object:

@@ -23,8 +23,8 @@ from typing import Dict, List, NamedTuple, Optional
 
 from . import _platform
 from ._errors import CorruptSegment, SegmentInUse
-from ._header import FLAG_MANAGED, KIND_ARRAY, KIND_LIST, KIND_NAMES, Header
-from ._lifecycle import USERS_LOCK
+from ._core.header import FLAG_MANAGED, KIND_ARRAY, KIND_LIST, KIND_NAMES, Header
+from ._core.lifecycle import USERS_LOCK
 
 
 class Segment(NamedTuple):

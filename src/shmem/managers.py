@@ -6,7 +6,7 @@
         sl = smm.ShareableList(range(2000))   # removed when the with block ends, whatever happens
 """
 
-from ._manager import (
+from ._kinds.manager import (
     ManagedBlock,
     ManagerNotStarted,
     ManagerUnavailable,

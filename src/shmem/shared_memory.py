@@ -4,7 +4,7 @@
     shm = shared_memory.SharedMemory(create=True, size=10)
 """
 
-from ._list import ShareableList
-from ._memory import SharedMemory
+from ._kinds.list import ShareableList
+from ._kinds.raw import SharedMemory
 
 __all__ = ["ShareableList", "SharedMemory"]

@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-from ._segments import Segment, first_bytes, inspect_segment, list_segments, remove_segment, users_of
+from .._segments import Segment, first_bytes, inspect_segment, list_segments, remove_segment, users_of
 
 EXIT_OK, EXIT_NO_MATCH, EXIT_USAGE = 0, 1, 2
 
@@ -153,7 +153,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from ._lifecycle import gc
+    from .._core.lifecycle import gc
 
     report = gc(dry_run=args.dry_run, prefix=args.prefix)
     if args.json:
@@ -172,7 +172,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ._demo import run
+    from .demo import run
 
     return run()
 

@@ -52,8 +52,8 @@ import time
 import zlib
 from typing import NamedTuple, Optional, Tuple
 
-from ._errors import CorruptSegment
-from ._platform import ProcessIdentity
+from .._errors import CorruptSegment
+from .._platform import ProcessIdentity
 
 TRAILER_SIZE = 4096
 _ALIGN = 4096

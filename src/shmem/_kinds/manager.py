@@ -63,11 +63,13 @@ from multiprocessing import connection, managers, util
 from multiprocessing.context import BaseContext, ProcessError
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, TypeVar, Union
 
-from . import _lifecycle, _manager_server, _platform
-from ._errors import SegmentExists, ShmemError
-from ._header import FLAG_MANAGED
-from ._list import ShareableList
-from ._manager_server import (
+from .._core import lifecycle
+from . import manager_server
+from .. import _platform
+from .._errors import SegmentExists, ShmemError
+from .._core.header import FLAG_MANAGED
+from .list import ShareableList
+from .manager_server import (
     _HELLO,
     ManagedBlock,
     SharedMemoryServer,
@@ -77,10 +79,10 @@ from ._manager_server import (
     _remove,
     _ServerSetup,
 )
-from ._memory import SharedMemory
+from .raw import SharedMemory
 
 if TYPE_CHECKING:
-    from ._array import SharedArray
+    from .array import SharedArray
 
 __all__ = ["ManagedBlock", "ManagerNotStarted", "ManagerUnavailable", "SharedMemoryManager", "SharedMemoryServer"]
 
@@ -138,7 +140,7 @@ class _Channel:
         except FileNotFoundError:
             return  # someone removed it already: there is nothing left to own
         try:
-            _platform.lock_shared(opened.fd, _lifecycle.USERS_LOCK)
+            _platform.lock_shared(opened.fd, lifecycle.USERS_LOCK)
             message = [name.encode("utf-8", "surrogateescape")]
             rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [opened.fd]))]
             deadline = time.monotonic() + CALL_TIMEOUT
@@ -303,8 +305,8 @@ class SharedMemoryManager(managers.BaseManager):
         try:
             super()._run_server(*args, **kwargs)  # type: ignore[misc]
         finally:
-            if _manager_server._serving is not None:
-                _manager_server._serving.remove_all()
+            if manager_server._serving is not None:
+                manager_server._serving.remove_all()
 
     # ---- blocks
 
@@ -322,34 +324,34 @@ class SharedMemoryManager(managers.BaseManager):
 
     def empty(self, shape: Any, dtype: Any = float, *, order: str = "C") -> SharedArray:
         """``shmem.empty`` in a block owned by the manager."""
-        from . import _array
+        from . import array as arrays
 
         return self._new_block(
-            lambda name: _array._create(shape, dtype, order, name, True, flags=FLAG_MANAGED), _undo_array
+            lambda name: arrays._create(shape, dtype, order, name, True, flags=FLAG_MANAGED), _undo_array
         )
 
     def zeros(self, shape: Any, dtype: Any = float, *, order: str = "C") -> SharedArray:
         """``shmem.zeros`` in a block owned by the manager."""
-        from . import _array
+        from . import array as arrays
 
         return self._new_block(
-            lambda name: _array._create(shape, dtype, order, name, True, flags=FLAG_MANAGED), _undo_array
+            lambda name: arrays._create(shape, dtype, order, name, True, flags=FLAG_MANAGED), _undo_array
         )
 
     def full(self, shape: Any, fill_value: Any, dtype: Any = None, *, order: str = "C") -> SharedArray:
         """``shmem.full`` in a block owned by the manager."""
-        from . import _array
+        from . import array as arrays
 
         return self._new_block(
-            lambda name: _array._full(shape, fill_value, dtype, order, name, True, FLAG_MANAGED), _undo_array
+            lambda name: arrays._full(shape, fill_value, dtype, order, name, True, FLAG_MANAGED), _undo_array
         )
 
     def array(self, obj: Any, dtype: Any = None, *, order: str = "K") -> SharedArray:
         """``shmem.array`` (a copy of ``obj``) in a block owned by the manager."""
-        from . import _array
+        from . import array as arrays
 
         return self._new_block(
-            lambda name: _array._array(obj, dtype, order, name, True, FLAG_MANAGED), _undo_array
+            lambda name: arrays._array(obj, dtype, order, name, True, FLAG_MANAGED), _undo_array
         )
 
     def blocks(self) -> List[ManagedBlock]:

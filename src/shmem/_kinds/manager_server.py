@@ -49,9 +49,11 @@ from multiprocessing import managers, util
 from multiprocessing.context import ProcessError
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
-from . import _lifecycle, _names, _platform
-from ._errors import CorruptSegment
-from ._header import FLAG_MANAGED, KIND_NAMES, Header
+from .._core import lifecycle
+from .._core import names
+from .. import _platform
+from .._errors import CorruptSegment
+from .._core.header import FLAG_MANAGED, KIND_NAMES, Header
 
 __all__ = ["ManagedBlock", "SharedMemoryServer"]
 
@@ -119,9 +121,9 @@ class _Config(NamedTuple):
 
 
 def _new_config(parent: Optional[_platform.ProcessIdentity]) -> _Config:
-    base = os.environ.get(_names.PREFIX_ENV) or _names._GENERATED_PREFIX
+    base = os.environ.get(names.PREFIX_ENV) or names._GENERATED_PREFIX
     prefix = f"{base}smm{secrets.token_hex(4)}_"
-    _names.validate(prefix + "0" * 8)  # a bad SHMEM_NAME_PREFIX fails here, at start()
+    names.validate(prefix + "0" * 8)  # a bad SHMEM_NAME_PREFIX fails here, at start()
     return _Config(prefix, b"\0shmem-smm-" + secrets.token_hex(8).encode(), secrets.token_bytes(16), parent)
 
 
@@ -269,7 +271,7 @@ class _Owned:
             self._check_open()
             opened = _platform.open_existing(name, writable=False)
             try:
-                _platform.lock_shared(opened.fd, _lifecycle.USERS_LOCK)
+                _platform.lock_shared(opened.fd, lifecycle.USERS_LOCK)
             except BaseException:
                 os.close(opened.fd)
                 raise

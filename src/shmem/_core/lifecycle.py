@@ -47,9 +47,9 @@ import sys
 import threading
 from typing import Dict, Iterator, NamedTuple, Optional, Tuple
 
-from . import _platform
-from ._errors import CorruptSegment, ShmemError
-from ._header import Header
+from .. import _platform
+from .._errors import CorruptSegment, ShmemError
+from .header import Header
 
 # Far beyond any block's end: fcntl locks may cover bytes past EOF, and nobody
 # locking the data itself can collide with it.
@@ -237,10 +237,10 @@ class _ReaperClient:
         read_end, write_end = os.pipe()  # both close-on-exec
         # Room for bursts of creates between two reads of the (polling) reaper.
         _platform.enlarge_pipe(write_end, 1 << 20)
-        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         argv = [
             sys.executable, "-I", "-S", "-c",
-            "import sys; sys.path.insert(0, sys.argv[1]); from shmem._reaper import main; main()",
+            "import sys; sys.path.insert(0, sys.argv[1]); from shmem._core.reaper import main; main()",
             package_parent,
         ]
         try:

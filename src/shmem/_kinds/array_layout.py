@@ -41,9 +41,9 @@ from typing import Any, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from ._errors import CorruptSegment, UnsupportedDtype
-from ._header import EXTRA_MAX, KIND_ARRAY, KIND_NAMES
-from ._memory import SharedMemory
+from .._errors import CorruptSegment, UnsupportedDtype
+from .._core.header import EXTRA_MAX, KIND_ARRAY, KIND_NAMES
+from .raw import SharedMemory
 
 _MAGIC = b"\x93SHMARR\n"
 _VERSION = 1

@@ -32,7 +32,7 @@ def main() -> None:
         signal.signal(sig, signal.SIG_IGN)
     os.closerange(3, 1 << 16)  # inheritable fds of the creator are not ours to keep open
 
-    from ._lifecycle import POLL_SECONDS, READ_INTERVAL, Verdict, decode, remove_if_abandoned
+    from .lifecycle import POLL_SECONDS, READ_INTERVAL, Verdict, decode, remove_if_abandoned
 
     blocks: Dict[int, str] = {}
     pending = b""

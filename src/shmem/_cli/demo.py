@@ -16,8 +16,8 @@ import time
 import zlib
 from typing import Callable, Iterator, Tuple
 
-from ._memory import SharedMemory
-from ._segments import inspect_segment
+from .._kinds.raw import SharedMemory
+from .._segments import inspect_segment
 
 DATA_BYTES = 64 * 1024 * 1024
 _ANSWER = struct.Struct("<QI")  # pid of the second process, crc32 it computed
@@ -61,7 +61,7 @@ def run(out=sys.stdout) -> int:  # type: ignore[no-untyped-def]
         expected, took = _timed(fill)
         say(f"process 1 wrote {_human(DATA_BYTES)} into it", took)
 
-        command = [sys.executable, "-m", "shmem._demo", str(shm.name)]
+        command = [sys.executable, "-m", "shmem._cli.demo", str(shm.name)]
         second, took = _timed(lambda: subprocess.run(command, capture_output=True, text=True, timeout=120))
         assert isinstance(second, subprocess.CompletedProcess)
         if second.returncode != 0:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import secrets
 
-from . import _platform
-from ._errors import InvalidName
+from .. import _platform
+from .._errors import InvalidName
 
 # The shortest limit among the platforms we intend to support: macOS allows 31
 # bytes including the leading slash (PSHMNAMLEN). Generated names stay under it.

@@ -62,11 +62,11 @@ try:
 except ImportError as err:  # pragma: no cover - exercised without NumPy
     raise ImportError("shmem's NumPy arrays need NumPy: pip install 'shmem[numpy]'") from err
 
-from . import _platform
-from ._array_header import _MAX_DIMS, _check_dtype, _corrupt, _Meta, _meta_of, _nbytes, _pack
-from ._errors import SegmentNotFound, UnsupportedDtype
-from ._header import KIND_ARRAY
-from ._memory import SharedMemory
+from .. import _platform
+from .array_layout import _MAX_DIMS, _check_dtype, _corrupt, _Meta, _meta_of, _nbytes, _pack
+from .._errors import SegmentNotFound, UnsupportedDtype
+from .._core.header import KIND_ARRAY
+from .raw import SharedMemory
 
 __all__ = ["SharedArray", "UnsupportedDtype", "array", "attach_array", "empty", "full", "zeros"]
 

@@ -41,9 +41,11 @@ import os
 import sys
 from typing import Any, Optional, Sequence, Tuple, Type, TypeVar
 
-from . import _lifecycle, _names, _platform
-from ._errors import InvalidSize, SegmentExists, SegmentNotFound
-from ._header import KIND_RAW, READY, READY_OFFSET, Header, total_size
+from .._core import lifecycle
+from .._core import names
+from .. import _platform
+from .._errors import InvalidSize, SegmentExists, SegmentNotFound
+from .._core.header import KIND_RAW, READY, READY_OFFSET, Header, total_size
 
 _S = TypeVar("_S", bound="SharedMemory")
 
@@ -100,7 +102,7 @@ class SharedMemory:
         if name is None and not create:
             raise ValueError("'name' can only be None if create=True")
         if name is not None:
-            name = _names.validate(name)
+            name = names.validate(name)
         self._track = bool(track)
         if create:
             if any(offset < 0 or offset + len(data) > size for offset, data in initial):
@@ -120,23 +122,23 @@ class SharedMemory:
         )
         total = total_size(size)
         while True:
-            candidate = name if name is not None else _names.generate()
+            candidate = name if name is not None else names.generate()
             if self._track:
                 # Registered before the block exists, so a creator killed right after
                 # creating it still has it removed.
-                _lifecycle.track_created(candidate, header.block_id)
+                lifecycle.track_created(candidate, header.block_id)
             try:
                 opened = _platform.create_exclusive(candidate)
             except BaseException as err:
                 if self._track:
-                    _lifecycle.untrack(candidate, header.block_id)
+                    lifecycle.untrack(candidate, header.block_id)
                 if name is None and isinstance(err, SegmentExists):
                     continue  # a generated name collided: draw another
                 raise
             break
         try:
             if self._track:
-                _platform.lock_shared(opened.fd, _lifecycle.USERS_LOCK)
+                _platform.lock_shared(opened.fd, lifecycle.USERS_LOCK)
             # The steps and their order are drawn in _header: header page first (the file
             # goes from empty to full size with it), then the reservation, then "ready".
             trailer = Header.trailer_offset(total)
@@ -150,7 +152,7 @@ class SharedMemory:
             # We made this block and cannot finish it: remove it - ours, and only ours.
             _platform.remove_own(candidate, opened.inode)
             if self._track:
-                _lifecycle.untrack(candidate, header.block_id)
+                lifecycle.untrack(candidate, header.block_id)
             raise
         finally:
             os.close(opened.fd)  # mmap holds its own duplicate (and with it the users lock)
@@ -168,7 +170,7 @@ class SharedMemory:
             if self._track:
                 # Waits while a reaper or gc() holds the exclusive lock to remove it;
                 # then the name is gone, and we say so rather than map a removed block.
-                _platform.lock_shared(opened.fd, _lifecycle.USERS_LOCK)
+                _platform.lock_shared(opened.fd, lifecycle.USERS_LOCK)
                 if not _platform.still_published(name, opened.inode):
                     raise SegmentNotFound(name, "the shared memory block was removed while attaching")
             if opened.size == 0:
@@ -251,7 +253,7 @@ class SharedMemory:
             raise ValueError("this SharedMemory was never created or attached")
         _platform.unlink(self._name)
         if self._header is not None and self._header.auto_remove:
-            _lifecycle.untrack(self._name, self._header.block_id)
+            lifecycle.untrack(self._name, self._header.block_id)
 
     def __del__(self) -> None:
         try:

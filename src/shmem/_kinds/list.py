@@ -32,9 +32,9 @@ import sys
 import time
 from typing import Any, Iterable, Iterator, List, Optional, Tuple, Union
 
-from ._errors import CorruptSegment
-from ._header import KIND_LIST, KIND_NAMES
-from ._list_layout import (
+from .._errors import CorruptSegment
+from .._core.header import KIND_LIST, KIND_NAMES
+from .list_layout import (
     BOOL,
     BYTES,
     FLOAT,
@@ -69,7 +69,7 @@ from ._list_layout import (
     _text_format,
     _word_of,
 )
-from ._memory import SharedMemory
+from .raw import SharedMemory
 
 # How long a reader waits for a writer that is in the middle of an item.
 _STUCK_WRITER_SECONDS = 1.0
@@ -78,9 +78,9 @@ _STUCK_WRITER_SECONDS = 1.0
 try:
     if os.environ.get("SHMEM_PURE_PYTHON"):  # for testing the fallback: the same behaviour, slower
         raise ImportError("pure Python requested")
-    from ._speedups import ListCore as _Core
-    from ._speedups import fixed_offsets as _fixed_offsets
-    from ._speedups import pack_numbers as _pack_numbers
+    from .._speedups import ListCore as _Core
+    from .._speedups import fixed_offsets as _fixed_offsets
+    from .._speedups import pack_numbers as _pack_numbers
 
     ACCELERATED = True
 except ImportError:  # built without a C compiler: the same behaviour in pure Python
