@@ -19,9 +19,10 @@ import multiprocessing
 import multiprocessing.shared_memory
 import os
 import secrets
+import signal
 import sys
 import time
-from typing import Callable, Iterator, List
+from typing import Callable, Dict, Iterator, List, Optional, Set
 
 import pytest
 
@@ -33,6 +34,12 @@ _RUN = secrets.token_hex(2)
 
 #: How long the guard waits for a reaper to remove blocks of processes that exited.
 REAP_WAIT = 5.0
+
+#: The environment variable that names a process tree's reaper; children inherit it
+#: and share that reaper.
+REAPER_ENV = "SHMEM_REAPER"
+#: Part of every reaper's command line.
+REAPER_MARK = b"shmem._core.reaper"
 
 
 def blocks_with_prefix(prefix: str) -> List[str]:
@@ -58,6 +65,9 @@ def shm_prefix(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     """The unique name prefix of this test; guards against leaked blocks and mappings."""
     prefix = f"shmt{_RUN}_{os.getpid()}_{next(_counter)}_"
     monkeypatch.setenv(shmem._core.names.PREFIX_ENV, prefix)
+    # Subprocesses a test starts get a reaper of their own, not the test runner's:
+    # a test that kills "everything" of its programs kills their reaper too.
+    monkeypatch.delenv("SHMEM_REAPER", raising=False)
     yield prefix
     gc.collect()
     expected_failure = request.node.get_closest_marker("xfail") is not None
@@ -123,3 +133,141 @@ def run_to_completion(processes: List[multiprocessing.process.BaseProcess], time
     for p in processes:
         p.join(timeout)
         assert p.exitcode == 0, f"{p.name} exited with {p.exitcode}"
+
+
+# ------------------------------------------------------------------ reapers
+#
+# One reaper serves a whole process tree: children inherit SHMEM_REAPER and
+# share the reaper it names. A test that kills a reaper must never kill the
+# pytest process's: it starts its subprocesses with ``own_reaper.env`` (no
+# SHMEM_REAPER, whatever the environment holds by then), so they start a
+# reaper of their own, and the fixture makes sure those reapers do not outlive
+# the test.
+
+
+class ProcessRef:
+    """A process told apart from a later one that reuses its pid (pid + start time)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        fields = _stat_fields(pid)
+        self.start_time = fields[19] if fields else None
+
+    def alive(self) -> bool:
+        """Running (a zombie counts as gone: it holds no memory, descriptors or locks)."""
+        fields = _stat_fields(self.pid)
+        return bool(fields) and fields[19] == self.start_time and fields[0] not in (b"Z", b"X")
+
+    def cmdline(self) -> bytes:
+        try:
+            with open(f"/proc/{self.pid}/cmdline", "rb") as f:
+                return f.read()
+        except OSError:
+            return b""
+
+    def is_reaper(self) -> bool:
+        return self.alive() and REAPER_MARK in self.cmdline()
+
+    def status(self, field: str) -> int:
+        """A counter of /proc/PID/status summed over all the process's threads."""
+        total = 0
+        for tid in os.listdir(f"/proc/{self.pid}/task"):
+            try:
+                with open(f"/proc/{self.pid}/task/{tid}/status") as f:
+                    for line in f:
+                        if line.startswith(field + ":"):
+                            total += int(line.split()[1])
+            except OSError:  # the thread ended meanwhile
+                pass
+        return total
+
+    def wait_gone(self, timeout: float = REAP_WAIT) -> bool:
+        return wait_until(lambda: not self.alive(), timeout)
+
+    def kill(self) -> None:
+        """SIGKILL it if it still is the reaper we knew (never a process that reused its pid)."""
+        if self.is_reaper():
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def __repr__(self) -> str:
+        return f"ProcessRef({self.pid})"
+
+
+def _stat_fields(pid: int) -> Optional[List[bytes]]:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    return raw[raw.rfind(b")") + 2:].split()
+
+
+def own_reaper_pid() -> Optional[int]:
+    """The reaper of this (the pytest) process, if it has one."""
+    try:
+        from shmem._core import tracking
+    except ImportError:
+        return None
+    return tracking.reaper_pid()
+
+
+def reapers_started_under(prefix: str) -> List[ProcessRef]:
+    """Reapers whose environment carries this test's name prefix: started by the
+    test's processes (best effort: a reaper may be started with a clean environment)."""
+    mark = f"{shmem._core.names.PREFIX_ENV}={prefix}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if REAPER_MARK not in f.read():
+                    continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if mark not in f.read().split(b"\0"):
+                    continue
+        except OSError:
+            continue
+        found.append(ProcessRef(int(entry)))
+    return found
+
+
+class OwnReaper:
+    """Environment for subprocesses that must start a reaper of their own, and the
+    record of the reapers they started (``add`` the pids they report)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.env: Dict[str, str] = {k: v for k, v in os.environ.items() if k != REAPER_ENV}
+        self.known: List[ProcessRef] = []
+
+    def add(self, pid: Optional[int]) -> Optional[ProcessRef]:
+        if pid is None:
+            return None
+        ref = ProcessRef(pid)
+        self.known.append(ref)
+        return ref
+
+    def cleanup(self) -> None:
+        """Give the reapers time to finish and exit by themselves; SIGKILL those that do not."""
+        ours = own_reaper_pid()
+        refs: Dict[int, ProcessRef] = {r.pid: r for r in self.known + reapers_started_under(self.prefix)}
+        left: Set[ProcessRef] = {r for pid, r in refs.items() if pid != ours}
+        wait_until(lambda: not any(r.alive() for r in left))
+        for ref in left:
+            ref.kill()
+
+
+@pytest.fixture
+def own_reaper(shm_prefix: str) -> Iterator[OwnReaper]:
+    """For tests that kill reapers: ``own_reaper.env`` keeps subprocesses off the
+    pytest process's reaper; the reapers they start do not outlive the test."""
+    record = OwnReaper(shm_prefix)
+    try:
+        yield record
+    finally:
+        record.cleanup()

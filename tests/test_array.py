@@ -463,23 +463,28 @@ def test_threads_unpickling_at_once_share_one_mapping() -> None:
 
 
 @pytest.mark.parametrize("make", ["full", "array"])
-def test_contents_are_written_before_the_block_is_marked_ready(make: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """full() and array() fill the block before its ready mark: an attacher that
+def test_contents_are_written_before_the_block_is_published(make: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """full() and array() fill the block before it gets its name: an attacher that
     knows the name never sees the array half filled."""
-    from shmem._core import header as _header; from shmem._kinds import raw as _memory
+    from shmem import _platform
 
-    writes: List[Tuple[int, bytes]] = []
-    real = _memory._platform.write_at
+    events: List[Tuple[str, int]] = []
+    real_write, real_publish = _platform.write_at, _platform.publish
 
-    def recording(fd: int, data: Any, offset: int, name: str) -> None:
-        writes.append((offset, bytes(data)))
-        real(fd, data, offset, name)
+    def recording_write(fd: int, data: Any, offset: int, name: str) -> None:
+        events.append(("write", offset))
+        real_write(fd, data, offset, name)
 
-    monkeypatch.setattr(_memory._platform, "write_at", recording)
+    def recording_publish(fd: int, name: str) -> None:
+        events.append(("publish", 0))
+        real_publish(fd, name)
+
+    monkeypatch.setattr(_platform, "write_at", recording_write)
+    monkeypatch.setattr(_platform, "publish", recording_publish)
     arr = shmem.full((1000,), 3.0) if make == "full" else shmem.array(np.arange(1000.0))
     try:
-        ready_at = next(i for i, (_, data) in enumerate(writes) if data == _header.READY)
-        data_writes = [i for i, (offset, _) in enumerate(writes) if offset < arr.nbytes]
-        assert data_writes and max(data_writes) < ready_at
+        published_at = events.index(("publish", 0))
+        data_writes = [i for i, (what, offset) in enumerate(events) if what == "write" and offset < arr.nbytes]
+        assert data_writes and max(data_writes) < published_at
     finally:
         arr.unlink()

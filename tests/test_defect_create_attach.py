@@ -80,8 +80,9 @@ def test_attach_during_creation_sees_no_block_or_the_whole_block(impl: Any, shm_
     try:
         assert proc.stdout is not None and proc.stdin is not None
         assert proc.stdout.readline() == "stalled\n"
-        # The creation is under way: its file exists under the name.
-        assert os.path.exists(path_of(name))
+        # The creation is under way: the stdlib's file exists under the name already;
+        # shmem builds the block unnamed and links it only once it is complete.
+        assert os.path.exists(path_of(name)) == is_stdlib(impl)
         during = [attach_once() for _ in range(20)]
         proc.stdin.write("go\n")
         proc.stdin.flush()
@@ -105,7 +106,7 @@ def test_failed_mmap_on_attach_never_unlinks(impl: Any, shm_name: Any) -> None:
     creator = impl.SharedMemory(name, create=True, size=64)
     try:
         creator.buf[:4] = b"keep"
-        mmap_module = STDLIB.mmap if is_stdlib(impl) else shmem._kinds.raw.mmap
+        mmap_module = STDLIB.mmap if is_stdlib(impl) else shmem._core.block.mmap
 
         def failing_mmap(*args: Any, **kwargs: Any) -> Any:
             raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
@@ -179,8 +180,8 @@ def test_create_existing_name_raises_file_exists_even_when_size_does_not_fit(imp
 
 FAILING_STEPS = [
     ("posix_fallocate", errno.ENOSPC),  # reserving memory
-    ("fchmod", errno.EIO),  # setting the mode, right after creating the file
-    ("pwrite", errno.EIO),  # writing the header or the ready mark
+    ("link", errno.EIO),  # giving the finished block its name
+    ("pwrite", errno.EIO),  # writing the header
     ("mmap", errno.ENOMEM),  # mapping, once complete
 ]
 
@@ -194,7 +195,7 @@ def test_failed_create_leaves_nothing(step: str, err: int, shm_name: Any) -> Non
         raise OSError(err, os.strerror(err))
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(shmem._kinds.raw.mmap if step == "mmap" else os, step, failing)
+        mp.setattr(shmem._core.block.mmap if step == "mmap" else os, step, failing)
         with pytest.raises(OSError) as info:
             shmem.SharedMemory(name, create=True, size=4096)
     assert info.value.errno == err
@@ -243,7 +244,7 @@ def test_failed_create_after_sizing_never_removes_a_replacement(shm_name: Any) -
 
     try:
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(shmem._kinds.raw.mmap, "mmap", replaced_then_failing)
+            mp.setattr(shmem._core.block.mmap, "mmap", replaced_then_failing)
             with pytest.raises(OSError):
                 shmem.SharedMemory(name, create=True, size=4096)
         assert read_file(path) == b"other"

@@ -13,6 +13,8 @@ from shmem._core.header import EXTRA_OFFSET, KIND_ARRAY, TRAILER_SIZE
 
 from _forge import poke, refix_header_crc, trailer_offset
 from conftest import SHM_DIR
+from shmem._core.block import Block
+from shmem._kinds.raw import block_of
 
 
 @pytest.fixture
@@ -24,14 +26,14 @@ def block(shm_name):
 
 
 def test_typed_block_round_trips_its_kind_header(shm_name) -> None:
-    made = shmem.SharedMemory._typed(shm_name(), True, 64, kind=KIND_ARRAY, extra=b"dtype=<f8;shape=8")
-    seen = shmem.SharedMemory._typed(made.name, False, readonly=True)
-    assert seen._header is not None
-    assert (seen._header.kind, seen._header.extra, seen.size) == (KIND_ARRAY, b"dtype=<f8;shape=8", 64)
+    made = Block.create(shm_name(), 64, kind=KIND_ARRAY, extra=b"dtype=<f8;shape=8")
+    seen = Block.attach(made.name, readonly=True)
+    assert seen.header is not None
+    assert (seen.header.kind, seen.header.extra, seen.size) == (KIND_ARRAY, b"dtype=<f8;shape=8", 64)
     with pytest.raises(TypeError):
-        seen.buf[0] = 1  # read-only mapping
-    seen.close()
-    made.close()
+        seen.mapping[0] = 1  # read-only mapping
+    seen.release()
+    made.release()
     made.unlink()
 
 
@@ -57,11 +59,11 @@ def test_corrupted_header_raises_corrupt_segment(block: str, offset: int, data: 
 
 
 def test_corrupted_kind_header_raises_corrupt_segment(shm_name) -> None:
-    made = shmem.SharedMemory._typed(shm_name(), True, 64, track=False, kind=KIND_ARRAY, extra=b"abc")
+    made = Block.create(shm_name(), 64, track=False, kind=KIND_ARRAY, extra=b"abc")
     poke(made.name, trailer_offset(made.name) + EXTRA_OFFSET, b"x")
     with pytest.raises(shmem.CorruptSegment, match="kind header"):
         shmem.SharedMemory(made.name)
-    made.close()
+    made.release()
     made.unlink()
 
 
@@ -76,6 +78,6 @@ def test_foreign_block_is_all_data(shm_name) -> None:
     with open(f"{SHM_DIR}/{name}", "wb") as f:
         f.write(b"x" * 5000)
     shm = shmem.SharedMemory(name)
-    assert shm.size == 5000 and shm._header is None
+    assert shm.size == 5000 and block_of(shm).header is None
     shm.close()
     os.unlink(f"{SHM_DIR}/{name}")

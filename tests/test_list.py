@@ -734,7 +734,10 @@ def test_a_block_of_another_kind_is_not_a_list(kind: str) -> None:
     if kind == "raw":
         block = shmem.SharedMemory(create=True, size=64)
     else:
-        block = shmem.SharedMemory._typed(None, True, 64, kind=KIND_ARRAY, extra=b"dtype=<f8;shape=8")
+        from shmem._core.block import Block
+        from shmem._kinds.raw import wrap
+
+        block = wrap(Block.create(None, 64, kind=KIND_ARRAY, extra=b"dtype=<f8;shape=8"))
     try:
         err = _check_corrupt(shmem, block.name, lambda: shmem.ShareableList(name=block.name))
         assert kind in str(err)

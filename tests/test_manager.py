@@ -21,6 +21,7 @@ import pytest
 
 import shmem
 from shmem._core.header import FLAG_MANAGED
+from shmem._kinds.raw import block_of
 from shmem.managers import ManagedBlock, ManagerNotStarted, ManagerUnavailable, SharedMemoryManager
 
 import _manager_workers as workers
@@ -253,7 +254,7 @@ def test_blocks_reports_what_the_manager_owns() -> None:
         by_name = {b.name: b for b in blocks}
         assert by_name[shm.name] == ManagedBlock(shm.name, "raw", 1000, os.getpid())
         assert by_name[sl.shm.name].kind == "list" and by_name[sl.shm.name].size == sl.shm.size
-        assert shm._header.flags & FLAG_MANAGED and sl.shm._header.flags & FLAG_MANAGED
+        assert block_of(shm).header.flags & FLAG_MANAGED and block_of(sl.shm).header.flags & FLAG_MANAGED
         assert [b.name for b in blocks] == sorted(by_name)
         shm.unlink()  # someone else's unlink: no longer the manager's
         assert _names(smm) == [sl.shm.name]

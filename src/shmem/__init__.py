@@ -19,7 +19,7 @@ from ._errors import (
     UnsafeSegment,
     UnsupportedDtype,
 )
-from ._core.lifecycle import GcReport, RemovedBlock, gc
+from ._core.sweep import GcReport, RemovedBlock, gc
 from ._kinds.list import ShareableList
 from ._kinds.raw import SharedMemory
 from ._segments import Segment, inspect_segment, list_segments, remove_segment

@@ -15,16 +15,16 @@ State of a block shmem made:
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 import time
 from typing import Dict, List, NamedTuple, Optional
 
 from . import _platform
-from ._errors import CorruptSegment, SegmentInUse
-from ._core.header import FLAG_MANAGED, KIND_ARRAY, KIND_LIST, KIND_NAMES, Header
+from ._core import names
+from ._core.header import FLAG_MANAGED, KIND_NAMES, Header
 from ._core.lifecycle import USERS_LOCK
+from ._errors import CorruptSegment, SegmentInUse, SegmentNotFound
+from ._kinds import describe
 
 
 class Segment(NamedTuple):
@@ -54,108 +54,117 @@ class Segment(NamedTuple):
         return self.kind in ("foreign", "corrupt")
 
 
-def _describe(header: Header) -> str:
-    """A short, numpy-free description of a typed block's own header."""
-    extra = header.extra
-    try:
-        if header.kind == KIND_LIST:
-            (n,) = struct.unpack_from("<q", extra, 16)
-            return f"{n} items"
-        if header.kind == KIND_ARRAY:
-            return _describe_array(extra)
-    except (struct.error, ValueError):
-        return "unreadable kind header"
-    return ""
-
-
-# The start of an array's own header (drawn in _array_header's docstring), read here
-# without NumPy: magic, version, order, ndim, dtype length, nbytes, then the
-# shape (int64 each) and the dtype as ASCII JSON.
-_ARRAY_HEAD = struct.Struct("<8sHcBIq")
-_ARRAY_MAGIC = b"\x93SHMARR\n"
-
-
-def _describe_array(extra: bytes) -> str:
-    magic, _, order, ndim, dtype_len, _ = _ARRAY_HEAD.unpack_from(extra, 0)
-    if magic != _ARRAY_MAGIC or ndim > 64:
-        raise ValueError("not an array header")
-    shape = struct.unpack_from(f"<{ndim}q", extra, _ARRAY_HEAD.size)
-    start = _ARRAY_HEAD.size + 8 * ndim
-    dtype = json.loads(extra[start:start + dtype_len].decode("ascii"))
-    dtype_text = dtype if isinstance(dtype, str) else "structured" if "names" in dtype else "subarray"
-    return f"{dtype_text} {tuple(shape)} {order.decode('ascii', 'replace')}"
-
-
 def inspect_segment(name: str) -> Segment:
-    """Everything known about block ``name``; FileNotFoundError if there is none."""
+    """Everything known about block ``name``; FileNotFoundError if there is none,
+    InvalidName (a ValueError) for a name that is not one entry of /dev/shm.
+
+    Never raises because of what is *in* the block: a header or kind header that
+    does not validate makes the block ``corrupt``, with the reason as detail.
+    """
+    name = names.validate(name)
     opened = _platform.open_existing(name, writable=False)
-    uid, mode = opened.uid, opened.mode
     try:
-        try:
-            header = Header.read(opened.fd, opened.size, name)
-        except CorruptSegment as err:
-            return Segment(name, opened.size, opened.size, "corrupt", str(err), "unknown", False, None,
-                           False, None, None, opened.mtime, uid, mode)
-        if header is None:
-            return Segment(name, opened.size, opened.size, "foreign", "", "unknown", False, None,
-                           True, None, None, opened.mtime, uid, mode)
-        in_use = _platform.is_locked(opened.fd, USERS_LOCK)
-        creator_alive = _platform.process_alive(header.creator)
-        if creator_alive or in_use:
-            state = "alive"
-        elif creator_alive is None:
-            state = "unknown"
-        else:
-            state = "dead"
-        return Segment(
-            name, header.size, opened.size, KIND_NAMES[header.kind], _describe(header), state,
-            bool(header.flags & FLAG_MANAGED), header.auto_remove, header.ready, in_use,
-            header.creator.pid, header.created_ns / 1e9, uid, mode,
-        )
+        return _inspect(name, opened)
     finally:
         os.close(opened.fd)
 
 
+def _inspect(name: str, opened: _platform.Opened) -> Segment:
+    uid, mode = opened.uid, opened.mode
+    try:
+        header = Header.read(opened.fd, opened.size, name)
+        detail = "" if header is None else describe(header)
+    except CorruptSegment as err:
+        return _corrupt(name, opened, str(err))
+    if header is None:
+        return Segment(name, opened.size, opened.size, "foreign", "", "unknown", False, None,
+                       True, None, None, opened.mtime, uid, mode)
+    in_use = _platform.is_locked(opened.fd, USERS_LOCK)
+    creator_alive = _platform.process_alive(header.creator)
+    if creator_alive or in_use:
+        state = "alive"
+    elif creator_alive is None:
+        state = "unknown"
+    else:
+        state = "dead"
+    return Segment(
+        name, header.size, opened.size, KIND_NAMES[header.kind], detail, state,
+        bool(header.flags & FLAG_MANAGED), header.auto_remove, header.ready, in_use,
+        header.creator.pid, header.created_ns / 1e9, uid, mode,
+    )
+
+
+def _corrupt(name: str, opened: _platform.Opened, why: str) -> Segment:
+    return Segment(name, opened.size, opened.size, "corrupt", why, "unknown", False, None,
+                   False, None, None, opened.mtime, opened.uid, opened.mode)
+
+
 def list_segments(*, include_foreign: bool = False) -> List[Segment]:
     """Every block in the shared memory directory this user can open, sorted by
-    name; blocks other programs made only with ``include_foreign``."""
+    name; blocks other programs made only with ``include_foreign``.
+
+    One block never breaks the listing: a block that vanishes meanwhile, or
+    cannot be opened, is left out; one whose contents do not validate is
+    listed as ``corrupt``.
+    """
     found = []
     for name in sorted(_platform.entries()):
         try:
             segment = inspect_segment(name)
-        except OSError:  # vanished meanwhile, not a regular file, or not ours to open
+        except (OSError, ValueError):  # vanished meanwhile, not a regular file, not ours, odd name
             continue
         if include_foreign or not segment.foreign:
             found.append(segment)
     return found
 
 
+# `shmem info` shows at most this much of a block.
+MAX_FIRST_BYTES = 1 << 20
+
+
 def first_bytes(name: str, count: int) -> bytes:
-    """The first ``count`` bytes of block ``name``, read without mapping it
-    (symlinks and special files refused, as everywhere)."""
+    """The first ``count`` bytes of block ``name`` (at most ``MAX_FIRST_BYTES``),
+    read without mapping it (symlinks and special files refused, as everywhere)."""
+    name = names.validate(name)
+    if not 0 <= count <= MAX_FIRST_BYTES:
+        raise ValueError(f"can show 0 to {MAX_FIRST_BYTES} bytes of a block, not {count}")
     opened = _platform.open_existing(name, writable=False)
     try:
-        return os.pread(opened.fd, max(0, count), 0)
+        return os.pread(opened.fd, min(count, opened.size), 0)
     finally:
         os.close(opened.fd)
 
 
-def users_of(names: List[str]) -> Dict[str, List[int]]:
+def users_of(names_: List[str]) -> Dict[str, List[int]]:
     """The pids that have each block mapped or open (a scan of /proc)."""
-    return _platform.processes_using(names)
+    return _platform.processes_using([names.validate(name) for name in names_])
 
 
 def remove_segment(name: str, *, force: bool = False) -> None:
     """Unlink block ``name`` (any block, foreign ones included: the caller named it).
 
-    Refuses with SegmentInUse (a PermissionError) a block that some process has
+    Refuses with SegmentInUse (a PermissionError) a block that a process has
     mapped or open, or whose users lock is held, unless ``force``.
-    FileNotFoundError when there is no such block.
+    FileNotFoundError when there is no such block; InvalidName (a ValueError)
+    for a name that is not one entry of /dev/shm - checked before anything.
+
+    The same protocol as the reaper's: the exclusive users lock is held from
+    the check to the unlink, so a process that attaches meanwhile either
+    counts as a user (and the block stays) or waits, then finds it gone.
     """
-    segment = inspect_segment(name)
-    if not force:
-        pids = users_of([name])[name]
-        if segment.in_use or pids:
-            who = f"processes {', '.join(map(str, pids))}" if pids else "a process"
-            raise SegmentInUse(name, f"in use by {who}")
-    _platform.unlink(name)
+    name = names.validate(name)
+    if force:
+        _platform.unlink(name)
+        return
+    pids = users_of([name])[name]  # processes without the lock: untracked or other programs
+    if pids:
+        raise SegmentInUse(name, f"in use by processes {', '.join(map(str, pids))}")
+    opened = _platform.open_existing(name, writable=True)  # a write lock needs a writable descriptor
+    try:
+        if not _platform.try_lock_exclusive(opened.fd, USERS_LOCK):
+            raise SegmentInUse(name, "held open by a process (its users lock is taken)")
+        if not _platform.still_published(name, opened.inode):
+            raise SegmentNotFound(name, "removed by another process meanwhile")
+        _platform.unlink(name)
+    finally:
+        os.close(opened.fd)  # also drops the exclusive lock

@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-from .._segments import Segment, first_bytes, inspect_segment, list_segments, remove_segment, users_of
+from .._segments import MAX_FIRST_BYTES, Segment, first_bytes, inspect_segment, list_segments, remove_segment, users_of
 
 EXIT_OK, EXIT_NO_MATCH, EXIT_USAGE = 0, 1, 2
 
@@ -71,8 +71,10 @@ def _fail(message: str, code: int = EXIT_NO_MATCH) -> int:
     return code
 
 
-def _describe_error(err: OSError) -> str:
-    return f"{err.filename}: {err.strerror}" if err.filename else str(err)
+def _describe_error(err: Exception) -> str:
+    if isinstance(err, OSError) and err.filename:
+        return f"{err.filename}: {err.strerror}"
+    return str(err)
 
 
 # ------------------------------------------------------------------ commands
@@ -96,14 +98,14 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     try:
         s = inspect_segment(args.name)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         return _fail(_describe_error(err))
     pids = users_of([s.name])[s.name]
     record = _as_json(s)
     record["used_by"] = pids
     try:
         head = first_bytes(s.name, args.bytes)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         return _fail(_describe_error(err))
     if args.json:
         record["first_bytes"] = head.hex()
@@ -143,7 +145,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
     for name in args.names:
         try:
             remove_segment(name, force=args.force)
-        except OSError as err:
+        except (OSError, ValueError) as err:
             suffix = " (--force removes it anyway)" if isinstance(err, PermissionError) and err.errno == 16 else ""
             _fail(_describe_error(err) + suffix)
             status = EXIT_NO_MATCH
@@ -153,7 +155,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from .._core.lifecycle import gc
+    from .._core.sweep import gc
 
     report = gc(dry_run=args.dry_run, prefix=args.prefix)
     if args.json:
@@ -188,6 +190,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ parsing
 
 
+def _byte_count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of bytes: {text!r}") from None
+    if not 0 <= count <= MAX_FIRST_BYTES:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_FIRST_BYTES}, not {count}")
+    return count
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
@@ -208,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="everything known about one block")
     info.add_argument("name")
     info.add_argument("--json", action="store_true")
-    info.add_argument("--bytes", type=int, default=64, metavar="N", help="hexdump the first N bytes (64)")
+    info.add_argument("--bytes", type=_byte_count, default=64, metavar="N",
+                      help=f"hexdump the first N bytes (64; at most {MAX_FIRST_BYTES})")
     info.set_defaults(run=cmd_info)
 
     rm = commands.add_parser("rm", help="remove blocks; refuses one in use unless --force")

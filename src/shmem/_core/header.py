@@ -27,20 +27,24 @@ The trailer, in the last 4096 bytes, all integers little-endian::
      64    4  extra_len   length of the kind's own header at 256 (at most 3840)
      68    4  extra_crc   crc32 of those bytes
      72    4  crc32       of bytes 0..71
-     76    4  ready       b"REDY" once complete (written last), zero until then
+     76    4  ready       b"REDY" (see below)
      80  176  reserved    zero
     256  ...  extra       the kind's own header (arrays: dtype, shape; lists: layout)
 
-Creating a block (``_memory.SharedMemory._create``): open the name with
-O_EXCL; write the whole trailer page with ``ready = 0`` - one write that
-takes the file from empty to its full size with the header in place, so no
-reader ever sees a full-size file without its header; reserve the memory;
-write ``ready`` last. An attacher that finds the file empty or not ready
-gets FileNotFoundError: it never sees a partly created block. Nothing but
-``ready`` changes afterwards, so a reader needs no lock. It is still hostile input: another process, or another user's
-program, may have written anything there. ``Header.read`` copies it once, checks
-the magic, checksum, version and sizes against the real file size, and only
-the returned copy is used.
+Creating a block (``block.Block.create``): an unnamed file in /dev/shm
+(O_TMPFILE), reserved to its full size; the header written into its last
+page; the kind's initial contents written; then one ``link()`` gives it its name -
+atomically, failing with EEXIST if the name is taken. Nobody can open the
+block before it is complete, and a creator killed before the link leaves
+nothing: the kernel frees an unnamed file with its last descriptor.
+
+``ready`` is part of the page written in one go (shmem 0.1 wrote it last, in a
+separate step, and attachers still treat a block without it as not there).
+Nothing in the trailer changes afterwards, so a reader needs no lock. It is
+still hostile input: another process, or another user's program, may have
+written anything there. ``Header.read`` copies it once, checks the magic,
+checksum, version and sizes against the real file size, and only the
+returned copy is used.
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ READY = b"REDY"
 HEADER_BYTES = READY_OFFSET + len(READY)
 _ALL = struct.Struct("<8sHHIQQQQQQIII4s")  # the three above in one go, for parse
 EXTRA_OFFSET = 256
+_PAD = bytes(EXTRA_OFFSET - HEADER_BYTES)
 EXTRA_MAX = TRAILER_SIZE - EXTRA_OFFSET
 
 
@@ -111,17 +116,18 @@ class Header(NamedTuple):
             block_id=random.getrandbits(64),
             creator=creator,
             created_ns=time.time_ns(),
+            ready=True,  # pack() writes the mark with the rest of the header
             extra=extra,
         )
 
-    def pack_page(self) -> bytes:
-        """The whole trailer page, not ready yet."""
+    def pack(self) -> bytes:
+        """The trailer's bytes up to the end of the kind's header (the rest of
+        the page stays zero), ready mark included."""
         fixed = _FIXED.pack(
             MAGIC, VERSION, self.kind, self.flags, self.size, self.block_id, *self.creator, self.created_ns,
             len(self.extra), zlib.crc32(self.extra),
         )
-        head = (fixed + _CRC.pack(zlib.crc32(fixed))).ljust(EXTRA_OFFSET, b"\0")
-        return (head + self.extra).ljust(TRAILER_SIZE, b"\0")
+        return b"".join((fixed, _CRC.pack(zlib.crc32(fixed)), READY, _PAD, self.extra))
 
     @staticmethod
     def trailer_offset(file_size: int) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import secrets
 
 from .. import _platform
 from .._errors import InvalidName
@@ -48,6 +47,12 @@ def validate(name: object) -> str:
 
 
 def generate() -> str:
-    """A new random name; the caller retries on the (unlikely) collision."""
+    """A new random name; the caller retries on the (unlikely) collision.
+
+    Unguessable (os.urandom, as secrets.token_hex uses): a name is all another
+    process needs to open a block of the same user.
+    """
     prefix = os.environ.get(PREFIX_ENV) or _GENERATED_PREFIX
-    return validate(prefix + secrets.token_hex(4))
+    if prefix is not _GENERATED_PREFIX:
+        validate(prefix + "00000000")  # a prefix from the environment is input too
+    return prefix + os.urandom(4).hex()

@@ -66,6 +66,8 @@ from .. import _platform
 from .array_layout import _MAX_DIMS, _check_dtype, _corrupt, _Meta, _meta_of, _nbytes, _pack
 from .._errors import SegmentNotFound, UnsupportedDtype
 from .._core.header import KIND_ARRAY
+from . import raw
+from .._core.block import Block
 from .raw import SharedMemory
 
 __all__ = ["SharedArray", "UnsupportedDtype", "array", "attach_array", "empty", "full", "zeros"]
@@ -84,10 +86,10 @@ class _Block:
     on it refers to it through a _Use; the caches below refer to it too."""
 
     def __init__(self, shm: SharedMemory, meta: _Meta, inode: Optional[int], owned: bool, readonly: bool) -> None:
-        assert shm._header is not None and shm.buf is not None and shm.name is not None
+        assert raw.block_of(shm).header is not None and shm.buf is not None and shm.name is not None
         self.shm = shm
         self.name: str = shm.name
-        self.block_id = shm._header.block_id
+        self.block_id = raw.block_of(shm).header.block_id  # type: ignore[union-attr]
         self.size = shm.size
         self.meta = meta
         self.inode = inode  # None: unknown, never trusted for a cache hit
@@ -112,7 +114,7 @@ class _Block:
         lease = None
         if track and not (self.owned and self.shm._track):
             lease = _lease(self.name)
-            if lease._header is None or lease._header.block_id != self.block_id:
+            if raw.block_of(lease).header is None or raw.block_of(lease).header.block_id != self.block_id:  # type: ignore[union-attr]
                 lease.close()
                 raise _Stale
         use = _Use(self, lease, track)
@@ -144,7 +146,7 @@ class _Stale(Exception):
 
 def _lease(name: str) -> SharedMemory:
     # Read-only and never touched: only its users lock matters (the mapping costs no page).
-    return SharedMemory._typed(name, False, track=True, readonly=True)
+    return raw.wrap(Block.attach(name, track=True, readonly=True))
 
 
 _lock = threading.RLock()
@@ -187,15 +189,14 @@ def _attach_block(name: str, readonly: bool, track: bool, block_id: Optional[int
     lease = _lease(name) if track else None
     data: Optional[SharedMemory] = None
     try:
-        data = SharedMemory._typed(name, False, track=False, readonly=readonly)
+        data = raw.wrap(Block.attach(name, track=False, readonly=readonly))
         meta = _meta_of(data, name)
-        assert data._header is not None
-        found = data._header.block_id
+        found = raw.block_of(data).header.block_id  # type: ignore[union-attr]
         if (block_id is not None and found != block_id) or (
-            lease is not None and (lease._header is None or lease._header.block_id != found)
+            lease is not None and (raw.block_of(lease).header is None or raw.block_of(lease).header.block_id != found)  # type: ignore[union-attr]
         ):
             raise SegmentNotFound(name, _REUSED)
-        block = _Block(data, meta, data._inode, owned=False, readonly=readonly)
+        block = _Block(data, meta, raw.block_of(data).inode, owned=False, readonly=readonly)
     except BaseException:
         for shm in (data, lease):
             if shm is not None:
@@ -449,11 +450,11 @@ def _create(shape: ShapeLike, dtype: Any, order: str, name: Optional[str], track
     nbytes = _nbytes(dims, dt)
     size = max(nbytes, 1)  # a block has at least one byte
     initial = fill(meta, nbytes) if fill is not None and nbytes else []
-    shm = SharedMemory._typed(name, True, size, track=track, kind=KIND_ARRAY, extra=extra, initial=initial,
-                              flags=flags)
+    shm = raw.wrap(Block.create(name, size, track=track, kind=KIND_ARRAY, extra=extra, initial=initial,
+                                flags=flags))
     assert shm.name is not None
     try:
-        block = _Block(shm, meta, shm._inode, owned=True, readonly=False)
+        block = _Block(shm, meta, raw.block_of(shm).inode, owned=True, readonly=False)
     except BaseException:
         shm.close()
         shm.unlink()

@@ -43,6 +43,7 @@ import numpy as np
 
 from .._errors import CorruptSegment, UnsupportedDtype
 from .._core.header import EXTRA_MAX, KIND_ARRAY, KIND_NAMES
+from . import raw
 from .raw import SharedMemory
 
 _MAGIC = b"\x93SHMARR\n"
@@ -225,7 +226,7 @@ def _corrupt(name: str, cause: str) -> CorruptSegment:
 
 
 def _meta_of(shm: SharedMemory, name: str) -> _Meta:
-    header = shm._header
+    header = raw.block_of(shm).header
     if header is None or header.kind != KIND_ARRAY:
         made_by = (
             "was not made by shmem" if header is None
@@ -237,3 +238,32 @@ def _meta_of(shm: SharedMemory, name: str) -> _Meta:
         return _unpack(header.extra, shm.size)
     except _Bad as err:
         raise _corrupt(name, f"corrupt array header: {err}") from None
+
+
+def describe(extra: bytes) -> str:
+    """The listing's description of an array block's header ("float64 (1000, 3) C");
+    CorruptSegment when it does not validate. Reads the fixed fields and the
+    dtype's JSON without NumPy; every value is checked before it is used."""
+    if len(extra) < _FIXED.size or extra[:8] != _MAGIC:
+        raise CorruptSegment("not an array header (wrong magic)")
+    _, version, order_b, ndim, dtype_len, _ = _FIXED.unpack_from(extra)
+    if version != _VERSION or order_b not in (b"C", b"F") or ndim > _MAX_DIMS:
+        raise CorruptSegment("unreadable array header (version, order or dimensions)")
+    shape_end = _FIXED.size + _DIM.size * ndim
+    if shape_end + dtype_len != len(extra):
+        raise CorruptSegment("array header length does not add up")
+    shape = tuple(_DIM.unpack_from(extra, _FIXED.size + _DIM.size * i)[0] for i in range(ndim))
+    try:
+        text = extra[shape_end:].decode("ascii")
+        desc = json.loads(text) if len(text) < EXTRA_MAX and text.count("[") + text.count("{") <= 64 else None
+    except ValueError:
+        desc = None
+    if isinstance(desc, str) and _PLAIN_DTYPE.match(desc):
+        kind = desc
+    elif isinstance(desc, dict) and "names" in desc:
+        kind = "structured"
+    elif isinstance(desc, dict) and "base" in desc:
+        kind = "subarray"
+    else:
+        raise CorruptSegment("unreadable dtype in array header")
+    return f"{kind} {shape} {order_b.decode('ascii')}"

@@ -69,6 +69,8 @@ from .list_layout import (
     _text_format,
     _word_of,
 )
+from . import raw
+from .._core.block import Block
 from .raw import SharedMemory
 
 # How long a reader waits for a writer that is in the middle of an item.
@@ -111,7 +113,7 @@ class ShareableList(_Core):
         if name is None or sequence is not None:
             self._create(sequence if sequence is not None else (), name, track, 0)
         else:
-            self.shm = SharedMemory._typed(name, False, track=track)
+            self.shm = raw.wrap(Block.attach(name, track=track))
             try:
                 self._attach()
             except BaseException:
@@ -174,10 +176,10 @@ class ShareableList(_Core):
             (codes_start, codes),
             (ext, lengths),
         ]
-        self.shm = SharedMemory._typed(
-            name, True, max(total, 2 * _WORD), track=track, kind=KIND_LIST, extra=extra,
+        self.shm = raw.wrap(Block.create(
+            name, max(total, 2 * _WORD), track=track, kind=KIND_LIST, extra=extra,
             initial=[(offset, piece) for offset, piece in initial if piece], flags=flags,
-        )
+        ))
         self._bind(n, data_len, ext)
 
     # ------------------------------------------------------------ attaching
@@ -186,7 +188,7 @@ class ShareableList(_Core):
         shm, buf = self.shm, self.shm.buf
         assert buf is not None
         name, size = shm.name, shm.size
-        header = shm._header
+        header = raw.block_of(shm).header
         if header is not None and header.kind != KIND_LIST:
             raise CorruptSegment(
                 f"shared memory block {name!r} holds a {KIND_NAMES[header.kind]} block, not a ShareableList"

@@ -40,6 +40,8 @@ import struct
 import zlib
 from typing import Any, Dict, List, Optional, Tuple
 
+from .._errors import CorruptSegment
+
 _WORD = 8
 _INT_MIN, _INT_MAX = -(1 << 63), (1 << 63) - 1
 
@@ -210,3 +212,14 @@ def _pack_mixed(normalized: List[Tuple[int, Any]]) -> Tuple[bytes, bytes]:
             data += bytes(_WORD)
         fmts += _FIXED_FORMAT[kind].ljust(_WORD, b"\0")
     return bytes(data), bytes(fmts)
+
+
+def describe(extra: bytes) -> str:
+    """The listing's description of a list block's kind header ("7 items");
+    CorruptSegment when it does not validate."""
+    if len(extra) != _EXT.size:
+        raise CorruptSegment(f"list header of {len(extra)} bytes, expected {_EXT.size}")
+    magic, version, n, ext = _EXT.unpack(extra)
+    if magic != _EXT_MAGIC or version != _EXT_VERSION or n < 0 or ext < 0:
+        raise CorruptSegment("not a ShareableList header (wrong magic, version or counts)")
+    return f"{n} items"

@@ -79,6 +79,8 @@ from .manager_server import (
     _remove,
     _ServerSetup,
 )
+from . import raw
+from .._core.block import Block
 from .raw import SharedMemory
 
 if TYPE_CHECKING:
@@ -313,7 +315,7 @@ class SharedMemoryManager(managers.BaseManager):
     def SharedMemory(self, size: int) -> SharedMemory:
         """A new ``shmem.SharedMemory`` block of ``size`` bytes, owned by the manager."""
         return self._new_block(
-            lambda name: SharedMemory._typed(name, True, size, track=True, flags=FLAG_MANAGED), _undo_handle
+            lambda name: raw.wrap(Block.create(name, size, track=True, flags=FLAG_MANAGED)), _undo_handle
         )
 
     def ShareableList(self, sequence: Optional[Iterable[Any]]) -> ShareableList:

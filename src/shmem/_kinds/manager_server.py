@@ -267,6 +267,7 @@ class _Owned:
 
     def adopt(self, name: str) -> None:
         """Hold a block made elsewhere (the standard library's ``track_segment``)."""
+        name = names.validate(name)  # a client's name is input: one entry of /dev/shm, nothing else
         with self._lock:
             self._check_open()
             opened = _platform.open_existing(name, writable=False)
@@ -326,6 +327,7 @@ class _Owned:
 
     def release(self, name: str) -> None:
         """Remove one block (the standard library's ``release_segment``)."""
+        name = names.validate(name)
         with self._lock:
             self._check_open()
             self._take_in()

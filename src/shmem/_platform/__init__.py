@@ -2,8 +2,10 @@
 
 The rest of shmem imports the names below from here and never looks at
 ``sys.platform``. Linux is the only backend so far; a macOS backend would
-implement the same functions with ``shm_open`` (no /dev/shm to link in, so a
-ready flag instead of publish-by-link) and ``flock``-based liveness.
+implement the same functions with ``shm_open`` (no /dev/shm and no O_TMPFILE
+to build a block unnamed, so a ready flag instead of publish-by-link),
+``flock``-based liveness, kqueue's EVFILT_PROC instead of pidfds, and a
+socket file in a private directory instead of the abstract namespace.
 """
 
 from __future__ import annotations
@@ -13,22 +15,32 @@ import sys
 if sys.platform.startswith("linux"):
     from ._linux import (
         NAME_MAX,
+        Opened,
         ProcessIdentity,
-        create_exclusive,
-        enlarge_pipe,
+        connect,
+        create_unnamed,
         current_process,
         entries,
+        exists,
+        file_identity,
         is_locked,
+        listen,
         lock_shared,
         open_existing,
+        path_of,
+        peer,
         process_alive,
         processes_using,
-        remove_own,
+        publish,
+        reaper_address,
         reserve,
+        send_message,
         spawn_with_stdin,
         still_published,
         try_lock_exclusive,
         unlink,
+        unlink_same,
+        watch_process,
         write_at,
     )
 else:  # pragma: no cover
@@ -39,21 +51,31 @@ else:  # pragma: no cover
 
 __all__ = [
     "NAME_MAX",
+    "Opened",
     "ProcessIdentity",
-    "create_exclusive",
-    "enlarge_pipe",
+    "connect",
+    "create_unnamed",
     "current_process",
     "entries",
+    "exists",
+    "file_identity",
     "is_locked",
+    "listen",
     "lock_shared",
     "open_existing",
+    "path_of",
+    "peer",
     "process_alive",
     "processes_using",
-    "remove_own",
+    "publish",
+    "reaper_address",
     "reserve",
+    "send_message",
     "spawn_with_stdin",
     "still_published",
     "try_lock_exclusive",
     "unlink",
+    "unlink_same",
+    "watch_process",
     "write_at",
 ]

@@ -15,11 +15,13 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import select
+import socket
 import stat
 import struct
-from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
-from .._errors import NoSpace, SegmentExists, SegmentNotFound, UnsafeSegment
+from .._errors import InvalidName, NoSpace, SegmentExists, SegmentNotFound, ShmemError, UnsafeSegment
 
 SHM_DIR = "/dev/shm"
 
@@ -31,35 +33,66 @@ except (OSError, ValueError):  # pragma: no cover - /dev/shm always answers on L
 
 _OPEN_EXISTING = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _OPEN_EXISTING_RO = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-_CREATE = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# An unnamed file in /dev/shm (Linux >= 3.11 on tmpfs): it exists only through
+# its descriptor until link() gives it a name, and vanishes with the descriptor.
+_CREATE_UNNAMED = os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC
 
 
 def path_of(name: str) -> str:
+    """The path of block ``name``: always an entry directly inside /dev/shm.
+
+    Every function here that touches a block goes through this check, whatever
+    its callers already validated: a name with a directory part, ``.`` or
+    ``..`` could otherwise reach files outside /dev/shm (``rm ../../etc/x``).
+    The last component is never followed as a symlink (O_NOFOLLOW, lstat).
+    """
+    if not name or "/" in name or "\0" in name or name in (".", ".."):
+        raise InvalidName(f"{name!r} is not a shared memory block name: it must be one entry of {SHM_DIR}")
     return SHM_DIR + "/" + name
 
 
 # --------------------------------------------------------------------- files
 
 
-def create_exclusive(name: str) -> Opened:
-    """Create an empty file for block ``name``; FileExistsError if the name is taken.
+def create_unnamed(name: str) -> Opened:
+    """An empty, unnamed file in /dev/shm for a block that will be called ``name``
+    (used in error messages only); ``publish`` names it.
 
-    O_EXCL makes creation exclusive, O_NOFOLLOW refuses a planted symlink, and
-    the mode is forced to 0600 afterwards: the umask may have cleared the
-    owner's bits, and nobody else may ever read or write the block.
+    Built unnamed, a block cannot be seen half made, and a creator killed at
+    any instant before ``publish`` leaves nothing behind: the kernel frees an
+    unnamed file with its last descriptor. The mode is 0600 whatever the
+    umask (fixed only when the umask took the owner's bits): nobody else may
+    ever read or write the block.
     """
     try:
-        fd = os.open(path_of(name), _CREATE, 0o600)
+        fd = os.open(SHM_DIR, _CREATE_UNNAMED, 0o600)
     except OSError as err:
+        if err.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise ShmemError(f"{SHM_DIR} does not support unnamed files (O_TMPFILE): "
+                             "shmem needs Linux >= 3.11 with /dev/shm on tmpfs") from err
         raise _translate(err, name) from err
     try:
-        os.fchmod(fd, 0o600)
         st = os.fstat(fd)
+        if st.st_mode & 0o777 != 0o600:
+            os.fchmod(fd, 0o600)
     except BaseException as err:
         os.close(fd)
-        _unlink_quietly(path_of(name))  # just made by us, not yet seen by anyone usable
         raise _translate(err, name) if isinstance(err, OSError) else err
     return Opened(fd, st.st_size, st.st_ino, st.st_mtime)
+
+
+def publish(fd: int, name: str) -> None:
+    """Give the unnamed file ``fd`` the name ``name``, atomically; SegmentExists
+    (a FileExistsError) if the name is taken, and then nothing changed.
+
+    linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N is how an O_TMPFILE file gets
+    a name without privileges (open(2)). Passing ``src_dir_fd`` makes Python
+    call linkat with that flag; link() would try to link the /proc symlink itself.
+    """
+    try:
+        os.link(f"/proc/self/fd/{fd}", path_of(name), src_dir_fd=fd)
+    except OSError as err:
+        raise _translate(err, name) from err
 
 
 def write_at(fd: int, data: bytes, offset: int, name: str) -> None:
@@ -67,13 +100,6 @@ def write_at(fd: int, data: bytes, offset: int, name: str) -> None:
         os.pwrite(fd, data, offset)
     except OSError as err:
         raise _translate(err, name) from err
-
-
-def remove_own(name: str, inode: int) -> None:
-    """Undo a failed creation: unlink ``name`` if it is still the file we made
-    (never a block that replaced it meanwhile)."""
-    if still_published(name, inode):
-        _unlink_quietly(path_of(name))
 
 
 # Below this, posix_fallocate fails fast enough on its own; statvfs would only add a syscall.
@@ -145,11 +171,29 @@ def still_published(name: str, inode: int) -> bool:
         return False
 
 
+def exists(name: str) -> bool:
+    """Whether anything (a block, or anything else) has this name in /dev/shm."""
+    return os.path.lexists(path_of(name))
+
+
 def unlink(name: str) -> None:
     try:
         os.unlink(path_of(name))
     except OSError as err:
         raise _translate(err, name) from err
+
+
+def unlink_same(name: str, inode: int) -> None:
+    """Unlink ``name`` only while it still is the file with this inode.
+
+    SegmentNotFound when the name is gone or now belongs to another file (a
+    newer block made under the same name): a stale handle never removes a
+    block it did not open. POSIX has no "unlink if still this file"; the
+    window between the check and the unlink is two syscalls wide.
+    """
+    if not still_published(name, inode):
+        raise SegmentNotFound(name, "the shared memory block this handle opened was already removed")
+    unlink(name)
 
 
 def entries() -> Iterator[str]:
@@ -160,13 +204,6 @@ def entries() -> Iterator[str]:
                 yield entry.name
     except FileNotFoundError:  # pragma: no cover
         return
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def _kind_of(mode: int) -> str:
@@ -301,15 +338,119 @@ def spawn_with_stdin(argv: List[str], stdin_fd: int) -> int:
     )
 
 
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # the constant is in fcntl from 3.10
+# ------------------------------------------------------- the reaper's socket
+#
+# A process tree talks to its reaper over a Unix stream socket in the abstract
+# namespace (Linux): no file to leave behind, and the address is free again the
+# moment the listening socket closes - when the reaper dies, however it died.
 
 
-def enlarge_pipe(fd: int, size: int) -> None:
-    """Ask for a pipe buffer of ``size`` bytes; keep the default if refused."""
+def reaper_address(token: str) -> bytes:
+    # The uid keeps users apart; the random token, known only to the tree
+    # (through its environment), keeps anyone else from guessing it.
+    return f"\0shmem-reaper-{os.geteuid()}-{token}".encode()
+
+
+def listen(address: bytes) -> Optional[socket.socket]:
+    """A listening socket bound to ``address``; None if another process has it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        fcntl.fcntl(fd, _F_SETPIPE_SZ, size)
+        sock.bind(address)
+        sock.listen(64)
+    except OSError as err:
+        sock.close()
+        if err.errno == errno.EADDRINUSE:
+            return None
+        raise
+    return sock
+
+
+def connect(address: bytes) -> Optional[socket.socket]:
+    """A connection to ``address`` if a process of this user listens there, else None.
+
+    The listener's uid (SO_PEERCRED) must be ours: an abstract address has no
+    file permissions, so another user could have bound it first.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(address)
+        _, uid = peer(sock)
+    except OSError as err:
+        sock.close()
+        if err.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN):
+            return None
+        raise
+    if uid != os.geteuid():
+        sock.close()
+        return None
+    # Room for a burst of messages while the reaper batches its reads: as much as
+    # the kernel grants (net.core.wmem_max); below that, senders wait for it.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    sock.setblocking(False)
+    return sock
+
+
+# struct ucred { pid_t pid; uid_t uid; gid_t gid; }
+_UCRED = struct.Struct("iII")
+
+
+def peer(sock: socket.socket) -> Tuple[int, int]:
+    """(pid, uid) of the process at the other end, as the kernel recorded them
+    when it connected (or, seen from a client, when the server called listen)."""
+    pid, uid, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    return pid, uid
+
+
+def send_message(sock: socket.socket, message: bytes) -> bool:
+    """Send one short message on a non-blocking stream socket; False if the peer is gone.
+
+    MSG_NOSIGNAL: a peer that died gives EPIPE here, never SIGPIPE - which kills
+    programs that restored its default action (as CLI tools do for ``| head``).
+    A message this short is one skb: it is queued whole or not at all, so
+    messages from threads or a signal handler never interleave.
+    """
+    while True:
+        try:
+            sent = sock.send(message, socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            # The reaper has not read for a while (it batches reads): wait for room.
+            if not select.select([], [sock], [], 5.0)[1]:
+                return False
+            continue
+        except InterruptedError:  # pragma: no cover - PEP 475 retries
+            continue
+        except OSError:
+            return False
+        return sent == len(message)
+
+
+def file_identity(fd: int) -> Optional[Tuple[int, int]]:
+    """(device, inode) of what descriptor ``fd`` refers to now, or None if it is closed.
+
+    A descriptor number can be closed behind our back (``os.closerange`` in
+    daemonizing code) and reused by a file the program opened afterwards:
+    compare this with the value recorded when the descriptor was made before
+    writing to it.
+    """
+    try:
+        st = os.fstat(fd)
     except OSError:
-        pass
+        return None
+    return st.st_dev, st.st_ino
+
+
+def watch_process(pid: int) -> Optional[int]:
+    """A descriptor that becomes readable when process ``pid`` exits (a pidfd,
+    Linux >= 5.3), or None when the kernel has none; ProcessLookupError if
+    the process is already gone."""
+    if pid <= 0 or not hasattr(os, "pidfd_open"):
+        return None
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise
+    except OSError:
+        return None
 
 
 # ------------------------------------------------------------ process identity

@@ -1,0 +1,207 @@
+"""Typed blocks: creating, attaching and removing the blocks every kind is built on.
+
+A ``Block`` is one shared memory block mapped into this process, with its
+header (``header.Header``: kind, creator, size, the kind's own header). Raw
+``SharedMemory``, ``ShareableList``, NumPy arrays and manager-owned blocks
+are all Blocks underneath; each kind adds its own header codec and its view
+of the bytes. This module is the only one that creates or maps a block::
+
+    Block.create(name, size, kind=..., extra=..., initial=..., track=...)
+        O_TMPFILE in /dev/shm          unnamed: invisible, freed if we die now
+        users lock (track=True)        this process counts as a user
+        header page, reservation,      the file reaches its full size with its
+        initial contents               header; memory is reserved (no SIGBUS)
+        tracking.track(name)           the reaper hears of it before it exists
+        link() to the name             atomic publication; EEXIST if taken
+    Block.attach(name)
+        open (O_NOFOLLOW), users lock, check the name still leads here,
+        read and validate the header against the real file size, map.
+
+Lifecycle (``lifecycle`` draws the rule): a tracked handle holds a shared
+lock on the block's users byte for as long as its mapping lives; the mapping
+lives while anything in this process still uses it (a NumPy array, a
+memoryview), not only until ``close``.
+"""
+
+from __future__ import annotations
+
+import mmap
+import operator
+import os
+from typing import Optional, Sequence, Tuple
+
+from .. import _platform
+from .._errors import InvalidSize, NoSpace, SegmentExists, SegmentNotFound
+from . import names, tracking
+from .header import KIND_RAW, Header, total_size
+from .lifecycle import USERS_LOCK
+
+# Above this, the file (data, padding and trailer) would not fit in off_t.
+MAX_SIZE = (1 << 63) - 1 - 2 * 4096
+
+Piece = Tuple[int, bytes]  # (offset, bytes-like) written into a new block before it is published
+
+
+def checked_size(size: object, *, create: bool) -> int:
+    """``size`` as an int, or InvalidSize/TypeError - before anything happens."""
+    size = operator.index(size)  # type: ignore[arg-type]
+    if size < 0:
+        raise InvalidSize("'size' must be a positive integer")
+    if create and size == 0:
+        raise InvalidSize("'size' must be a positive number different from zero")
+    if size > MAX_SIZE:
+        raise InvalidSize(f"'size' {size} is larger than any shared memory block can be ({MAX_SIZE} bytes)")
+    return size
+
+
+class Block:
+    """One shared memory block, mapped into this process."""
+
+    name: str
+    size: int  # bytes of data (the header's size; the file's for blocks other programs made)
+    inode: int  # tells this block from a later one under the same name
+    header: Optional[Header]  # None: made by another program (the standard library, C...)
+    mapping: Optional[mmap.mmap]  # the data only: the header stays out of reach; None once released
+    tracked: bool  # this handle holds the users lock
+
+    def __init__(self, name: str, size: int, inode: int, header: Optional[Header],
+                 mapping: mmap.mmap, tracked: bool) -> None:
+        self.name, self.size, self.inode, self.header = name, size, inode, header
+        self.mapping, self.tracked = mapping, tracked
+
+    # ------------------------------------------------------------ creating
+
+    @classmethod
+    def create(
+        cls, name: Optional[str], size: int, *, kind: int = KIND_RAW, extra: bytes = b"",
+        initial: Sequence[Piece] = (), flags: int = 0, track: bool = True,
+    ) -> Block:
+        """A new block of ``size`` bytes under ``name`` (None: a new random name).
+
+        ``kind`` and ``extra`` (the kind's own header) go into its header,
+        ``initial`` pieces are written before anyone can see it, ``flags`` are
+        extra header flags (``header.FLAG_MANAGED``). ``track``: the block is
+        removed once its creator and every user are gone. Raises
+        SegmentExists (FileExistsError) if the name is taken, NoSpace (OSError
+        ENOSPC) if /dev/shm cannot hold it; either way nothing is left behind.
+        """
+        size = checked_size(size, create=True)
+        if name is not None:
+            name = names.validate(name)
+        if any(offset < 0 or offset + len(data) > size for offset, data in initial):
+            raise InvalidSize(f"initial contents do not fit in {size} bytes")
+        header = Header.new(size, kind=kind, track=track, creator=_platform.current_process(),
+                            extra=extra, flags=flags)
+        total = total_size(size)
+        label = name if name is not None else "(new block)"
+        built = _platform.create_unnamed(label)
+        try:
+            try:
+                _platform.reserve(built.fd, total, label)
+            except NoSpace:
+                # The standard library would have failed on the taken name first.
+                if name is not None and _platform.exists(name):
+                    raise SegmentExists(name) from None
+                raise
+            _platform.write_at(built.fd, header.pack(), Header.trailer_offset(total), label)
+            for offset, data in initial:  # through the file: no page faults, unlike the mapping
+                _platform.write_at(built.fd, data, offset, label)
+            published = _publish(built.fd, name, header.block_id, track)
+        finally:
+            os.close(built.fd)  # unpublished, the file is gone with it: nothing to undo
+        # Mapped through its name, not through the unnamed file's descriptor, whose
+        # path stays "/dev/shm/#<inode> (deleted)" in /proc/PID/maps and fd/: fuser,
+        # lsof, `shmem info` and leak checks must see the block by its name.
+        try:
+            return cls._open(published, built.inode, size, header, readonly=False, track=track)
+        except BaseException:
+            if _platform.still_published(published, built.inode):
+                _platform.unlink_same(published, built.inode)
+            if track:
+                tracking.untrack(published, header.block_id)
+            raise
+
+    @classmethod
+    def _open(cls, name: str, inode: int, size: int, header: Header, readonly: bool, track: bool) -> Block:
+        opened = _platform.open_existing(name, writable=not readonly)
+        try:
+            if opened.inode != inode:
+                raise SegmentNotFound(name, "the shared memory block was removed by another process as it was created")
+            if track:
+                _platform.lock_shared(opened.fd, USERS_LOCK)
+            mapping = mmap.mmap(opened.fd, size, access=mmap.ACCESS_READ if readonly else mmap.ACCESS_WRITE)
+        finally:
+            os.close(opened.fd)  # the mapping holds its own duplicate (and with it the users lock)
+        return cls(name, size, inode, header, mapping, track)
+
+    # ------------------------------------------------------------ attaching
+
+    @classmethod
+    def attach(cls, name: str, *, readonly: bool = False, track: bool = True) -> Block:
+        """Map the existing block ``name``. ``track``: count as a user until the
+        mapping is gone. SegmentNotFound (FileNotFoundError) if there is none;
+        CorruptSegment (ValueError) if its header is damaged. Never unlinks."""
+        name = names.validate(name)
+        opened = _platform.open_existing(name, writable=not readonly)
+        try:
+            if track:
+                # Waits while a reaper, gc() or remove_segment() holds the exclusive lock to
+                # remove it; then the name is gone, and we say so rather than map a removed block.
+                _platform.lock_shared(opened.fd, USERS_LOCK)
+                if not _platform.still_published(name, opened.inode):
+                    raise SegmentNotFound(name, "the shared memory block was removed while attaching")
+            if opened.size == 0:
+                # Only another program's block looks like this: the standard library
+                # creates the file first and sizes it afterwards.
+                raise SegmentNotFound(name, "the shared memory block is empty: its creator has not sized it yet")
+            header = Header.read(opened.fd, opened.size, name)
+            if header is not None and not header.ready:
+                raise SegmentNotFound(name, "the shared memory block is still being created")
+            size = header.size if header is not None else opened.size
+            mapping = mmap.mmap(opened.fd, size, access=mmap.ACCESS_READ if readonly else mmap.ACCESS_WRITE)
+        finally:
+            os.close(opened.fd)  # the mapping holds its own duplicate (and with it the users lock)
+        return cls(name, size, opened.inode, header, mapping, track)
+
+    # ------------------------------------------------------------ the block
+
+    def still_published(self) -> bool:
+        """Whether the name still leads to this block (not removed, not replaced)."""
+        return _platform.still_published(self.name, self.inode)
+
+    def unlink(self) -> None:
+        """Remove the block's name - only if it still is this block: SegmentNotFound
+        (FileNotFoundError) when it was removed already, even if a newer block
+        took the name meanwhile (that one is left alone)."""
+        _platform.unlink_same(self.name, self.inode)
+        if self.header is not None and self.header.auto_remove:
+            tracking.untrack(self.name, self.header.block_id)
+
+    def release(self) -> None:
+        """Drop this handle's reference to the mapping. It is unmapped - and the
+        users lock released - when the last object using it is gone: at once
+        when nothing else refers to it, later if a NumPy array or memoryview
+        still does (unmapping under those would crash the process)."""
+        self.mapping = None
+
+    def __repr__(self) -> str:
+        return f"<Block {self.name!r} size={self.size}>"
+
+
+def _publish(fd: int, name: Optional[str], block_id: int, track: bool) -> str:
+    """Link the finished file ``fd`` under ``name``, or a new random name; return the name."""
+    while True:
+        candidate = name if name is not None else names.generate()
+        if track:
+            # The reaper hears of the block before it has a name: a creator killed
+            # right after the link still has it removed.
+            tracking.track(candidate, block_id)
+        try:
+            _platform.publish(fd, candidate)
+        except BaseException as err:
+            if track:
+                tracking.untrack(candidate, block_id)
+            if name is None and isinstance(err, SegmentExists):
+                continue  # a generated name collided: draw another
+            raise
+        return candidate

@@ -1,0 +1,65 @@
+"""``gc()``: remove the abandoned blocks nobody is left to remove."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, NamedTuple, Tuple
+
+from .. import _platform
+from .lifecycle import Verdict, remove_if_abandoned
+
+
+class RemovedBlock(NamedTuple):
+    """A block ``gc()`` removed (or, in a dry run, would remove)."""
+
+    name: str
+    size: int
+    creator_pid: int
+    created: float  # seconds since the epoch
+
+
+@dataclasses.dataclass(frozen=True)
+class GcReport:
+    """What ``gc()`` did. It iterates, counts and compares as its ``removed`` list."""
+
+    removed: Tuple[RemovedBlock, ...]
+    in_use: Tuple[str, ...] = ()  # blocks of dead creators that somebody still has open (left alone)
+    dry_run: bool = False
+
+    def __iter__(self) -> Iterator[RemovedBlock]:
+        return iter(self.removed)
+
+    def __len__(self) -> int:
+        return len(self.removed)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, GcReport):
+            return (self.removed, self.in_use, self.dry_run) == (other.removed, other.in_use, other.dry_run)
+        if isinstance(other, (list, tuple)):
+            return list(self.removed) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def gc(*, dry_run: bool = False, prefix: str = "") -> GcReport:
+    """Remove abandoned shmem blocks and report what was removed.
+
+    Abandoned: created by shmem with ``track=True``, its creator is dead and no
+    process has it open. That is what remains when every process involved was
+    killed at once, the reaper included (a container OOM-killed), and nobody
+    was left to clean up. Blocks made by other programs, blocks created with
+    ``track=False`` and blocks still in use are never touched. Safe to run
+    concurrently with itself and with running programs; idempotent.
+    With ``dry_run``, reports what would be removed and removes nothing; with
+    ``prefix``, looks only at blocks whose names start with it.
+    """
+    removed = []
+    in_use = []
+    for name in sorted(n for n in _platform.entries() if n.startswith(prefix)):
+        verdict, header = remove_if_abandoned(name, dry_run=dry_run)
+        if verdict is Verdict.REMOVED and header is not None:
+            removed.append(RemovedBlock(name, header.size, header.creator.pid, header.created_ns / 1e9))
+        elif verdict is Verdict.HELD_OPEN and header is not None and header.auto_remove:
+            in_use.append(name)
+    return GcReport(tuple(removed), tuple(in_use), dry_run)
