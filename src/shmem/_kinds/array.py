@@ -436,7 +436,7 @@ def _shape(shape: ShapeLike) -> Tuple[int, ...]:
     return dims
 
 
-def _create(shape: ShapeLike, dtype: Any, order: str, name: Optional[str], track: bool,
+def create_array(shape: ShapeLike, dtype: Any, order: str, name: Optional[str], track: bool,
             fill: Optional[Callable[[_Meta, int], List[Tuple[int, Any]]]] = None, flags: int = 0) -> SharedArray:
     """A new block holding an array; ``fill(meta, nbytes)`` gives the (offset, buffer)
     pieces of its contents, written before the block's ready mark. ``flags`` go
@@ -502,29 +502,29 @@ def empty(shape: ShapeLike, dtype: Any = float, *, order: str = "C", name: Optio
     using it are gone). Raises FileExistsError if ``name`` is taken, and
     UnsupportedDtype (a TypeError) for object or other non-fixed-size dtypes.
     """
-    return _create(shape, dtype, order, name, track)
+    return create_array(shape, dtype, order, name, track)
 
 
 def zeros(shape: ShapeLike, dtype: Any = float, *, order: str = "C", name: Optional[str] = None,
           track: bool = True) -> SharedArray:
     """A new shared array of zeros (see :func:`empty`; a new block reads as zeros)."""
-    return _create(shape, dtype, order, name, track)
+    return create_array(shape, dtype, order, name, track)
 
 
 def full(shape: ShapeLike, fill_value: Any, dtype: Any = None, *, order: str = "C", name: Optional[str] = None,
          track: bool = True) -> SharedArray:
     """A new shared array filled with ``fill_value`` (see :func:`empty`; ``dtype``
     defaults to ``fill_value``'s, as in ``numpy.full``)."""
-    return _full(shape, fill_value, dtype, order, name, track)
+    return create_full(shape, fill_value, dtype, order, name, track)
 
 
-def _full(shape: ShapeLike, fill_value: Any, dtype: Any, order: str, name: Optional[str], track: bool,
+def create_full(shape: ShapeLike, fill_value: Any, dtype: Any, order: str, name: Optional[str], track: bool,
           flags: int = 0) -> SharedArray:
     if dtype is None:
         fill_value = np.asarray(fill_value)
         dtype = fill_value.dtype
     # The contents go in before the block is marked ready: no attacher sees it half filled.
-    return _create(shape, dtype, order, name, track, _fill_with(fill_value), flags)
+    return create_array(shape, dtype, order, name, track, _fill_with(fill_value), flags)
 
 
 def array(obj: Any, dtype: Any = None, *, order: str = "K", name: Optional[str] = None,
@@ -532,15 +532,15 @@ def array(obj: Any, dtype: Any = None, *, order: str = "K", name: Optional[str] 
     """A new shared array holding a copy of ``obj`` (an array or anything
     ``numpy.asarray`` takes). ``order`` 'K'/'A' keeps a Fortran-ordered
     source's order, 'C'/'F' choose it; see :func:`empty` for the rest."""
-    return _array(obj, dtype, order, name, track)
+    return create_copy(obj, dtype, order, name, track)
 
 
-def _array(obj: Any, dtype: Any, order: str, name: Optional[str], track: bool, flags: int = 0) -> SharedArray:
+def create_copy(obj: Any, dtype: Any, order: str, name: Optional[str], track: bool, flags: int = 0) -> SharedArray:
     source = np.asarray(obj, dtype=dtype)
     if order in ("K", "A"):
         order = "F" if source.flags.f_contiguous and not source.flags.c_contiguous else "C"
     # The contents go in before the block is marked ready: no attacher sees it half filled.
-    return _create(source.shape, source.dtype, order, name, track, _copy_of(source), flags)
+    return create_array(source.shape, source.dtype, order, name, track, _copy_of(source), flags)
 
 
 def attach_array(name: str, *, readonly: bool = False, track: bool = True) -> SharedArray:

@@ -329,7 +329,7 @@ class SharedMemoryManager(managers.BaseManager):
         from . import array as arrays
 
         return self._new_block(
-            lambda name: arrays._create(shape, dtype, order, name, True, flags=FLAG_MANAGED), _undo_array
+            lambda name: arrays.create_array(shape, dtype, order, name, True, flags=FLAG_MANAGED), _undo_array
         )
 
     def zeros(self, shape: Any, dtype: Any = float, *, order: str = "C") -> SharedArray:
@@ -337,7 +337,7 @@ class SharedMemoryManager(managers.BaseManager):
         from . import array as arrays
 
         return self._new_block(
-            lambda name: arrays._create(shape, dtype, order, name, True, flags=FLAG_MANAGED), _undo_array
+            lambda name: arrays.create_array(shape, dtype, order, name, True, flags=FLAG_MANAGED), _undo_array
         )
 
     def full(self, shape: Any, fill_value: Any, dtype: Any = None, *, order: str = "C") -> SharedArray:
@@ -345,7 +345,7 @@ class SharedMemoryManager(managers.BaseManager):
         from . import array as arrays
 
         return self._new_block(
-            lambda name: arrays._full(shape, fill_value, dtype, order, name, True, FLAG_MANAGED), _undo_array
+            lambda name: arrays.create_full(shape, fill_value, dtype, order, name, True, FLAG_MANAGED), _undo_array
         )
 
     def array(self, obj: Any, dtype: Any = None, *, order: str = "K") -> SharedArray:
@@ -353,7 +353,7 @@ class SharedMemoryManager(managers.BaseManager):
         from . import array as arrays
 
         return self._new_block(
-            lambda name: arrays._array(obj, dtype, order, name, True, FLAG_MANAGED), _undo_array
+            lambda name: arrays.create_copy(obj, dtype, order, name, True, FLAG_MANAGED), _undo_array
         )
 
     def blocks(self) -> List[ManagedBlock]:
