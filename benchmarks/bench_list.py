@@ -65,8 +65,8 @@ def run(quick: bool) -> List[Tuple[str, str, List[float], str]]:
                 rows.append((label, key, samples[key], "ns"))
         bulk_repeat = 3 if quick else 9
         for label, make in [
-            (f"iterate {N:,} ints (list(sl))", lambda key: (lambda: list(lists[key][0]))),
-            (f"build ShareableList(range({N:,}))", lambda key: (lambda: _close(IMPLS[key](range(N))))),
+            (f"iterate {N:,} ints (list(sl))", lambda key: lambda: list(lists[key][0])),
+            (f"build ShareableList(range({N:,}))", lambda key: lambda: _close(IMPLS[key](range(N)))),
         ]:
             samples = {key: [] for key in IMPLS}
             for _ in range(bulk_repeat):
@@ -88,28 +88,38 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"shmem ShareableList benchmark  {datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(f"Python {platform.python_version()} on {platform.platform()}, cpus={os.cpu_count()}, "
-          f"C fast path: {'yes' if _list.ACCELERATED else 'no (pure Python)'}")
+    print(
+        f"Python {platform.python_version()} on {platform.platform()}, cpus={os.cpu_count()}, "
+        f"C fast path: {'yes' if _list.ACCELERATED else 'no (pure Python)'}"
+    )
     rows = run(args.quick)
     medians = {(label, key): statistics.median(s) for label, key, s, _ in rows}
     print(f"\n{'operation':<40} {'impl':<7} {'median':>10} {'p25 - p75':>20} {'shmem/stdlib':>13}")
     for label, key, samples, unit in rows:
         q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
         ratio = medians[(label, "shmem")] / medians[(label, "stdlib")]
-        print(f"{label:<40} {key:<7} {medians[(label, key)]:>8.1f} {unit} "
-              f"{q[0]:>8.1f} - {q[2]:<8.1f} {(f'{ratio:.3f}' if key == 'shmem' else ''):>13}")
+        print(
+            f"{label:<40} {key:<7} {medians[(label, key)]:>8.1f} {unit} "
+            f"{q[0]:>8.1f} - {q[2]:<8.1f} {(f'{ratio:.3f}' if key == 'shmem' else ''):>13}"
+        )
     print()
-    for label, limit, unit in [("read an int item", 300, "ns"), ("write an int item", 400, "ns"),
-                               ("read a float item", 300, "ns"), ("write a float item", 400, "ns")]:
+    for label, limit, unit in [
+        ("read an int item", 300, "ns"),
+        ("write an int item", 400, "ns"),
+        ("read a float item", 300, "ns"),
+        ("write a float item", 400, "ns"),
+    ]:
         m, s = medians[(label, "shmem")], medians[(label, "stdlib")]
-        print(f"goal: {label} <= {limit} {unit} and >= 8x the stdlib: {m:.0f} {unit}, {s / m:.1f}x "
-              f"-> {'met' if m <= limit and s / m >= 8 else 'NOT met'}")
+        print(
+            f"goal: {label} <= {limit} {unit} and >= 8x the stdlib: {m:.0f} {unit}, {s / m:.1f}x "
+            f"-> {'met' if m <= limit and s / m >= 8 else 'NOT met'}"
+        )
     for label in (f"iterate {N:,} ints (list(sl))", f"build ShareableList(range({N:,}))"):
         speedup = medians[(label, "stdlib")] / medians[(label, "shmem")]
         print(f"goal: {label} >= 10x faster: {speedup:.1f}x -> {'met' if speedup >= 10 else 'NOT met'}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([{"operation": l, "impl": k, "samples": s, "unit": u} for l, k, s, u in rows], f, indent=1)
+            json.dump([{"operation": op, "impl": k, "samples": s, "unit": u} for op, k, s, u in rows], f, indent=1)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def open_list(module: str, name: str) -> Any:
     if module != "shmem":
         from multiprocessing import resource_tracker
 
-        resource_tracker.unregister(sl.shm._name, "shared_memory")
+        resource_tracker.unregister("/" + sl.shm.name, "shared_memory")  # as it registered it
     return sl
 
 
@@ -70,8 +70,9 @@ def _record(result: Dict[str, Any], value: Any, allowed: Any) -> None:
         result["bad"] = (result["bad"] + [repr(value)])[:5]
 
 
-def reader(module: str, name: str, mode: str, indices: Sequence[int], fixed: Dict[int, Any],
-           seconds: float, out: Any) -> None:
+def reader(
+    module: str, name: str, mode: str, indices: Sequence[int], fixed: Dict[int, Any], seconds: float, out: Any
+) -> None:
     """Read while a writer runs, for ``seconds``; put a summary on ``out``.
 
     mode "item": read item indices[0] again and again; "list": iterate the whole
@@ -101,7 +102,7 @@ def reader(module: str, name: str, mode: str, indices: Sequence[int], fixed: Dic
                     check(list(sl), 0)
                     if module == "shmem":
                         check(sl[:], 0)
-                        check(sl[indices[0]:indices[-1] + 1], indices[0])
+                        check(sl[indices[0] : indices[-1] + 1], indices[0])
                         check(sl[::-1][::-1], 0)
                         "abcd" in sl  # noqa: B015 - must not raise
                         sl.count(12345)

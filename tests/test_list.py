@@ -12,28 +12,31 @@ unlink the block when the test run ends (gh-82300).
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import enum
+import json
 import math
 import multiprocessing.shared_memory
 import os
 import pickle
+import random
 import re
 import struct
 import subprocess
 import textwrap
 import time
 import tracemalloc
-import zlib
 from multiprocessing import resource_tracker
 from typing import Any, Callable, Iterator, List
 
 import pytest
-
-import shmem
 from _forge import forge_kind_header, peek, poke, trailer_offset
 from conftest import PYTHON, SHM_DIR, blocks_with_prefix, implementations, run_to_completion, wait_until
-from shmem._core.header import EXTRA_OFFSET, TRAILER_SIZE
+
+import shmem
+from shmem._core.header import EXTRA_OFFSET
+from shmem._kinds.raw import block_of
 
 STDLIB = multiprocessing.shared_memory
 BOTH = [pytest.param(shmem.shared_memory, id="shmem"), pytest.param(STDLIB, id="stdlib")]
@@ -79,10 +82,11 @@ def close(sl: Any) -> None:
     getattr(sl, "close", sl.shm.close)()
 
 
-@pytest.fixture
-def lists(shm_name: Callable[[], str]) -> Iterator[Callable[..., Any]]:
-    """``make(impl, sequence)``: a list created under the test's prefix; every
-    one is closed and unlinked (through its creator) after the test."""
+@pytest.fixture(name="lists")
+def lists_fixture(shm_name: Callable[[], str]) -> Iterator[Callable[..., Any]]:
+    """``lists``: ``make(impl, sequence)``, a list created under the test's prefix;
+    every one is closed and unlinked (through its creator) after the test. Other
+    test modules import ``lists_fixture`` to use it."""
     made: List[Any] = []
 
     def make(impl: Any, sequence: Any) -> Any:
@@ -110,7 +114,7 @@ def raw(sl: Any) -> bytes:
     return bytes(sl.shm.buf)
 
 
-# ---------------------------------------------------------------- the layout, drawn in _list.py
+# ---------------------------------------------------------------- the layout, drawn in list_layout.py
 
 
 def n_items(buf: Any) -> int:
@@ -138,20 +142,13 @@ def code_at(buf: Any, i: int) -> int:
     return data_start(buf) + data_len(buf) + n_items(buf) * W + i
 
 
-
-
-
-
-
-
 #: The list's kind header in the trailer (at EXTRA_OFFSET): magic, version, N, ext offset.
+#: The tests' own reading of the drawing, so that the codec cannot drift from it unseen.
 KIND_HEADER = struct.Struct("<8sH6xqq")
 
 
 def kind_header(name: str) -> tuple:
     return KIND_HEADER.unpack(peek(name, trailer_offset(name) + EXTRA_OFFSET, KIND_HEADER.size))
-
-
 
 
 def ext_offset(name: str) -> int:
@@ -218,8 +215,29 @@ def test_format_is_the_standard_librarys(case: str, lists: Any) -> None:
 def test_values_round_trip_with_their_types(impl: Any, lists: Any) -> None:
     """Every kind of value either library represents, read back with its exact type;
     empty str and bytes and the int64 extremes are right in both libraries."""
-    values = [0, 1, -1, 2**63 - 1, -(2**63), 1.5, -0.0, math.inf, -math.inf, 1e308, True, False, None,
-              "", "abc", "abcdefgh", "h\u00e9llo", "\u20ac", b"", b"\xff\x00\x01", b"12345678"]
+    values = [
+        0,
+        1,
+        -1,
+        2**63 - 1,
+        -(2**63),
+        1.5,
+        -0.0,
+        math.inf,
+        -math.inf,
+        1e308,
+        True,
+        False,
+        None,
+        "",
+        "abc",
+        "abcdefgh",
+        "h\u00e9llo",
+        "\u20ac",
+        b"",
+        b"\xff\x00\x01",
+        b"12345678",
+    ]
     sl = lists(impl, values)
     assert tagged_list(sl) == tagged_list(values)
     assert tagged_list(sl[i] for i in range(len(values))) == tagged_list(values)
@@ -389,7 +407,7 @@ def test_pickle_is_small_and_attaches_by_name() -> None:
         assert len(data) < 200, "a name, not the items"
         copy = pickle.loads(data)
         assert type(copy) is shmem.ShareableList and copy.shm.name == sl.shm.name
-        assert copy == sl and copy.shm._track is True
+        assert copy == sl and block_of(copy.shm).tracked is True
         copy[0] = protocol
         assert sl[0] == protocol
         copy.close()
@@ -400,7 +418,7 @@ def test_pickle_is_small_and_attaches_by_name() -> None:
 def test_pickle_keeps_track_false() -> None:
     sl = shmem.ShareableList([1], track=False)
     copy = pickle.loads(pickle.dumps(sl))
-    assert copy.shm._track is False and sl.shm._track is False
+    assert block_of(copy.shm).tracked is False and block_of(sl.shm).tracked is False
     copy.close()
     sl.close()
     sl.unlink()
@@ -437,7 +455,9 @@ def test_non_ascii_str_is_sized_by_its_encoded_bytes(impl: Any, lists: Any) -> N
 
 @pytest.mark.parametrize("impl", implementations("unsupported types raise a bare KeyError"))
 @pytest.mark.parametrize("bad", [[1], {"a": 1}, object(), 1j, bytearray(b"x"), (1,)], ids=lambda v: type(v).__name__)
-def test_unsupported_type_raises_type_error_and_changes_nothing(impl: Any, bad: Any, lists: Any, shm_prefix: str) -> None:
+def test_unsupported_type_raises_type_error_and_changes_nothing(
+    impl: Any, bad: Any, lists: Any, shm_prefix: str
+) -> None:
     with pytest.raises(TypeError, match=type(bad).__name__):
         lists(impl, [1, bad])
     assert blocks_with_prefix(shm_prefix) == []  # nothing was created
@@ -451,8 +471,9 @@ def test_unsupported_type_raises_type_error_and_changes_nothing(impl: Any, bad: 
 
 @pytest.mark.parametrize("impl", implementations("struct.error, after the item's format was changed"))
 @pytest.mark.parametrize("big", [2**63, -(2**63) - 1, 10**30])
-def test_int_outside_int64_raises_overflow_error_and_changes_nothing(impl: Any, big: int, lists: Any,
-                                                                     shm_prefix: str) -> None:
+def test_int_outside_int64_raises_overflow_error_and_changes_nothing(
+    impl: Any, big: int, lists: Any, shm_prefix: str
+) -> None:
     with pytest.raises(OverflowError):
         lists(impl, [1, big])
     with pytest.raises(OverflowError):
@@ -489,8 +510,15 @@ class MyFloat(float):
     pass
 
 
-SUBCLASSES = [(Color.RED, 1), (Color.BLUE, -(2**63)), (Strange("h\u00e9"), "h\u00e9"), (MyBytes(b"a\0"), b"a\0"),
-              (MyInt(5), 5), (MyFloat(0.5), 0.5), (enum.IntFlag("F", "A B").B, 2)]
+SUBCLASSES = [
+    (Color.RED, 1),
+    (Color.BLUE, -(2**63)),
+    (Strange("h\u00e9"), "h\u00e9"),
+    (MyBytes(b"a\0"), b"a\0"),
+    (MyInt(5), 5),
+    (MyFloat(0.5), 0.5),
+    (enum.IntFlag("F", "A B").B, 2),
+]
 
 
 @pytest.mark.parametrize("impl", implementations("subclasses raise KeyError"))
@@ -508,9 +536,19 @@ def test_subclasses_are_stored_as_their_base_type(impl: Any, lists: Any) -> None
 @pytest.mark.parametrize("impl", implementations("NumPy scalars raise KeyError"))
 def test_numpy_scalars_are_stored_as_their_base_type(impl: Any, lists: Any) -> None:
     np = pytest.importorskip("numpy")
-    pairs = [(np.int8(-5), -5), (np.int64(-(2**63)), -(2**63)), (np.uint8(200), 200), (np.uint64(2**63 - 1), 2**63 - 1),
-             (np.int32(7), 7), (np.float32(1.5), 1.5), (np.float64(-0.25), -0.25), (np.bool_(True), True),
-             (np.bool_(False), False), (np.str_("h\u00e9"), "h\u00e9"), (np.bytes_(b"ab"), b"ab")]
+    pairs = [
+        (np.int8(-5), -5),
+        (np.int64(-(2**63)), -(2**63)),
+        (np.uint8(200), 200),
+        (np.uint64(2**63 - 1), 2**63 - 1),
+        (np.int32(7), 7),
+        (np.float32(1.5), 1.5),
+        (np.float64(-0.25), -0.25),
+        (np.bool_(True), True),
+        (np.bool_(False), False),
+        (np.str_("h\u00e9"), "h\u00e9"),
+        (np.bytes_(b"ab"), b"ab"),
+    ]
     sl = lists(impl, [v for v, _ in pairs])
     assert tagged_list(sl) == tagged_list(e for _, e in pairs)
     for i, (value, _) in enumerate(pairs[:9]):  # assignment too, into a float's slot
@@ -558,8 +596,13 @@ def _sample_with_header_claim(lists: Any, creator: Any, offset_of_word: Callable
     return sl.shm.name
 
 
-COUNT_CLAIMS = {"count-1e7": 10**7, "count-negative": -1, "count-int64-max": 2**63 - 1,
-                "count-int64-min": -(2**63), "count-2**61": 2**61}
+COUNT_CLAIMS = {
+    "count-1e7": 10**7,
+    "count-negative": -1,
+    "count-int64-max": 2**63 - 1,
+    "count-int64-min": -(2**63),
+    "count-2**61": 2**61,
+}
 
 
 @pytest.mark.parametrize("impl", implementations("header claims are not checked"))
@@ -746,14 +789,99 @@ def test_a_block_of_another_kind_is_not_a_list(kind: str) -> None:
         block.unlink()
 
 
+# The listing (list_segments, inspect_segment, shmem ls) reads a list's kind header through
+# list_layout.describe: a header it cannot read makes the block "corrupt", never an error.
+# (A count or extension that only the block's real layout contradicts is caught on attach.)
+LISTING_FORGERIES = {
+    **{
+        damage: KIND_HEADER_DAMAGE[damage]
+        for damage in ("magic", "version", "ext-unaligned", "ext-inside-items", "ext-negative", "truncated", "empty")
+    },
+    "count-negative": lambda m, v, n, e: KIND_HEADER.pack(m, v, -1, e),
+    "count-int64-min": lambda m, v, n, e: KIND_HEADER.pack(m, v, -(2**63), e),
+    "count-past-ext": lambda m, v, n, e: KIND_HEADER.pack(m, v, 2**62, e),
+    "ext-int64-min": lambda m, v, n, e: KIND_HEADER.pack(m, v, n, -(2**63)),
+    "longer": lambda m, v, n, e: KIND_HEADER.pack(m, v, n, e) + bytes(8),
+    "garbage": lambda m, v, n, e: bytes(range(256)) * 15,  # as long as a kind header can be
+    "array-header": lambda m, v, n, e: b"\x93SHMARR\n" + bytes(24),
+}
+
+
+@pytest.mark.parametrize("damage", LISTING_FORGERIES)
+def test_a_forged_list_header_is_listed_as_corrupt(damage: str, lists: Any) -> None:
+    name = _shmem_list(lists)
+    forge_kind_header(name, LISTING_FORGERIES[damage](*kind_header(name)))
+    segment = shmem.inspect_segment(name)
+    assert segment.kind == "corrupt" and segment.detail, segment
+    assert [s.kind for s in shmem.list_segments(include_foreign=True) if s.name == name] == ["corrupt"]
+    _check_corrupt(shmem, name, lambda: attach(shmem, name))
+
+
+def test_shmem_ls_lists_forged_list_headers_as_corrupt(lists: Any) -> None:
+    """One run of the command over several forged lists: exit 0, each one corrupt."""
+    forged = []
+    for damage in ("magic", "empty", "garbage", "count-negative"):
+        name = _shmem_list(lists)
+        forge_kind_header(name, LISTING_FORGERIES[damage](*kind_header(name)))
+        forged.append(name)
+    good = _shmem_list(lists)
+    for args in (["ls"], ["ls", "--all"]):
+        done = subprocess.run([PYTHON, "-m", "shmem", *args], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    done = subprocess.run([PYTHON, "-m", "shmem", "ls", "--all", "--json"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    kinds = {r["name"]: (r["kind"], r["detail"]) for r in json.loads(done.stdout)}
+    assert all(kinds[name][0] == "corrupt" for name in forged), kinds
+    assert kinds[good] == ("list", f"{len(SAMPLE)} items")
+    for name in (forged[0], good):
+        done = subprocess.run([PYTHON, "-m", "shmem", "info", name], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+
+
+def test_describe_reads_the_drawn_header_and_raises_only_corrupt_segment() -> None:
+    """``list_layout.describe`` on every one-byte change and every truncation of a
+    real header, and on random bytes: a description or CorruptSegment, nothing else."""
+    from shmem._kinds.list_layout import describe
+    from shmem._kinds.list_layout import kind_header as packed
+
+    header = packed(7, 192)  # 7 ints: the extension right after the type codes
+    assert header == KIND_HEADER.pack(b"shmlist\0", 1, 7, 192)  # the codec is the drawing
+    assert describe(header) == "7 items" and describe(packed(1, 48)) == "1 item"
+    rng = random.Random(9)
+    candidates = [header[:cut] for cut in range(len(header))]
+    candidates += [
+        header[:at] + bytes([value]) + header[at + 1 :]
+        for at in range(len(header))
+        for value in (0, 1, 0x7F, 0x80, 0xFF, header[at] ^ 0x10)
+    ]
+    candidates += [rng.randbytes(rng.randrange(64)) for _ in range(500)]
+    candidates += [header[:10] + rng.randbytes(22) for _ in range(500)]  # any padding, N and ext
+    int64 = (-(2**63), 2**63 - 1)
+    candidates += [KIND_HEADER.pack(b"shmlist\0", 1, rng.randint(*int64), rng.randint(*int64)) for _ in range(500)]
+    for extra in candidates:
+        try:
+            assert describe(extra).endswith(("item", "items"))
+        except shmem.CorruptSegment:
+            pass
+
+
 # ================================================================ beyond the standard library
 
 
 def test_slices_return_lists() -> None:
     values = [0, "a", 2.5, None, b"x", True, -7]
     with shmem.ShareableList(values) as sl:
-        for s in (slice(1, 3), slice(None), slice(None, None, -1), slice(1, None, 2), slice(-3, -1),
-                  slice(10, 20), slice(5, 1), slice(-100, 100), slice(None, None, -3)):
+        for s in (
+            slice(1, 3),
+            slice(None),
+            slice(None, None, -1),
+            slice(1, None, 2),
+            slice(-3, -1),
+            slice(10, 20),
+            slice(5, 1),
+            slice(-100, 100),
+            slice(None, None, -3),
+        ):
             got = sl[s]
             assert type(got) is list and tagged_list(got) == tagged_list(values[s]), s
         with pytest.raises(ValueError):
@@ -844,6 +972,63 @@ def test_a_closed_list_raises_value_error() -> None:
     proc = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(["ValueError"] * 12)
+
+
+def test_a_closed_or_half_built_list_can_still_be_shown_and_closed() -> None:
+    sl = shmem.ShareableList([1, "a"])
+    name = sl.shm.name
+    sl.close()
+    assert repr(sl) == f"ShareableList(<closed>, name={name!r})"
+    sl.unlink()
+    half = shmem.ShareableList.__new__(shmem.ShareableList)  # as left by an __init__ that raised
+    assert repr(half) == "ShareableList(<closed>, name=None)"
+    half.close()
+    half.close()
+
+
+def test_create_list_puts_its_flags_in_the_block_header() -> None:
+    """The manager's way in: a list like any other, marked as the manager's."""
+    from shmem._core.header import FLAG_MANAGED
+    from shmem._kinds.list import create_list
+
+    with create_list([1, "two", None], flags=FLAG_MANAGED) as sl:
+        segment = shmem.inspect_segment(sl.shm.name)
+        assert (segment.kind, segment.detail, segment.managed) == ("list", "3 items", True)
+        assert list(shmem.ShareableList(name=sl.shm.name)) == [1, "two", None]
+        sl.unlink()
+
+
+@pytest.mark.parametrize("module", ["list", "list_layout"])
+def test_the_list_kind_uses_only_public_names_of_other_modules(module: str) -> None:
+    """Issue 9: a module's API is its names without underscores; the list kind
+    takes nothing else from the layers below it (nor its two modules from each other)."""
+    import importlib
+
+    path = importlib.import_module(f"shmem._kinds.{module}").__file__
+    assert path is not None
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    modules = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+            private = [
+                alias.name
+                for alias in node.names
+                if alias.name.startswith("_") and not (node.level and node.module is None)
+            ]  # `from .. import _speedups`: a module
+            assert not private, f"{module}.py imports {private} from {node.module}"
+            modules.update(alias.asname or alias.name for alias in node.names)
+        elif isinstance(node, ast.Import):
+            modules.update(alias.asname or alias.name for alias in node.names)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules:
+            assert not node.attr.startswith("_") or node.attr.startswith("__"), (
+                f"{module}.py uses {node.value.id}.{node.attr}"
+            )
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute):
+            assert not (node.attr.startswith("_") and not node.attr.startswith("__")), (
+                f"{module}.py reaches into another object's private {node.attr}"
+            )
 
 
 # ================================================================ lifecycle

@@ -29,11 +29,11 @@ import signal
 from typing import Any, Dict, List
 
 import pytest
+from _list_workers import CYCLE, CYCLE_SLOT, cycle_writer, endless_writer, read_all, reader
+from conftest import implementations
+from test_list import STDLIB, ext_offset, lists_fixture  # noqa: F401 - the "lists" fixture
 
 import shmem
-from conftest import implementations
-from test_list import STDLIB, ext_offset, lists  # noqa: F401 - lists is a fixture
-from _list_workers import CYCLE, CYCLE_SLOT, cycle_writer, endless_writer, read_all, reader
 
 CTX = multiprocessing.get_context("spawn")
 SECONDS = 1.5
@@ -91,8 +91,9 @@ def test_whole_list_reads_never_see_a_torn_item(impl: Any, lists: Any) -> None:
 def _leave_mid_write(sl: Any, index: int) -> None:
     """Make item ``index``'s sequence number odd, as a writer does before it writes.
 
-    The list's extension (see _list.py) holds one word per item, its sequence
-    number in the low 32 bits (the lowest byte, little-endian)."""
+    The list's extension (drawn in list_layout.py) holds one word per item, its
+    sequence number in the low 16 bits (odd while a writer is at work); setting
+    the lowest bit of its lowest byte (little-endian) does it."""
     at = ext_offset(sl.shm.name) + 8 * index
     assert sl.shm.buf[at] % 2 == 0, "the item is being written"
     sl.shm.buf[at] |= 1

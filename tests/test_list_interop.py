@@ -19,21 +19,61 @@ import textwrap
 from typing import Any, List
 
 import pytest
+from conftest import PYTHON
+from test_list import STDLIB, attach, close, lists_fixture, tagged, tagged_list  # noqa: F401 - the "lists" fixture
 
 import shmem
-from conftest import PYTHON
-from test_list import STDLIB, attach, close, lists, tagged, tagged_list  # noqa: F401 - lists is a fixture
 
 #: Every kind of value the standard library represents exactly (no trailing
 #: NULs, a str's slot big enough for its UTF-8 in the standard library's sizing).
-VALUES = [0, -1, 2**63 - 1, -(2**63), 1.5, -0.0, 1e-300, True, False, None, "", "a", "abcdefgh", "h\u00e9llo",
-          "x" * 23, b"", b"\xff\x01", b"12345678", b"y" * 30]
+VALUES = [
+    0,
+    -1,
+    2**63 - 1,
+    -(2**63),
+    1.5,
+    -0.0,
+    1e-300,
+    True,
+    False,
+    None,
+    "",
+    "a",
+    "abcdefgh",
+    "h\u00e9llo",
+    "x" * 23,
+    b"",
+    b"\xff\x01",
+    b"12345678",
+    b"y" * 30,
+]
 
 #: Writes into a list holding VALUES: every slot gets a value of another kind
 #: that fits it (8 bytes for a number's slot), then one more change.
-WRITES = [(0, "8 bytes!"), (1, b"\x00\x01"), (2, None), (3, True), (4, "\u20ac"), (5, 7), (6, b"z"), (7, 2.5),
-          (8, "no"), (9, -(2**63)), (10, 3), (11, b"b"), (12, "12345678"), (13, None), (14, "\u00e9" * 11),
-          (15, 1e300), (16, "s"), (17, False), (18, b"w" * 24), (0, 123), (2, "back"), (14, "short")]
+WRITES = [
+    (0, "8 bytes!"),
+    (1, b"\x00\x01"),
+    (2, None),
+    (3, True),
+    (4, "\u20ac"),
+    (5, 7),
+    (6, b"z"),
+    (7, 2.5),
+    (8, "no"),
+    (9, -(2**63)),
+    (10, 3),
+    (11, b"b"),
+    (12, "12345678"),
+    (13, None),
+    (14, "\u00e9" * 11),
+    (15, 1e300),
+    (16, "s"),
+    (17, False),
+    (18, b"w" * 24),
+    (0, 123),
+    (2, "back"),
+    (14, "short"),
+]
 
 
 def expected_after_writes() -> List[Any]:
@@ -56,7 +96,7 @@ def test_each_reads_and_writes_the_others_list(creator: Any, user: Any, lists: A
             other[index] = value
             assert tagged(made[index]) == tagged(value), (index, value)
         assert tagged_list(made) == tagged_list(expected_after_writes())
-        for index, value in WRITES:  # and back the other way
+        for index, _ in WRITES:  # and back the other way
             made[index] = VALUES[index]
         assert tagged_list(other) == tagged_list(VALUES)
     finally:
@@ -127,7 +167,7 @@ STDLIB_CHILD = textwrap.dedent(
         sl = shared_memory.ShareableList(payload, name=name)
     else:
         sl = shared_memory.ShareableList(name=name)
-    resource_tracker.unregister(sl.shm._name, "shared_memory")  # the block outlives us (gh-82300)
+    resource_tracker.unregister("/" + sl.shm.name, "shared_memory")  # the block outlives us (gh-82300)
     seen = list(sl)
     if mode == "write":
         for index, value in payload:
@@ -150,8 +190,9 @@ def _interpreters() -> List[Any]:
 
 
 def _stdlib_child(python: str, mode: str, name: str, payload: Any) -> List[Any]:
-    proc = subprocess.run([python, "-c", STDLIB_CHILD, mode, name, repr(payload)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [python, "-c", STDLIB_CHILD, mode, name, repr(payload)], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     return ast.literal_eval(proc.stdout.strip().splitlines()[-1])
 

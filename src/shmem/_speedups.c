@@ -6,7 +6,7 @@
  * Python cannot express). Everything else (str, bytes, bool, None, slices,
  * damaged items, a writer in progress) goes to the Python methods
  * _getitem_slow / _setitem_slow, which define the behaviour; this file only
- * makes the same answers faster. The layout is drawn in _list.py.
+ * makes the same answers faster. The layout is drawn in _kinds/list_layout.py.
  *
  * Memory is the list's SharedMemory buffer, held through a Py_buffer while
  * bound; every offset read from it is checked before use, exactly as the
