@@ -48,8 +48,9 @@ GOAL = 2.0
 _serial = itertools.count()
 
 
-def operations(size: int, shmem_smm: SharedMemoryManager,
-               stdlib_smm: stdlib_managers.SharedMemoryManager) -> Dict[str, Callable[[], None]]:
+def operations(
+    size: int, shmem_smm: SharedMemoryManager, stdlib_smm: stdlib_managers.SharedMemoryManager
+) -> Dict[str, Callable[[], None]]:
     def shmem_direct() -> None:
         shm = shmem.SharedMemory(create=True, size=size)
         shm.close()
@@ -88,7 +89,7 @@ def measure(ops: Dict[str, Callable[[], None]], batches: int, per_batch: int) ->
     gc.disable()
     try:
         for batch in range(batches):
-            for key in keys[batch % len(keys):] + keys[: batch % len(keys)]:  # rotate who goes first
+            for key in keys[batch % len(keys) :] + keys[: batch % len(keys)]:  # rotate who goes first
                 op = ops[key]
                 start = time.perf_counter_ns()
                 for _ in range(per_batch):
@@ -112,8 +113,10 @@ def main() -> int:
     batches, per_batch = (6, 100) if args.quick else (25, 300)
 
     print(f"shmem SharedMemoryManager benchmark  {datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(f"Python {platform.python_version()} on {platform.platform()}, cpus={os.cpu_count()}; "
-          f"create+close+unlink of a {args.size}-byte block, {batches} batches of {per_batch}")
+    print(
+        f"Python {platform.python_version()} on {platform.platform()}, cpus={os.cpu_count()}; "
+        f"create+close+unlink of a {args.size}-byte block, {batches} batches of {per_batch}"
+    )
     shmem_smm = SharedMemoryManager()
     stdlib_smm = stdlib_managers.SharedMemoryManager()
     with shmem_smm, stdlib_smm:
@@ -137,8 +140,10 @@ def main() -> int:
     for label, ratio in ratios.items():
         print(f"{label:<32} {ratio:6.2f}x")
     met = ratios["shmem manager / shmem direct"] <= GOAL
-    print(f"\ngoal: a block through shmem's manager costs <= {GOAL:g}x creating it directly: "
-          f"{ratios['shmem manager / shmem direct']:.2f}x -> {'met' if met else 'NOT met'}")
+    print(
+        f"\ngoal: a block through shmem's manager costs <= {GOAL:g}x creating it directly: "
+        f"{ratios['shmem manager / shmem direct']:.2f}x -> {'met' if met else 'NOT met'}"
+    )
 
     left = leftovers()
     for name in left:  # ours by construction (see PREFIX)
@@ -147,8 +152,20 @@ def main() -> int:
         print(f"warning: {len(left)} blocks were left behind and removed", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"size": args.size, "unit": "us", "samples": samples, "medians": medians, "ratios": ratios,
-                       "goal": GOAL, "goal_met": met, "leftovers": left}, f, indent=1)
+            json.dump(
+                {
+                    "size": args.size,
+                    "unit": "us",
+                    "samples": samples,
+                    "medians": medians,
+                    "ratios": ratios,
+                    "goal": GOAL,
+                    "goal_met": met,
+                    "leftovers": left,
+                },
+                f,
+                indent=1,
+            )
     return 1 if left else 0
 
 

@@ -17,6 +17,8 @@ import time
 from typing import Any, Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+#: The authkey of the managers the whole programs below start.
+STARTER_KEY = b"shmem manager workers"
 
 
 def script(name: str) -> List[str]:
@@ -67,6 +69,19 @@ def add_to_array(arr: Any, value: float) -> None:
     arr += value
 
 
+def create_in_pool_worker(address: Any, authkey: bytes, queue: Any) -> None:
+    """A Pool initializer: each worker creates one block through the manager and
+    reports (its pid, the block's name, the pid of the reaper it talks to)."""
+    from shmem._core import tracking
+    from shmem.managers import SharedMemoryManager
+
+    smm = SharedMemoryManager(address=address, authkey=authkey)
+    smm.connect()
+    shm = smm.SharedMemory(64)
+    queue.put((os.getpid(), shm.name, tracking.reaper_pid()))
+    shm.close()
+
+
 # ------------------------------------------------------------------ whole programs
 
 
@@ -92,16 +107,22 @@ def client_main(address: str, authkey: str) -> None:
     sl.close()
     _wait()
     outcomes: Dict[str, Any] = {}
-    for call, action in [("SharedMemory", lambda: smm.SharedMemory(10)),
-                         ("ShareableList", lambda: smm.ShareableList([1])),
-                         ("blocks", lambda: smm.blocks())]:
+    for call, action in [
+        ("SharedMemory", lambda: smm.SharedMemory(10)),
+        ("ShareableList", lambda: smm.ShareableList([1])),
+        ("blocks", lambda: smm.blocks()),
+    ]:
         started = time.monotonic()
         try:
             action()
         except Exception as err:
-            outcomes[call] = {"type": type(err).__name__, "module": type(err).__module__,
-                              "connection_refused": isinstance(err, ConnectionRefusedError),
-                              "message": str(err), "seconds": time.monotonic() - started}
+            outcomes[call] = {
+                "type": type(err).__name__,
+                "module": type(err).__module__,
+                "connection_refused": isinstance(err, ConnectionRefusedError),
+                "message": str(err),
+                "seconds": time.monotonic() - started,
+            }
         else:
             outcomes[call] = {"type": None, "seconds": time.monotonic() - started}
     _say(outcomes=outcomes)
@@ -142,7 +163,7 @@ def starter_main(method: str, with_array: str = "0") -> None:
     from shmem.managers import SharedMemoryManager
 
     ctx = multiprocessing.get_context(method)
-    smm = SharedMemoryManager(ctx=ctx)
+    smm = SharedMemoryManager(ctx=ctx, authkey=STARTER_KEY)
     smm.start()
     shm = smm.SharedMemory(4096)
     sl = smm.ShareableList(list(range(10)))
@@ -150,7 +171,7 @@ def starter_main(method: str, with_array: str = "0") -> None:
     if with_array == "1":
         names.append(smm.zeros((4, 4)).name)
     queue = ctx.Queue()
-    worker = ctx.Process(target=create_through_manager, args=("shmem", smm.address, bytes(smm._authkey), queue))
+    worker = ctx.Process(target=create_through_manager, args=("shmem", smm.address, STARTER_KEY, queue))
     worker.start()
     names += queue.get(timeout=60)
     worker.join(60)
@@ -158,6 +179,29 @@ def starter_main(method: str, with_array: str = "0") -> None:
     reapers = [pid for pid in _children() if os.getpgid(pid) != own_group]
     _say(manager=smm._process.pid, names=names, reapers=reapers, pid=os.getpid())
     _wait()
+
+
+def pool_main(method: str) -> None:
+    """A manager and a Pool of 8 workers (start method ``method``) that each create
+    a block through it; report what they made and which reaper each talks to,
+    wait for "go", then shut everything down and report that it did."""
+    from shmem._core import tracking
+    from shmem.managers import SharedMemoryManager
+
+    ctx = multiprocessing.get_context(method)
+    with SharedMemoryManager(ctx=ctx, authkey=STARTER_KEY) as smm:
+        queue = ctx.Queue()
+        with ctx.Pool(8, initializer=create_in_pool_worker, initargs=(smm.address, STARTER_KEY, queue)) as pool:
+            made = [queue.get(timeout=120) for _ in range(8)]
+            _say(
+                token=os.environ[tracking.ENV],
+                workers=[pid for pid, _, _ in made],
+                names=[name for _, name, _ in made],
+                reapers=[reaper for _, _, reaper in made],
+            )
+            _wait()
+            pool.terminate()
+    _say(done=True)
 
 
 def with_block_main(method: str) -> None:
@@ -196,7 +240,7 @@ def process_gone(pid: int, start_time: Optional[int] = None) -> bool:
         threads = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return True
-    fields = raw[raw.rfind(b")") + 2:].split()
+    fields = raw[raw.rfind(b")") + 2 :].split()
     if start_time is not None and int(fields[19]) != start_time:
         return True
     return fields[0] in (b"Z", b"X") and len(threads) <= 1

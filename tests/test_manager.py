@@ -5,6 +5,7 @@ Crashes and signals (a killed parent, a killed manager, Ctrl-C): ``test_manager_
 
 from __future__ import annotations
 
+import array
 import gc
 import json
 import multiprocessing
@@ -12,20 +13,22 @@ import multiprocessing.managers
 import os
 import pickle
 import re
+import socket
 import subprocess
 import sys
 import threading
 import time
+from multiprocessing.connection import Client
 
+import _manager_workers as workers
 import pytest
+from conftest import REAPER_ENV, REAPER_MARK, SHM_DIR, ProcessRef, implementations, wait_until
 
 import shmem
 from shmem._core.header import FLAG_MANAGED
+from shmem._kinds.manager_server import Session
 from shmem._kinds.raw import block_of
 from shmem.managers import ManagedBlock, ManagerNotStarted, ManagerUnavailable, SharedMemoryManager
-
-import _manager_workers as workers
-from conftest import SHM_DIR, implementations, wait_until
 
 KEY = b"shmem manager tests"
 
@@ -154,7 +157,10 @@ def test_another_process_connects_by_address_and_authkey(shm_prefix: str) -> Non
     with SharedMemoryManager(authkey=KEY) as smm:
         client = subprocess.Popen(
             workers.script("client_main") + [repr(smm.address), KEY.hex()],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         out, err = client.communicate("go\n", timeout=60)
         assert client.returncode == 0, err
@@ -173,8 +179,10 @@ def test_another_process_connects_by_address_and_authkey(shm_prefix: str) -> Non
     assert not any(_exists(n) for n in names)
 
 
-@pytest.mark.parametrize("impl", implementations(
-    "gh-110468, gh-82300: the creating process's resource tracker unlinks the block when it exits"))
+@pytest.mark.parametrize(
+    "impl",
+    implementations("gh-110468, gh-82300: the creating process's resource tracker unlinks the block when it exits"),
+)
 def test_a_block_made_by_a_client_that_exits_lives_until_shutdown(impl) -> None:
     stdlib = impl is not shmem.shared_memory
     manager = multiprocessing.managers.SharedMemoryManager if stdlib else SharedMemoryManager
@@ -183,7 +191,9 @@ def test_a_block_made_by_a_client_that_exits_lives_until_shutdown(impl) -> None:
         with manager(authkey=KEY) as smm:
             client = subprocess.run(
                 workers.script("made_by_client_main") + ["stdlib" if stdlib else "shmem", repr(smm.address), KEY.hex()],
-                capture_output=True, text=True, timeout=60,
+                capture_output=True,
+                text=True,
+                timeout=60,
             )
             assert client.returncode == 0, client.stderr
             name = json.loads(client.stdout)["name"]
@@ -318,8 +328,12 @@ def test_many_blocks_from_several_threads() -> None:
 
 def test_a_standard_library_client_can_use_a_shmem_manager() -> None:
     with SharedMemoryManager(authkey=KEY) as smm:
-        client = subprocess.run(workers.script("stdlib_client_main") + [repr(smm.address), KEY.hex()],
-                                capture_output=True, text=True, timeout=60)
+        client = subprocess.run(
+            workers.script("stdlib_client_main") + [repr(smm.address), KEY.hex()],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert client.returncode == 0, client.stderr
         name = json.loads(client.stdout)["name"]
         try:
@@ -331,6 +345,130 @@ def test_a_standard_library_client_can_use_a_shmem_manager() -> None:
     assert not _exists(name)
 
 
+# ---------------------------------------------------------------- names from clients are input
+
+
+def _call_as_a_client(smm: SharedMemoryManager, method: str, *args: object) -> object:
+    """Call the manager as any client of the standard library's protocol can."""
+    with Client(smm.address, authkey=KEY) as conn:
+        return multiprocessing.managers.dispatch(conn, None, method, args)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def precious(tmp_path, shm_prefix: str):
+    """Two files a hostile name could reach: one outside /dev/shm, one in a
+    subdirectory of it; yields the names that lead to them, and checks at the
+    end that both are untouched."""
+    outside = tmp_path / "precious.txt"
+    outside.write_bytes(b"precious")
+    subdir = f"{SHM_DIR}/{shm_prefix}dir"
+    os.mkdir(subdir)
+    inside = f"{subdir}/precious.txt"
+    with open(inside, "wb") as f:
+        f.write(b"precious")
+    try:
+        yield [
+            os.path.relpath(outside, SHM_DIR),
+            f"{shm_prefix}dir/precious.txt",
+            f"{shm_prefix}dir/../{shm_prefix}dir/precious.txt",
+        ]
+        for path in (str(outside), inside):
+            with open(path, "rb") as f:
+                assert f.read() == b"precious", f"{path} was changed"
+    finally:
+        if os.path.exists(inside):
+            os.unlink(inside)
+        os.rmdir(subdir)
+
+
+@pytest.mark.parametrize("method", ["track_segment", "release_segment"])
+def test_a_client_cannot_make_the_manager_touch_files_outside_dev_shm(method: str, precious: list) -> None:
+    with SharedMemoryManager(authkey=KEY) as smm:
+        for name in precious + ["..", ".", "", "a/b", "/"]:
+            # The standard library's server answers a failed call with the traceback.
+            with pytest.raises(multiprocessing.managers.RemoteError, match="InvalidName"):
+                _call_as_a_client(smm, method, name)
+        assert smm.blocks() == []
+    # The fixture checks that both files are still there, unchanged, after the manager's shutdown.
+
+
+def test_a_hand_over_under_a_hostile_name_is_ignored(precious: list) -> None:
+    """A client that knows the session may hand over any descriptor under any
+    name: the manager only keeps one whose name is a block name under its prefix."""
+    with SharedMemoryManager(authkey=KEY) as smm:
+        session = Session.from_wire(_call_as_a_client(smm, "shmem_session"))  # type: ignore[arg-type]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+            sock.connect(session.handover)
+            sock.sendmsg([session.greeting()])
+            for name in precious:
+                fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY)
+                try:
+                    for claimed in (name, session.prefix + "/../" + name, session.prefix + "x/../../" + name):
+                        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+                        sock.sendmsg([claimed.encode()], rights)
+                finally:
+                    os.close(fd)
+            assert smm.blocks() == []  # everything sent before the call was taken in (or refused)
+
+
+# ---------------------------------------------------------------- one reaper for the whole tree
+
+
+def _reapers_serving(token: str) -> list:
+    """The reaper processes whose environment names this process tree's reaper token."""
+    mark = f"{REAPER_ENV}={token}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if REAPER_MARK not in f.read():
+                    continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if mark not in f.read().split(b"\0"):
+                    continue
+        except OSError:
+            continue
+        found.append(int(entry))
+    return found
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_a_pool_of_8_workers_creating_through_the_manager_shares_one_reaper(method: str, own_reaper) -> None:
+    """Issue 9: each worker that made a block used to leave a reaper of its own
+    running (8 workers, 8 reapers). A fresh program - no SHMEM_REAPER in its
+    environment, so it gets a reaper of its own - starts a manager and a Pool
+    of 8 workers that each create a block through it, all at once."""
+    program = subprocess.Popen(
+        workers.script("pool_main") + [method],
+        env=own_reaper.env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert program.stdout is not None and program.stdin is not None
+    line = program.stdout.readline()
+    if not line:
+        _, err = program.communicate(timeout=60)
+        raise AssertionError(f"pool_main failed: {err}")
+    made = json.loads(line)
+    reapers = {own_reaper.add(pid).pid for pid in made["reapers"]}  # type: ignore[union-attr]
+    names = made["names"]
+    try:
+        assert len(set(made["workers"])) == 8, "the blocks were not made by 8 different workers"
+        assert None not in made["reapers"] and len(reapers) == 1, f"reapers by worker: {made['reapers']}"
+        assert _reapers_serving(made["token"]) == sorted(reapers), "more than one reaper serves the tree"
+        assert all(_exists(n) for n in names)
+    finally:
+        out, err = program.communicate("go\n", timeout=60)
+    assert program.returncode == 0, err
+    assert json.loads(out) == {"done": True}
+    assert not [n for n in names if _exists(n)], "the manager's shutdown left blocks behind"
+    assert ProcessRef(reapers.pop()).wait_gone(), "the reaper stayed after the whole tree was gone"
+
+
 # ---------------------------------------------------------------- NumPy arrays
 
 
@@ -338,9 +476,9 @@ def test_a_standard_library_client_can_use_a_shmem_manager() -> None:
 def np():
     numpy = pytest.importorskip("numpy")
     yield numpy
-    from shmem._kinds import array as _array
+    from shmem._kinds import array as arrays
 
-    _array._forget_all()  # attached mappings are cached by design: not a leak
+    arrays.drop_cached_mappings()  # attached mappings are cached by design: not a leak
     gc.collect()
 
 
@@ -383,11 +521,11 @@ def test_arrays_need_a_started_manager(np) -> None:
 
 
 def test_benchmark_quick_run_reports_its_goal_and_leaves_nothing(tmp_path) -> None:
-    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
-                         "bench_manager.py")
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_manager.py")
     out = tmp_path / "bench.json"
-    run = subprocess.run([sys.executable, bench, "--quick", "--json", str(out)],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, bench, "--quick", "--json", str(out)], capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr  # 1 if it left blocks behind
     assert run.stdout.count("goal:") == 1 and "shmem manager / shmem direct" in run.stdout
     results = json.loads(out.read_text())

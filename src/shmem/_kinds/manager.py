@@ -18,10 +18,11 @@ standard library stops at the first one missing and leaks the rest).
 
 Creating a block costs no round trip to the manager (an RPC costs ~100 us, a
 block ~60 us). Each process creates the blocks itself, under the manager's
-name prefix (``<SHMEM_NAME_PREFIX or shmem_>smm<8 hex>_``) with the header's
+name prefix (``<SHMEM_NAME_PREFIX or shmem_><8 hex>_``) with the header's
 manager-owned flag and ``track=True``, then hands the manager a file
-descriptor of the block on which it took the users lock (``_lifecycle``), over
-a Unix socket (SCM_RIGHTS): one ``sendmsg``, no answer awaited. From that
+descriptor of the block on which it took the users lock
+(``manager_server.hold``, ``_core.lifecycle``), over a Unix socket
+(SCM_RIGHTS): one ``sendmsg``, no answer awaited. From that
 moment the manager is a user of the block - even while the descriptor is still
 in flight - so the block outlives its creator, and nothing can remove it but
 the manager or an explicit ``unlink()``. (Naming the block in a one-way message
@@ -31,17 +32,18 @@ the manager opened it would have its block removed by its reaper. Listing
 make a block made by a worker that exits disappear.)
 
 How the manager keeps the blocks it is handed, and removes them all, is the
-manager process's side: ``_manager_server``.
+manager process's side: ``manager_server``, which also holds what both sides
+share (``Session``, ``hold``, ``remove_leftovers``).
 
 When something dies
 -------------------
 The starter's death, Ctrl-C and SIGTERM, as the manager process sees them:
-``_manager_server``. Here, the client's view:
+``manager_server``. Here, the client's view:
 
 * The manager process dies: the kernel closes its descriptors, the users locks
   go with them, and each block falls back to the core lifecycle - removed once
-  its creator and every process using it are gone (by the creator's reaper,
-  or ``shmem.gc()`` if everything was killed at once). The starting process
+  its creator and every process using it are gone (by the process tree's
+  reaper, or ``shmem.gc()`` if everything was killed at once). The starting process
   also removes whatever is under the prefix when it shuts the manager down.
   Clients get ``ManagerUnavailable`` (a ConnectionRefusedError and a
   FileNotFoundError, the errors the standard library raises then) naming the
@@ -54,7 +56,6 @@ from __future__ import annotations
 import array
 import errno
 import os
-import secrets
 import socket
 import struct
 import threading
@@ -63,24 +64,14 @@ from multiprocessing import connection, managers, util
 from multiprocessing.context import BaseContext, ProcessError
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, TypeVar, Union
 
-from .._core import lifecycle
-from . import manager_server
 from .. import _platform
-from .._errors import SegmentExists, ShmemError
-from .._core.header import FLAG_MANAGED
-from .list import ShareableList
-from .manager_server import (
-    _HELLO,
-    ManagedBlock,
-    SharedMemoryServer,
-    _Config,
-    _managed_under,
-    _new_config,
-    _remove,
-    _ServerSetup,
-)
-from . import raw
 from .._core.block import Block
+from .._core.forks import reset_in_child
+from .._core.header import FLAG_MANAGED
+from .._errors import SegmentExists, ShmemError
+from . import raw
+from .list import ShareableList, create_list
+from .manager_server import ManagedBlock, ServerSetup, Session, SharedMemoryServer, hold, remove_leftovers
 from .raw import SharedMemory
 
 if TYPE_CHECKING:
@@ -118,33 +109,29 @@ def _unavailable(address: object, cause: str, code: int = errno.ECONNREFUSED) ->
 class _Channel:
     """This process's hand-over connection to one manager."""
 
-    def __init__(self, config: _Config, address: object) -> None:
-        self.prefix = config.prefix
+    def __init__(self, session: Session, address: object) -> None:
+        self.session = session
         self.address = address
         self.pid = os.getpid()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             # A manager that is alive but takes nothing (stopped?) fails the send after this.
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(CALL_TIMEOUT))
-            self.sock.connect(config.handover)
-            self.sock.sendmsg([_HELLO + config.token])
+            self.sock.connect(session.handover)
+            self.sock.sendmsg([session.greeting()])
         except OSError as err:
             self.sock.close()
             raise _unavailable(address, _GONE) from err
 
-    def new_name(self) -> str:
-        return self.prefix + secrets.token_hex(4)
-
     def hand_over(self, name: str) -> None:
         """Give the manager a descriptor of block ``name`` holding the users lock."""
         try:
-            opened = _platform.open_existing(name, writable=False)
+            fd = hold(name)
         except FileNotFoundError:
             return  # someone removed it already: there is nothing left to own
         try:
-            _platform.lock_shared(opened.fd, lifecycle.USERS_LOCK)
             message = [name.encode("utf-8", "surrogateescape")]
-            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [opened.fd]))]
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
             deadline = time.monotonic() + CALL_TIMEOUT
             while True:
                 try:
@@ -159,7 +146,7 @@ class _Channel:
                         raise _unavailable(self.address, cause, errno.ETIMEDOUT) from err
                     raise _unavailable(self.address, _GONE) from err
         finally:
-            os.close(opened.fd)
+            os.close(fd)  # sent, the manager holds its own copy (one in flight counts too)
 
     def close(self) -> None:
         self.sock.close()
@@ -169,9 +156,7 @@ def _timeval(seconds: float) -> bytes:
     return struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
 
 
-def _call(
-    address: Any, authkey: bytes, serializer: str, method: str, *args: Any, timeout: float = CALL_TIMEOUT
-) -> Any:
+def _call(address: Any, authkey: bytes, serializer: str, method: str, *args: Any, timeout: float = CALL_TIMEOUT) -> Any:
     """``managers.dispatch`` over a connection that gives up after ``timeout``
     seconds of silence instead of waiting forever."""
     if serializer != "pickle":  # xmlrpclib: the standard library's client, without a timeout
@@ -221,21 +206,20 @@ def _finalize_manager(
                 process.kill()
                 process.join()
     state.value = _State.SHUTDOWN
-    try:
-        del managers.BaseProxy._address_to_local[address]
-    except KeyError:
-        pass
-    for name, inode, _ in _managed_under(prefix):
-        _remove(name, inode)
+    # As the standard library's finalizer does: forget the proxies' cached connections.
+    getattr(managers.BaseProxy, "_address_to_local", {}).pop(address, None)
+    remove_leftovers(prefix)
 
 
 _channel_lock = threading.Lock()
-if hasattr(os, "register_at_fork"):
-    def _new_channel_lock() -> None:
-        global _channel_lock
-        _channel_lock = threading.Lock()  # another thread may have held it at fork
 
-    os.register_at_fork(after_in_child=_new_channel_lock)
+
+def _new_channel_lock() -> None:
+    global _channel_lock
+    _channel_lock = threading.Lock()  # another thread may have held it at the fork
+
+
+reset_in_child(_new_channel_lock)
 
 
 class SharedMemoryManager(managers.BaseManager):
@@ -261,12 +245,17 @@ class SharedMemoryManager(managers.BaseManager):
     _Client: Callable[..., Any]
 
     def __init__(
-        self, address: Any = None, authkey: Optional[bytes] = None, serializer: str = "pickle",
-        ctx: Optional[BaseContext] = None, *, shutdown_timeout: float = 1.0,
+        self,
+        address: Any = None,
+        authkey: Optional[bytes] = None,
+        serializer: str = "pickle",
+        ctx: Optional[BaseContext] = None,
+        *,
+        shutdown_timeout: float = 1.0,
     ) -> None:
         super().__init__(address, authkey, serializer, ctx)
         self._shm_shutdown_timeout = shutdown_timeout
-        self._config: Optional[_Config] = None
+        self._session: Optional[Session] = None
         self._channel: Optional[_Channel] = None
 
     # ---- the standard library's life cycle
@@ -287,28 +276,26 @@ class SharedMemoryManager(managers.BaseManager):
             return
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
-        config = _new_config(_platform.current_process())
-        super().start(_ServerSetup(config, initializer), initargs)
-        self._config = config
+        session = Session.new(_platform.current_process())
+        super().start(ServerSetup(session, initializer), initargs)
+        self._session = session
         # The standard library's finalizer, with a timeout on its call and the
         # removal of whatever a killed manager left under its prefix.
         self.shutdown.cancel()
         self.shutdown = util.Finalize(
-            self, _finalize_manager,
-            args=(self._process, self._address, self._authkey, self._serializer, self._state,
-                  self._shm_shutdown_timeout, config.prefix),
+            self,
+            _finalize_manager,
+            args=(
+                self._process,
+                self._address,
+                self._authkey,
+                self._serializer,
+                self._state,
+                self._shm_shutdown_timeout,
+                session.prefix,
+            ),
             exitpriority=0,
         )
-
-    @classmethod
-    def _run_server(cls, *args: Any, **kwargs: Any) -> None:
-        # The manager process's main: whatever ends it - shutdown, its parent's death,
-        # SIGTERM even before it serves - its blocks are removed on the way out.
-        try:
-            super()._run_server(*args, **kwargs)  # type: ignore[misc]
-        finally:
-            if manager_server._serving is not None:
-                manager_server._serving.remove_all()
 
     # ---- blocks
 
@@ -321,8 +308,7 @@ class SharedMemoryManager(managers.BaseManager):
     def ShareableList(self, sequence: Optional[Iterable[Any]]) -> ShareableList:
         """A new ``shmem.ShareableList`` holding ``sequence``, owned by the manager."""
         items = sequence if sequence is not None else ()
-        return self._new_block(lambda name: ShareableList._make(items, name=name, track=True, flags=FLAG_MANAGED),
-                               _undo_handle)
+        return self._new_block(lambda name: create_list(items, name=name, track=True, flags=FLAG_MANAGED), _undo_handle)
 
     def empty(self, shape: Any, dtype: Any = float, *, order: str = "C") -> SharedArray:
         """``shmem.empty`` in a block owned by the manager."""
@@ -367,7 +353,7 @@ class SharedMemoryManager(managers.BaseManager):
     def _new_block(self, make: Callable[[str], _T], undo: Callable[[_T], None]) -> _T:
         channel = self._channel_for_this_process()
         while True:
-            name = channel.new_name()
+            name = channel.session.new_name()
             try:
                 made = make(name)
             except SegmentExists:
@@ -391,10 +377,9 @@ class SharedMemoryManager(managers.BaseManager):
                 return channel
             if channel is not None:
                 channel.close()  # inherited through fork: the parent keeps its own
-            if self._config is None:  # connected, or only given the address: ask the manager, once
-                prefix, handover, token = self._call("shmem_session")
-                self._config = _Config(prefix, bytes.fromhex(handover), bytes.fromhex(token), None)
-            self._channel = _Channel(self._config, self._address)
+            if self._session is None:  # connected, or only given the address: ask the manager, once
+                self._session = Session.from_wire(self._call("shmem_session"))
+            self._channel = _Channel(self._session, self._address)
             return self._channel
 
     def _check_usable(self) -> None:
@@ -428,5 +413,5 @@ def _undo_array(arr: SharedArray) -> None:
 # Pickled by reference under spawn (BaseManager.start sends type(self)._run_server):
 # the public module, which always has it.
 SharedMemoryManager.__module__ = "shmem.managers"
-for _public in (SharedMemoryServer, ManagedBlock, ManagerNotStarted, ManagerUnavailable):
-    _public.__module__ = "shmem.managers"
+ManagerNotStarted.__module__ = "shmem.managers"
+ManagerUnavailable.__module__ = "shmem.managers"

@@ -1,14 +1,22 @@
-"""The manager process's side of SharedMemoryManager: its server, and how it keeps its blocks.
+"""The manager process's side of SharedMemoryManager, and what both sides share.
 
 The client side - ``SharedMemoryManager``, the hand-over of each block a
-process creates, calls with a timeout - is ``_manager``; this module is what
-runs in the manager process: ``SharedMemoryServer`` (the standard library's
-``Server`` with the protocol of its ``SharedMemoryServer`` and shmem's
-hand-over), the blocks it holds (``_Owned``) and the thread that takes them in
-and watches the process that started it. It does not import ``_manager``: what
-both sides use - ``ManagedBlock``, the session's configuration (``_Config``),
-the hand-over greeting, finding and removing the blocks under a prefix - is
-here, and ``_manager`` imports it.
+process creates, calls with a timeout - is ``manager``, which imports this
+module (never the other way round). Here:
+
+* what both sides use: ``Session`` (a manager's name prefix, its hand-over
+  socket and the token that opens it), ``hold`` (a descriptor that makes its
+  holder a user of a block), ``remove_leftovers`` (what a killed manager left),
+  ``ManagedBlock`` (what ``blocks()`` reports);
+* what runs in the manager process: ``SharedMemoryServer`` (the standard
+  library's ``Server`` with the protocol of its ``SharedMemoryServer`` and
+  shmem's hand-over), the blocks it holds (``_Owned``) and the thread that
+  takes them in and watches the process that started it; ``ServerSetup``, the
+  manager process's initializer.
+
+Names a client sends - ``track_segment``, ``release_segment``, a hand-over -
+are input: each passes ``names.validate`` (one entry directly inside
+/dev/shm) before the manager touches the file system with it.
 
 How the manager keeps its blocks
 --------------------------------
@@ -26,7 +34,9 @@ When something dies
   blocks and exits - well within 2 seconds.
 * Ctrl-C: the server process ignores SIGINT (as the standard library's does)
   so the starter's ``with`` block, or its exit, shuts it down cleanly.
-* SIGTERM to the manager: it removes its blocks and exits.
+* SIGTERM to the manager, even before it serves: it removes its blocks and
+  exits (``SystemExit``; a ``multiprocessing.util.Finalize`` runs the removal
+  on every way out of a ``multiprocessing`` process but SIGKILL).
 
 Linux only, like the rest of shmem: the hand-over socket lives in the abstract
 namespace (nothing on disk to leak); another platform would bind it to a path
@@ -47,15 +57,15 @@ import threading
 import time
 from multiprocessing import managers, util
 from multiprocessing.context import ProcessError
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
-from .._core import lifecycle
-from .._core import names
 from .. import _platform
-from .._errors import CorruptSegment
+from .._core import names
 from .._core.header import FLAG_MANAGED, KIND_NAMES, Header
+from .._core.lifecycle import USERS_LOCK
+from .._errors import CorruptSegment, SegmentNotFound
 
-__all__ = ["ManagedBlock", "SharedMemoryServer"]
+__all__ = ["ManagedBlock", "ServerSetup", "Session", "SharedMemoryServer", "hold", "remove_leftovers"]
 
 #: How often the manager checks that the process that started it is alive.
 WATCH_INTERVAL = 0.1
@@ -69,6 +79,9 @@ _NAME_MAX = 1024  # a name's UTF-8 bytes are at most NAME_MAX (255): generous
 _ANCILLARY = socket.CMSG_SPACE(4 * 8)  # room for a few descriptors: extra ones are closed
 
 
+# ===================================================================== shared by both sides
+
+
 class ManagedBlock(NamedTuple):
     """A block a manager owns, as ``SharedMemoryManager.blocks()`` reports it."""
 
@@ -76,6 +89,75 @@ class ManagedBlock(NamedTuple):
     kind: str  # "raw" (SharedMemory), "list" (ShareableList), "array" (NumPy)
     size: int  # bytes, as requested when it was created
     creator_pid: Optional[int]  # None for a block shmem did not make (tracked by name)
+
+
+class Session(NamedTuple):
+    """One running manager, as its clients need to know it to hand it blocks.
+
+    Made by ``start()`` in the starting process (``new``), passed to the
+    manager process by its initializer, and told to clients that connect by
+    address through the ``shmem_session`` call (``wire``/``from_wire``).
+    """
+
+    prefix: str  # every block name starts with it
+    handover: bytes  # abstract-namespace address of the hand-over socket
+    token: bytes  # proves on that socket that the client knows the authkey
+    parent: Optional[_platform.ProcessIdentity] = None  # the manager exits when it dies
+
+    @classmethod
+    def new(cls, parent: Optional[_platform.ProcessIdentity]) -> Session:
+        """A new session; a bad ``SHMEM_NAME_PREFIX`` fails here (InvalidName), at ``start()``."""
+        # The core's generated names carry SHMEM_NAME_PREFIX and are unguessable;
+        # one of them, plus "_", is this manager's own prefix.
+        prefix = names.generate() + "_"
+        names.validate(prefix + "0" * 8)  # the blocks' names fit too
+        return cls(prefix, b"\0shmem-smm-" + secrets.token_hex(8).encode(), secrets.token_bytes(16), parent)
+
+    def wire(self) -> Tuple[str, str, str]:
+        """What a client needs, as plain strings (any serializer carries them)."""
+        return self.prefix, self.handover.hex(), self.token.hex()
+
+    @classmethod
+    def from_wire(cls, wire: Sequence[str]) -> Session:
+        prefix, handover, token = wire
+        return cls(prefix, bytes.fromhex(handover), bytes.fromhex(token))
+
+    def greeting(self) -> bytes:
+        """The first message on a hand-over connection."""
+        return _HELLO + self.token
+
+    def new_name(self) -> str:
+        """A new block name under this manager's prefix (the caller retries on a collision)."""
+        return self.prefix + secrets.token_hex(4)
+
+
+def hold(name: str) -> int:
+    """A read-only descriptor of block ``name`` that holds its users lock.
+
+    Whoever holds it counts as a user of the block (``_core.lifecycle``): no
+    reaper removes the block while the descriptor lives, in this process or
+    in the one it is passed to. SegmentNotFound (FileNotFoundError) if there
+    is no such block, or it was removed while we waited for the lock;
+    InvalidName (ValueError) before anything happens for a bad name.
+    """
+    name = names.validate(name)
+    opened = _platform.open_existing(name, writable=False)
+    try:
+        # Waits while a reaper holds the exclusive lock to remove it; the name is gone then.
+        _platform.lock_shared(opened.fd, USERS_LOCK)
+        if not _platform.still_published(name, opened.inode):
+            raise SegmentNotFound(name, "the shared memory block was removed while it was being taken hold of")
+    except BaseException:
+        os.close(opened.fd)
+        raise
+    return opened.fd
+
+
+def remove_leftovers(prefix: str) -> None:
+    """Remove every manager-owned block whose name starts with ``prefix``: what
+    a killed manager (or a creator killed before its hand-over) left."""
+    for name, inode, _ in _managed_under(prefix):
+        _remove(name, inode)
 
 
 def _is_managed(header: Optional[Header]) -> bool:
@@ -90,7 +172,7 @@ def _managed_under(prefix: str) -> List[Tuple[str, int, Header]]:
             continue
         try:
             opened = _platform.open_existing(name, writable=False)
-        except OSError:
+        except (OSError, ValueError):  # gone, not a plain file, not a block name
             continue
         try:
             header = Header.read(opened.fd, opened.size, name)
@@ -105,44 +187,38 @@ def _managed_under(prefix: str) -> List[Tuple[str, int, Header]]:
 
 def _remove(name: str, inode: int) -> None:
     """Unlink ``name`` if it still is this very block (never a newer one); nothing else."""
-    if _platform.still_published(name, inode):
-        try:
-            _platform.unlink(name)
-        except OSError:
-            pass  # removed meanwhile, or not ours to remove: nothing is left to do either way
+    try:
+        _platform.unlink_same(name, inode)
+    except OSError:
+        pass  # removed meanwhile, or not ours to remove: nothing is left to do either way
 
 
-
-class _Config(NamedTuple):
-    prefix: str  # every block name starts with it
-    handover: bytes  # abstract-namespace address of the hand-over socket
-    token: bytes  # proves on that socket that the client knows the authkey
-    parent: Optional[_platform.ProcessIdentity]  # the manager exits when it dies
-
-
-def _new_config(parent: Optional[_platform.ProcessIdentity]) -> _Config:
-    base = os.environ.get(names.PREFIX_ENV) or names._GENERATED_PREFIX
-    prefix = f"{base}smm{secrets.token_hex(4)}_"
-    names.validate(prefix + "0" * 8)  # a bad SHMEM_NAME_PREFIX fails here, at start()
-    return _Config(prefix, b"\0shmem-smm-" + secrets.token_hex(8).encode(), secrets.token_bytes(16), parent)
+def _valid_name(name: str) -> bool:
+    try:
+        names.validate(name)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
-_next_config: Optional[_Config] = None  # set in the manager process before its server is made
-_serving: Optional["_Owned"] = None  # the manager process's blocks, once its server is made
+# ===================================================================== the manager process
 
 
-class _ServerSetup:
-    """The manager process's initializer: gives the server its configuration,
-    lets SIGTERM end it cleanly, lets it hold a descriptor per block, then runs
-    the user's initializer."""
+_next_session: Optional[Session] = None  # set in the manager process before its server is made
 
-    def __init__(self, config: _Config, initializer: Optional[Callable[..., object]]) -> None:
-        self.config = config
+
+class ServerSetup:
+    """The manager process's initializer: gives the server its session, lets
+    SIGTERM end it cleanly, lets it hold a descriptor per block, then runs the
+    user's initializer."""
+
+    def __init__(self, session: Session, initializer: Optional[Callable[..., object]]) -> None:
+        self.session = session
         self.initializer = initializer
 
     def __call__(self, *initargs: Any) -> None:
-        global _next_config
-        _next_config = self.config
+        global _next_session
+        _next_session = self.session
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
         _raise_open_file_limit()
         if self.initializer is not None:
@@ -150,7 +226,7 @@ class _ServerSetup:
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(0)  # serve_forever's `finally` removes the blocks
+    raise SystemExit(0)  # the server's finalizer removes the blocks
 
 
 class _Held(NamedTuple):
@@ -168,15 +244,15 @@ class _Owned:
     the hand-over socket: a block handed over before a call is always seen by it.
     """
 
-    def __init__(self, config: _Config) -> None:
-        self.config = config
+    def __init__(self, session: Session) -> None:
+        self.session = session
         self._lock = threading.Lock()
         self._held: Dict[str, _Held] = {}
         self._conns: Dict[int, Tuple[socket.socket, bool]] = {}  # fd -> (connection, authenticated)
         self._closed = False
         self._pruned = (time.monotonic(), 0)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self._listener.bind(config.handover)
+        self._listener.bind(session.handover)
         self._listener.listen(128)
         self._listener.setblocking(False)
         self._epoll = select.epoll()
@@ -186,7 +262,7 @@ class _Owned:
         threading.Thread(target=self._run, args=(on_parent_death,), name="shmem-manager", daemon=True).start()
 
     def _run(self, on_parent_death: Callable[[], None]) -> None:
-        parent = self.config.parent
+        parent = self.session.parent
         try:
             while True:
                 if self._epoll.poll(WATCH_INTERVAL):
@@ -228,7 +304,7 @@ class _Owned:
             self._read(fd, conn, authenticated)
 
     def _read(self, fd: int, conn: socket.socket, authenticated: bool) -> None:
-        prefix = self.config.prefix
+        prefix = self.session.prefix
         while True:
             try:
                 data, ancillary, _, _ = conn.recvmsg(_NAME_MAX, _ANCILLARY, socket.MSG_CMSG_CLOEXEC)
@@ -237,7 +313,7 @@ class _Owned:
             except OSError:
                 data, ancillary = b"", []
             fds = _descriptors(ancillary)
-            if not authenticated and hmac.compare_digest(data, _HELLO + self.config.token):
+            if not authenticated and hmac.compare_digest(data, self.session.greeting()):
                 authenticated = True
                 self._conns[fd] = (conn, True)
                 data = b""  # nothing to hold in this message
@@ -246,7 +322,8 @@ class _Owned:
                 self._drop_connection(fd, conn)
                 return
             name = data.decode("utf-8", "surrogateescape")
-            if fds and name.startswith(prefix) and "/" not in name:
+            # The name is input: one entry directly inside /dev/shm, under our prefix.
+            if fds and name.startswith(prefix) and _valid_name(name):
                 self._keep(name, _Held(fds.pop(0), False))
             # No descriptor (beyond our limit): the block is still found under the prefix.
             _close_all(fds)
@@ -266,17 +343,12 @@ class _Owned:
         conn.close()
 
     def adopt(self, name: str) -> None:
-        """Hold a block made elsewhere (the standard library's ``track_segment``)."""
-        name = names.validate(name)  # a client's name is input: one entry of /dev/shm, nothing else
+        """Hold a block made elsewhere (the standard library's ``track_segment``).
+        InvalidName (ValueError) for a name that is not one entry of /dev/shm."""
+        name = names.validate(name)  # a client's name is input: checked before anything is touched
         with self._lock:
             self._check_open()
-            opened = _platform.open_existing(name, writable=False)
-            try:
-                _platform.lock_shared(opened.fd, lifecycle.USERS_LOCK)
-            except BaseException:
-                os.close(opened.fd)
-                raise
-            self._keep(name, _Held(opened.fd, True))
+            self._keep(name, _Held(hold(name), True))
 
     # ---- looking at them, letting go, removing
 
@@ -320,13 +392,15 @@ class _Owned:
                     found[name] = ManagedBlock(name, "raw", os.fstat(held.fd).st_size, None)
                 else:
                     found[name] = ManagedBlock(name, KIND_NAMES[header.kind], header.size, header.creator.pid)
-            for name, _, header in _managed_under(self.config.prefix):
+            for name, _, header in _managed_under(self.session.prefix):
                 if name not in found:  # created, never handed over (its creator died in between)
                     found[name] = ManagedBlock(name, KIND_NAMES[header.kind], header.size, header.creator.pid)
             return sorted(found.values())
 
     def release(self, name: str) -> None:
-        """Remove one block (the standard library's ``release_segment``)."""
+        """Remove one block (the standard library's ``release_segment``). InvalidName
+        (ValueError) for a name that is not one entry of /dev/shm, ValueError for
+        a block the manager does not own; either way nothing is touched."""
         name = names.validate(name)
         with self._lock:
             self._check_open()
@@ -359,8 +433,7 @@ class _Owned:
                 for name, held in self._held.items():
                     self._remove_held(name, held)
                 self._held.clear()
-                for name, inode, _ in _managed_under(self.config.prefix):
-                    _remove(name, inode)
+                remove_leftovers(self.session.prefix)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -402,16 +475,24 @@ class SharedMemoryServer(managers.Server):
     clients work too) plus shmem's hand-over of blocks."""
 
     public = managers.Server.public + [
-        "track_segment", "release_segment", "list_segments", "shmem_session", "shmem_blocks",
+        "track_segment",
+        "release_segment",
+        "list_segments",
+        "shmem_session",
+        "shmem_blocks",
     ]
 
     stop_event: threading.Event  # made by serve_forever
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        global _next_config, _serving
+        global _next_session
         super().__init__(*args, **kwargs)
-        config, _next_config = _next_config or _new_config(None), None
-        self.owned = _serving = _Owned(config)
+        session, _next_session = _next_session or Session.new(None), None
+        self.owned = _Owned(session)
+        # Whatever ends the process - shutdown, its parent's death, SIGTERM even
+        # before serve_forever - its blocks are removed on the way out:
+        # multiprocessing runs finalizers when its process ends (and atexit elsewhere).
+        util.Finalize(self, self.owned.remove_all, exitpriority=10)
 
     def serve_forever(self) -> None:
         self.owned.start(on_parent_death=self._parent_died)
@@ -432,8 +513,7 @@ class SharedMemoryServer(managers.Server):
     # Plain str / int / None: any serializer carries them (xmlrpclib has no bytes or NamedTuples).
 
     def shmem_session(self, c: Any) -> Tuple[str, str, str]:
-        config = self.owned.config
-        return config.prefix, config.handover.hex(), config.token.hex()
+        return self.owned.session.wire()
 
     def shmem_blocks(self, c: Any) -> List[Tuple[str, str, int, Optional[int]]]:
         return [tuple(block) for block in self.owned.blocks()]  # type: ignore[misc]
@@ -446,3 +526,8 @@ class SharedMemoryServer(managers.Server):
 
     def list_segments(self, c: Any) -> List[str]:
         return [block.name for block in self.owned.blocks()]
+
+
+# Shown, and pickled by reference, under the public module that re-exports them.
+ManagedBlock.__module__ = "shmem.managers"
+SharedMemoryServer.__module__ = "shmem.managers"
