@@ -36,10 +36,10 @@ from multiprocessing import shared_memory as stdlib_shm
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
+from _common import SHM_DIR, GiB, KiB, MiB, fmt_ns, parse_size, remove_prefixed, shm_free_bytes, size_label, summarize
 
 import shmem
-from _common import GiB, KiB, MiB, SHM_DIR, fmt_ns, parse_size, remove_prefixed, shm_free_bytes, size_label, summarize
-from shmem._kinds import array as _array
+from shmem._kinds import array_mappings
 
 # Blocks made here without shmem (stdlib, raw files) carry this prefix: cleanup removes exactly those.
 PREFIX = f"shmbencharr_{os.getpid()}_{secrets.token_hex(3)}_"
@@ -58,18 +58,6 @@ def cleanup() -> None:
 
 def new_name() -> str:
     return f"{PREFIX}{next(_serial)}"
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def record(results: Results, row: Tuple[str, str], impl: str, ns: int) -> None:
@@ -103,7 +91,7 @@ def total_stdlib(name: str, shape: Tuple[int, ...], dtype: str) -> float:
 
 def forget_mappings() -> None:
     """Make the worker's next receive a first one: no cached mapping."""
-    _array._forget_all()
+    array_mappings.drop_cached_mappings()
     gc.collect()
 
 
@@ -160,8 +148,13 @@ class Ray:
 
         self.ray = ray
         t0 = now()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=store_bytes,
-                 logging_level="ERROR")
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            object_store_memory=store_bytes,
+            logging_level="ERROR",
+        )
         self.init_ns = now() - t0
         self.task = ray.remote(total)
         self.refs: Dict[int, Any] = {}
@@ -192,7 +185,8 @@ def run_handoff(sizes: List[int], reps: Dict[int, Tuple[int, int]], ray: Optiona
         try:
             for size in sizes:
                 if shm_free_bytes() < 3 * size + 256 * MiB:
-                    print(f"skipped hand-off of {size_label(size)}: {SHM_DIR} has {shm_free_bytes() / GiB:.1f} GiB free")
+                    free = shm_free_bytes() / GiB
+                    print(f"skipped hand-off of {size_label(size)}: {SHM_DIR} has {free:.1f} GiB free")
                     continue
                 print(f"... hand-off, {size_label(size)}", file=sys.stderr)
                 n = size // 8
@@ -203,21 +197,22 @@ def run_handoff(sizes: List[int], reps: Dict[int, Tuple[int, int]], ray: Optiona
                 if ray is not None:
                     ray.put(size, plain)
 
-                def apply_shmem() -> float:
+                # Each closure binds this iteration's arrays (default arguments): called in this iteration only.
+                def apply_shmem(shared: Any = shared) -> float:
                     return float(pool.apply(total, (shared,)))
 
                 def apply_shmem_cold() -> float:
                     pool.apply(forget_mappings)  # untimed below: only the hand-off after it is
                     return -1.0
 
-                def apply_plain() -> float:
+                def apply_plain(plain: Any = plain) -> float:
                     return float(pool.apply(total, (plain,)))
 
-                def via_queue() -> float:
+                def via_queue(plain: Any = plain) -> float:
                     inbox.put(plain)
                     return float(outbox.get(timeout=600))
 
-                def stdlib_by_hand() -> float:
+                def stdlib_by_hand(std: Any = std, n: int = n) -> float:
                     return float(pool.apply(total_stdlib, (std.name, (n,), "<f8")))
 
                 fast: Dict[str, Callable[[], float]] = {SHMEM: apply_shmem, STDLIB: stdlib_by_hand}
@@ -340,6 +335,7 @@ def fill_variants(size: int) -> Dict[str, Callable[[], Tuple[int, int, int]]]:
         def release() -> None:
             shm.close()
             shm.unlink()
+
         return np.ndarray((n,), np.float64, buffer=shm.buf), release
 
     def private() -> Made:
@@ -353,7 +349,9 @@ def fill_variants(size: int) -> Dict[str, Callable[[], Tuple[int, int, int]]]:
                 mm.close()
                 os.close(fd)
                 os.unlink(os.path.join(SHM_DIR, name))
+
             return np.frombuffer(mm, np.float64), release
+
         return make
 
     variants = {
@@ -421,10 +419,21 @@ def print_table(rows: List[Dict[str, Any]]) -> None:
         if first and i:
             print()
         ratio = f"{row['ratio']:.3g}x" if "ratio" in row else ""
-        print(fmt.format(row["operation"] if first else "", row["size"] if first else "", row["implementation"],
-                         fmt_ns(row["median"]), f"{fmt_ns(row['p25'])} - {fmt_ns(row['p75'])}", row["n"], ratio))
-    print("\nratio = median / median of the row's reference (hand-off: shmem; attach: shmem first attach;"
-          " new array: shmem.empty): > 1 is slower than the reference.\n")
+        print(
+            fmt.format(
+                row["operation"] if first else "",
+                row["size"] if first else "",
+                row["implementation"],
+                fmt_ns(row["median"]),
+                f"{fmt_ns(row['p25'])} - {fmt_ns(row['p75'])}",
+                row["n"],
+                ratio,
+            )
+        )
+    print(
+        "\nratio = median / median of the row's reference (hand-off: shmem; attach: shmem first attach;"
+        " new array: shmem.empty): > 1 is slower than the reference.\n"
+    )
 
 
 def median_of(rows: List[Dict[str, Any]], operation: str, size: str, impl: str) -> Optional[float]:
@@ -442,13 +451,19 @@ def print_goals(rows: List[Dict[str, Any]], ray: Optional[Ray], ray_note: str) -
         pool = median_of(rows, handoff, size, POOL_APPLY)
         theirs = median_of(rows, handoff, size, RAY)
         if ours and pool:
-            lines.append(f"{size}: shmem is {pool / ours:.0f}x faster than Pool.apply"
-                         + (f" (goal at 1 GiB: >= 50x, {'met' if pool / ours >= 50 else 'NOT met'})"
-                            if size == "1 GiB" else ""))
+            lines.append(
+                f"{size}: shmem is {pool / ours:.0f}x faster than Pool.apply"
+                + (f" (goal at 1 GiB: >= 50x, {'met' if pool / ours >= 50 else 'NOT met'})" if size == "1 GiB" else "")
+            )
         if ours and theirs:
-            lines.append(f"{size}: shmem / Ray = {ours / theirs:.2f}"
-                         + (f" (goal at 1 GiB: <= 1.2, {'met' if ours / theirs <= 1.2 else 'NOT met'})"
-                            if size == "1 GiB" else ""))
+            lines.append(
+                f"{size}: shmem / Ray = {ours / theirs:.2f}"
+                + (
+                    f" (goal at 1 GiB: <= 1.2, {'met' if ours / theirs <= 1.2 else 'NOT met'})"
+                    if size == "1 GiB"
+                    else ""
+                )
+            )
     if ray is None:
         lines.append(f"Ray: {ray_note}")
     else:
@@ -460,8 +475,10 @@ def print_goals(rows: List[Dict[str, Any]], ray: Optional[Ray], ray_note: str) -
         key = "shmem attach_array (first in the process)"
         small, large = median_of(rows, attach, sizes[0], key), median_of(rows, attach, sizes[-1], key)
         if small and large:
-            lines.append(f"attach_array in another process: {sizes[-1]} / {sizes[0]} = {large / small:.2f} "
-                         "(independent of size: ~1)")
+            lines.append(
+                f"attach_array in another process: {sizes[-1]} / {sizes[0]} = {large / small:.2f} "
+                "(independent of size: ~1)"
+            )
     for line in lines:
         print("goal:", line)
     return lines
@@ -477,8 +494,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a short run (< 30 s without Ray): 1 MiB and 100 MiB")
     parser.add_argument("--smoke", action="store_true", help="seconds: proves every part runs (used by the tests)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--sizes", type=lambda s: [parse_size(x) for x in s.split(",")],
-                        help="hand-off and attach sizes (default 1M,100M,1G; --quick 1M,100M)")
+    parser.add_argument(
+        "--sizes",
+        type=lambda s: [parse_size(x) for x in s.split(",")],
+        help="hand-off and attach sizes (default 1M,100M,1G; --quick 1M,100M)",
+    )
     parser.add_argument("--fill-size", type=parse_size, help="size of the fill part (default 1G; --quick 256M)")
     parser.add_argument("--no-ray", action="store_true", help="leave Ray out even if it is installed")
     args = parser.parse_args()
@@ -504,8 +524,11 @@ def main() -> None:
             ray_note = "not installed (pip install ray): its row is skipped"
 
     print(f"shmem array benchmark  {datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(f"Python {platform.python_version()}, NumPy {np.__version__}"
-          + (f", Ray {ray.ray.__version__}" if ray is not None else "") + f" on {platform.platform()}")
+    print(
+        f"Python {platform.python_version()}, NumPy {np.__version__}"
+        + (f", Ray {ray.ray.__version__}" if ray is not None else "")
+        + f" on {platform.platform()}"
+    )
     with open("/sys/kernel/mm/transparent_hugepage/shmem_enabled") as f:
         thp = f.read().strip()
     print(f"os.cpu_count()={os.cpu_count()}, {SHM_DIR} free {shm_free_bytes() / GiB:.1f} GiB, THP for shmem: {thp}\n")
@@ -519,15 +542,27 @@ def main() -> None:
         if ray is not None:
             ray.shutdown()
         cleanup()
-    rows = rows_of(results, {"hand-off": SHMEM, "attach by name, other process": "shmem attach_array (first in the process)",
-                             "new array": "shmem.empty (fallocate, as now)"})
+    rows = rows_of(
+        results,
+        {
+            "hand-off": SHMEM,
+            "attach by name, other process": "shmem attach_array (first in the process)",
+            "new array": "shmem.empty (fallocate, as now)",
+        },
+    )
     print_table(rows)
     goals = print_goals(rows, ray, ray_note)
     if args.json:
-        meta = {"python": platform.python_version(), "numpy": np.__version__, "platform": platform.platform(),
-                "cpu_count": os.cpu_count(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                "mode": "smoke" if args.smoke else "quick" if args.quick else "full",
-                "ray": ray.ray.__version__ if ray is not None else None, "thp_shmem": thp}
+        meta = {
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "mode": "smoke" if args.smoke else "quick" if args.quick else "full",
+            "ray": ray.ray.__version__ if ray is not None else None,
+            "thp_shmem": thp,
+        }
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": rows, "goals": goals}, f, indent=1)
 

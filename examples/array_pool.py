@@ -40,18 +40,19 @@ def main() -> None:
     data = shmem.empty((rows, cols))  # a new shared block; the parent fills it
     rng = np.random.default_rng(0)
     for start in range(0, rows, 4096):
-        data[start:start + 4096] = rng.normal(5.0, 3.0, size=data[start:start + 4096].shape)
-    print(f"parent: filled {data.nbytes / 2**20:.0f} MiB in block {data.name!r} "
-          f"({time.perf_counter() - t0:.2f} s)")
+        data[start : start + 4096] = rng.normal(5.0, 3.0, size=data[start : start + 4096].shape)
+    print(f"parent: filled {data.nbytes / 2**20:.0f} MiB in block {data.name!r} ({time.perf_counter() - t0:.2f} s)")
 
     step = -(-rows // (4 * args.workers))  # a few slices per worker
-    slices = [data[i:i + step] for i in range(0, rows, step)]
+    slices = [data[i : i + step] for i in range(0, rows, step)]
     print(f"parent: each of the {len(slices)} slices pickles to {len(pickle.dumps(slices[0]))} bytes")
     t1 = time.perf_counter()
     with multiprocessing.get_context(args.start_method).Pool(args.workers) as pool:
         done = sum(pool.map(standardize, slices))
-    print(f"workers: standardized {done} rows in place ({time.perf_counter() - t1:.2f} s, "
-          f"{args.workers} workers, {args.start_method})")
+    print(
+        f"workers: standardized {done} rows in place ({time.perf_counter() - t1:.2f} s, "
+        f"{args.workers} workers, {args.start_method})"
+    )
 
     means, stds = data.mean(axis=1), data.std(axis=1)  # the parent sees the workers' writes
     assert done == rows and np.allclose(means, 0.0) and np.allclose(stds, 1.0)

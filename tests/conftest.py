@@ -92,9 +92,9 @@ def drop_cached_array_mappings() -> Iterator[None]:
     """shmem keeps recently used array blocks mapped (by design, across tests):
     drop that cache after the test, before the leak guard looks at /proc/self/maps."""
     yield
-    from shmem._kinds import array as _array  # needs NumPy: only array tests use this fixture
+    from shmem._kinds import array_mappings  # needs NumPy: only array tests use this fixture
 
-    _array._forget_all()
+    array_mappings.drop_cached_mappings()
     gc.collect()
 
 

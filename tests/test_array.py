@@ -15,13 +15,12 @@ import textwrap
 from typing import Any, List, Tuple
 
 import pytest
-
-np = pytest.importorskip("numpy")
+from conftest import PYTHON, SHM_DIR, mapped_with_prefix
 
 import shmem
-from shmem._kinds import array as _array
 
-from conftest import PYTHON, SHM_DIR, mapped_with_prefix
+np = pytest.importorskip("numpy")
+arrays = pytest.importorskip("shmem._kinds.array")
 
 
 # This process's mapping cache outlives a test by design: drop it before the leak guard looks.
@@ -86,7 +85,7 @@ def test_array_keeps_a_fortran_source_in_fortran_order() -> None:
 
 def test_zero_size_array_has_a_one_byte_block() -> None:
     arr = shmem.zeros((0, 3), dtype=np.float64)
-    assert arr.size == 0 and arr._use.block.size == 1
+    assert arr.size == 0 and arr._use.mapping.size == 1
     assert shmem.attach_array(arr.name).shape == (0, 3)
     assert pickle.loads(pickle.dumps(arr[:, 1:])).shape == (0, 2)
     arr.unlink()
@@ -133,9 +132,24 @@ def test_attach_unknown_name_raises_file_not_found(shm_name) -> None:
 def test_slices_and_views_are_shared_arrays_on_the_same_block() -> None:
     arr = shmem.zeros((6, 8))
     rec = shmem.zeros(4, dtype=[("x", "<f8"), ("y", "<i4")])
-    views = [arr[1:3], arr[:, ::2], arr.T, arr[::-1, ::-3], arr.reshape(48), arr.ravel(), arr.diagonal(),
-             arr.view(np.uint8), arr[2], arr.astype(np.float64, copy=False), arr[..., None], arr.squeeze(),
-             np.transpose(arr), np.split(arr, 2)[1], rec["y"], rec[1:]]
+    views = [
+        arr[1:3],
+        arr[:, ::2],
+        arr.T,
+        arr[::-1, ::-3],
+        arr.reshape(48),
+        arr.ravel(),
+        arr.diagonal(),
+        arr.view(np.uint8),
+        arr[2],
+        arr.astype(np.float64, copy=False),
+        arr[..., None],
+        arr.squeeze(),
+        np.transpose(arr),
+        np.split(arr, 2)[1],
+        rec["y"],
+        rec[1:],
+    ]
     for view in views:
         assert type(view) is shmem.SharedArray, view
         assert view.name in (arr.name, rec.name)
@@ -149,12 +163,39 @@ def test_slices_and_views_are_shared_arrays_on_the_same_block() -> None:
 
 def test_arithmetic_reductions_and_copies_are_plain_ndarrays() -> None:
     arr = shmem.full((4, 5), 2.0)
-    results = [arr + 1, arr * arr, -arr, np.sqrt(arr), arr == 2, arr @ arr.T, abs(arr), arr.sum(axis=0),
-               np.concatenate([arr, arr]), np.sort(arr, axis=None), np.mean(arr, axis=1), arr.copy(),
-               copy.copy(arr), copy.deepcopy(arr), arr[[0, 2]], arr[arr > 1], arr.astype(np.int8),
-               arr.flatten(), np.copy(arr), np.cumsum(arr), arr.clip(0, 1), arr.dot(arr.T), arr.take([1, 0]),
-               arr.repeat(2), arr.argsort(axis=0), arr.argmax(axis=1), arr.T.reshape(20), arr.T.ravel(),
-               np.linalg.pinv(arr), np.where(arr > 1, arr, 0), arr.round()]
+    results = [
+        arr + 1,
+        arr * arr,
+        -arr,
+        np.sqrt(arr),
+        arr == 2,
+        arr @ arr.T,
+        abs(arr),
+        arr.sum(axis=0),
+        np.concatenate([arr, arr]),
+        np.sort(arr, axis=None),
+        np.mean(arr, axis=1),
+        arr.copy(),
+        copy.copy(arr),
+        copy.deepcopy(arr),
+        arr[[0, 2]],
+        arr[arr > 1],
+        arr.astype(np.int8),
+        arr.flatten(),
+        np.copy(arr),
+        np.cumsum(arr),
+        arr.clip(0, 1),
+        arr.dot(arr.T),
+        arr.take([1, 0]),
+        arr.repeat(2),
+        arr.argsort(axis=0),
+        arr.argmax(axis=1),
+        arr.T.reshape(20),
+        arr.T.ravel(),
+        np.linalg.pinv(arr),
+        np.where(arr > 1, arr, 0),
+        arr.round(),
+    ]
     for result in results:
         assert type(result) is np.ndarray, result
     for scalar in (arr.sum(), arr.mean(), arr.max(), np.median(arr), arr[1, 2]):
@@ -199,8 +240,33 @@ def test_shared_array_cannot_be_constructed_directly() -> None:
 # ---------------------------------------------------------------- dtypes
 
 FIXED_SIZE_DTYPES = [
-    "?", "i1", "u1", "i2", "u2", "i4", "u4", "i8", "u8", ">i8", "f2", "f4", "f8", ">f8", "g", "c8", "c16", "G",
-    "M8[ns]", "M8[D]", "M8", "m8[us]", "M8[25s]", "S7", "U5", ">U3", "V6",
+    "?",
+    "i1",
+    "u1",
+    "i2",
+    "u2",
+    "i4",
+    "u4",
+    "i8",
+    "u8",
+    ">i8",
+    "f2",
+    "f4",
+    "f8",
+    ">f8",
+    "g",
+    "c8",
+    "c16",
+    "G",
+    "M8[ns]",
+    "M8[D]",
+    "M8",
+    "m8[us]",
+    "M8[25s]",
+    "S7",
+    "U5",
+    ">U3",
+    "V6",
     [("x", "<f8"), ("y", "<i2"), ("name", "U4")],
     [("when", "M8[ms]"), ("grid", "<f4", (2, 3)), ("inner", [("a", "u1"), ("b", ">c8")])],
     np.dtype([("a", "u1"), ("b", "<f8")], align=True),
@@ -237,8 +303,12 @@ def test_every_fixed_size_dtype_round_trips(dtype) -> None:
     ids=str,
 )
 def test_object_dtypes_are_refused_on_create(dtype) -> None:
-    for call in (lambda: shmem.zeros(3, dtype=dtype), lambda: shmem.empty(3, dtype=dtype),
-                 lambda: shmem.full(3, 0, dtype=dtype), lambda: shmem.array(np.zeros(3, dtype=dtype))):
+    for call in (
+        lambda: shmem.zeros(3, dtype=dtype),
+        lambda: shmem.empty(3, dtype=dtype),
+        lambda: shmem.full(3, 0, dtype=dtype),
+        lambda: shmem.array(np.zeros(3, dtype=dtype)),
+    ):
         with pytest.raises(TypeError) as info:
             call()
         assert isinstance(info.value, shmem.ShmemError)
@@ -266,8 +336,20 @@ def test_pickle_is_a_small_handle_whatever_the_size() -> None:
 def test_pickle_round_trips_any_view_onto_the_same_memory() -> None:
     arr = shmem.array(np.arange(60.0).reshape(6, 10))
     rec = shmem.array(np.zeros(5, dtype=[("x", "<f8"), ("y", "<i2")]))
-    views = [arr, arr[::-1], arr[:, ::-3], arr[1:5:2, 8:1:-2], arr.T, arr.T[::-1], arr[4], arr[2, 3:3],
-             arr.view(np.uint8)[:, 5:40], arr.reshape(3, 20)[1], rec["y"], rec[::-2]]
+    views = [
+        arr,
+        arr[::-1],
+        arr[:, ::-3],
+        arr[1:5:2, 8:1:-2],
+        arr.T,
+        arr.T[::-1],
+        arr[4],
+        arr[2, 3:3],
+        arr.view(np.uint8)[:, 5:40],
+        arr.reshape(3, 20)[1],
+        rec["y"],
+        rec[::-2],
+    ]
     for view in views:
         back = pickle.loads(pickle.dumps(view))
         assert type(back) is shmem.SharedArray and back.name == view.name
@@ -304,13 +386,13 @@ def test_unpickling_when_the_name_belongs_to_another_block_raises(shm_name) -> N
 
 def test_forged_handles_are_refused() -> None:
     arr = shmem.zeros(10)
-    block_id = arr._use.block.block_id
+    rebuild, (name, block_id, *_) = arr.__reduce_ex__(pickle.HIGHEST_PROTOCOL)  # what pickle would call
     with pytest.raises(TypeError):  # objects from shared memory
-        _array._rebuild(arr.name, block_id, 0, (2,), (8,), np.dtype(object), False, True)
+        rebuild(name, block_id, 0, (2,), (8,), np.dtype(object), False, True)
     with pytest.raises(shmem.CorruptSegment, match="outside the block"):
-        _array._rebuild(arr.name, block_id, 64, (4,), (8,), np.dtype("f8"), False, True)
+        rebuild(name, block_id, 64, (4,), (8,), np.dtype("f8"), False, True)
     with pytest.raises(shmem.CorruptSegment, match="outside the block"):
-        _array._rebuild(arr.name, block_id, 0, (4,), (-8,), np.dtype("f8"), False, True)
+        rebuild(name, block_id, 0, (4,), (-8,), np.dtype("f8"), False, True)
     arr.unlink()
 
 
@@ -358,7 +440,7 @@ def test_mapping_is_released_with_the_last_view(shm_prefix: str) -> None:
     assert list(shmem.attach_array(name, readonly=True)[10:12]) == [3.0, 3.0]
     view.unlink()
     del view
-    _array._forget_all()
+    arrays.drop_cached_mappings()
     gc.collect()
     assert mapped_with_prefix(shm_prefix) == []
 
@@ -368,7 +450,7 @@ VIEWS_OUTLIVE_HANDLES = textwrap.dedent(
     import gc, json, sys
     import numpy as np
     import shmem
-    from shmem._kinds import array as _array
+    from shmem._kinds import array as arrays
 
     def mapped(name):
         with open("/proc/self/maps") as f:
@@ -380,7 +462,7 @@ VIEWS_OUTLIVE_HANDLES = textwrap.dedent(
     other = shmem.attach_array(name)
     keep.append(other[::-1])
     del arr, other
-    _array._forget_all()
+    arrays.drop_cached_mappings()
     for _ in range(3):
         gc.collect()
     for i, view in enumerate(keep):      # every view still reads and writes the block
@@ -391,7 +473,7 @@ VIEWS_OUTLIVE_HANDLES = textwrap.dedent(
     out = {"mapped_while_views": mapped(name)}
     shmem.attach_array(name).unlink()
     del keep, view
-    _array._forget_all()
+    arrays.drop_cached_mappings()
     gc.collect()
     out["mapped_after"] = mapped(name)
     print(json.dumps(out))
@@ -446,7 +528,7 @@ def test_threads_unpickling_at_once_share_one_mapping() -> None:
     arr = shmem.zeros((64, 16), track=False)
     data = [pickle.dumps(arr[i]) for i in range(64)]
     received = []
-    _array._forget_all()  # so that the threads race to attach (the creator's own mapping aside)
+    arrays.drop_cached_mappings()  # so that the threads race to attach (the creator's own mapping aside)
 
     def receive() -> None:
         received.extend(pickle.loads(d) for d in data)
@@ -457,7 +539,7 @@ def test_threads_unpickling_at_once_share_one_mapping() -> None:
     for t in threads:
         t.join()
     assert len(received) == 8 * 64
-    assert len({id(r._use.block) for r in received}) == 1
+    assert len({id(r._use.mapping) for r in received}) == 1
     assert all(r._use.lease is None for r in received)  # track=False travels with the handle
     arr.unlink()
 

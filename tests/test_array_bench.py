@@ -17,8 +17,9 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_arrays.py
 
 def test_array_benchmark_smoke_run_prints_every_part_and_leaves_nothing(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    run = subprocess.run([sys.executable, str(BENCH), "--smoke", "--json", str(out)],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, str(BENCH), "--smoke", "--json", str(out)], capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr
     for part in ("hand-off: worker sums it", "attach by name, other process", "new array: first fill"):
         assert part in run.stdout

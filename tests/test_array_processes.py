@@ -12,15 +12,14 @@ import textwrap
 import time
 
 import pytest
-
-np = pytest.importorskip("numpy")
-
-import shmem
-from shmem._kinds import array as _array
-
-import _array_workers as workers
 from conftest import PYTHON, SHM_DIR, wait_until
 
+import shmem
+
+np = pytest.importorskip("numpy")
+array_mappings = pytest.importorskip("shmem._kinds.array_mappings")
+
+import _array_workers as workers  # noqa: E402 - it imports NumPy, known to be there by now
 
 # This process's mapping cache outlives a test by design: drop it before the leak guard looks.
 pytestmark = pytest.mark.usefixtures("drop_cached_array_mappings")
@@ -60,8 +59,10 @@ def test_process_pool_executor_submit(mp_context) -> None:
 
 def test_process_args_and_attach_by_name(mp_context) -> None:
     arr = shmem.zeros(6, dtype=np.int64)
-    procs = [mp_context.Process(target=workers.fill, args=(arr[:3], 5)),
-             mp_context.Process(target=workers.attach_and_fill, args=(arr.name, 0))]
+    procs = [
+        mp_context.Process(target=workers.fill, args=(arr[:3], 5)),
+        mp_context.Process(target=workers.attach_and_fill, args=(arr.name, 0)),
+    ]
     procs[0].start()
     procs[0].join(120)
     procs[1].start()
@@ -82,7 +83,7 @@ def test_multiprocessing_queue_carries_handles(mp_context) -> None:
     proc = mp_context.Process(target=workers.from_queue, args=(inbox, outbox))
     proc.start()
     for i in range(5):
-        inbox.put((arr[2 * i: 2 * i + 2], float(i)))
+        inbox.put((arr[2 * i : 2 * i + 2], float(i)))
     names = [outbox.get(timeout=120) for _ in range(5)]
     inbox.put(None)
     proc.join(120)
@@ -103,9 +104,22 @@ def test_readonly_views_stay_read_only_in_workers(mp_context) -> None:
     arr.unlink()
 
 
-@pytest.mark.parametrize("dtype", ["?", "<i2", ">u8", "f2", "<c16", "M8[us]", "m8[D]", "S5", "U3",
-                                   [("t", "M8[s]"), ("xy", "<f4", (2,)), ("tag", "S3"), ("u", [("a", "U2")])]],
-                         ids=str)
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        "?",
+        "<i2",
+        ">u8",
+        "f2",
+        "<c16",
+        "M8[us]",
+        "m8[D]",
+        "S5",
+        "U3",
+        [("t", "M8[s]"), ("xy", "<f4", (2,)), ("tag", "S3"), ("u", [("a", "U2")])],
+    ],
+    ids=str,
+)
 def test_fixed_size_dtypes_cross_processes(dtype) -> None:
     ctx = __import__("multiprocessing").get_context("spawn")
     source = np.frombuffer(os.urandom(np.dtype(dtype).itemsize * 5), dtype=np.uint8).view(dtype)
@@ -178,8 +192,11 @@ def test_a_cached_mapping_is_dropped_once_its_name_is_removed(shm_prefix: str) -
     (a next hand-off costs no page fault), at most WARM_BLOCKS of them, and
     drops it at its next attach once the name is gone."""
     owner = subprocess.Popen(
-        [PYTHON, "-c", textwrap.dedent(
-            """
+        [
+            PYTHON,
+            "-c",
+            textwrap.dedent(
+                """
             import shmem, sys
             arrays = [shmem.zeros(1000) for _ in range(6)]
             print(" ".join(a.name for a in arrays), flush=True)
@@ -187,8 +204,12 @@ def test_a_cached_mapping_is_dropped_once_its_name_is_removed(shm_prefix: str) -
             arrays[0].unlink()
             print("unlinked", flush=True)
             sys.stdin.readline()
-            """)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            """
+            ),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         names = owner.stdout.readline().split()
@@ -205,7 +226,7 @@ def test_a_cached_mapping_is_dropped_once_its_name_is_removed(shm_prefix: str) -
         for name in names[1:]:
             shmem.attach_array(name)
         gc.collect()
-        assert sum(mapped(n) for n in names) == _array.WARM_BLOCKS  # bounded
+        assert sum(mapped(n) for n in names) == array_mappings.WARM_BLOCKS  # bounded
         shmem.attach_array(names[-1])
         assert mapped(names[-1])
         shmem.attach_array(names[1])  # oldest out: names[1] is back in, names[0]'s mapping is long gone

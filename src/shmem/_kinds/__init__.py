@@ -1,13 +1,16 @@
 """The kinds of block, each built on ``_core.block`` with a codec of its own.
 
-=========  =================  ==============================================
-kind       module             its own header (codec, drawn in the module)
-=========  =================  ==============================================
-raw        ``raw``            none: ``SharedMemory``, the standard library's
-list       ``list``           ``list_layout``: the standard library's layout
-array      ``array``          ``array_layout``: dtype, shape, order
-managed    ``manager``        a header flag on any of the above
-=========  =================  ==============================================
+=========  =======================  ========================================
+kind       modules                  its own header (codec, drawn there)
+=========  =======================  ========================================
+raw        ``raw``                  none: ``SharedMemory``, the stdlib's class
+list       ``list``                 ``list_layout``: the stdlib's layout + ours
+array      ``array``,               ``array_layout`` (no NumPy): dtype, shape,
+           ``array_dtype`` (NumPy),  order; ``array_dtype`` turns it into a
+           ``array_mappings``       NumPy dtype; ``array_mappings`` caches maps
+managed    ``manager``,             a header flag on any of the above
+           ``manager_server``
+=========  =======================  ========================================
 
 ``describe(header)`` is how the listing (``shmem ls``, ``list_segments``)
 talks about a block: each kind's codec describes its own header, without
@@ -32,5 +35,5 @@ def describe(header: Header) -> str:
     if header.kind == KIND_ARRAY:
         from .array_layout import describe as describe_array
 
-        return describe_array(header.extra)
+        return describe_array(header.extra, header.size)
     return ""
