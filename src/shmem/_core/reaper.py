@@ -6,8 +6,8 @@ blocks that process created and did not unlink, and a pidfd that becomes
 readable when the process exits - however it exits, SIGKILL included. Then
 it reads what is left on that process's connections, and applies the
 lifecycle rule (``lifecycle.remove_if_abandoned``) to each of its blocks.
-Blocks somebody still holds open are looked at again every POLL_SECONDS
-until they are removed.
+Blocks somebody still holds open are handed to a thread that sleeps in the
+kernel until their last user lets go (``_Waiters``).
 
 Idle, it sleeps in ``poll()`` with no timeout: no wake-ups until a process
 connects, sends, or dies. While processes are creating blocks it reads at
@@ -27,15 +27,17 @@ it: its clients start another at their next create, unlink or exit, and
 
 from __future__ import annotations
 
+import _thread
 import os
 import select
 import signal
 import socket
+import struct
 import time
 from typing import Dict, List, Optional, Set, Tuple
 
 from .. import _platform
-from .lifecycle import POLL_SECONDS, Verdict, remove_if_abandoned
+from .lifecycle import POLL_SECONDS, USERS_LOCK, Verdict, remove_if_abandoned
 
 # Reads are at most this often while messages keep coming.
 # Each queued message costs the sender ~700 bytes of socket buffer (one skb); with the
@@ -43,6 +45,8 @@ from .lifecycle import POLL_SECONDS, Verdict, remove_if_abandoned
 BATCH_SECONDS = 0.01
 # How often a creator without a pidfd (no kernel support, another pid namespace) is looked at.
 LIVENESS_SECONDS = 1.0
+# Signals aimed at the application that must not stop the cleanup after it.
+IGNORED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # A connection that sends a line longer than this is not a shmem client.
 _MAX_LINE = 1024
 
@@ -86,6 +90,59 @@ def _identity(pid: int) -> Optional[_platform.ProcessIdentity]:
         return None
 
 
+class _Waiters:
+    """Threads that sleep in the kernel until the last user of a block lets go.
+
+    A block whose creator died while others still hold it open waits here:
+    one thread per block asks for the exclusive users lock and blocks
+    (F_OFD_SETLKW) until every shared lock is gone - a holder closing it,
+    exiting or being killed - then drops it at once and names the block on a
+    pipe, and the main loop applies the rule again. No polling, and removal
+    follows the last user within a wake-up. (A waiting exclusive request does
+    not hold back new shared locks: an attacher arriving meanwhile gets in,
+    and the rule then finds the block held open again.)
+    """
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        self._waiting: Set[int] = set()
+
+    def fileno(self) -> int:
+        return self._read
+
+    def __contains__(self, block_id: int) -> bool:
+        return block_id in self._waiting
+
+    def start(self, name: str, block_id: int) -> None:
+        try:
+            opened = _platform.open_existing(name)
+        except (OSError, ValueError):
+            return  # gone meanwhile: the next look finds it gone
+        self._waiting.add(block_id)
+        _thread.start_new_thread(self._wait, (opened.fd, block_id))
+
+    def _wait(self, fd: int, block_id: int) -> None:
+        try:
+            _platform.lock_exclusive(fd, USERS_LOCK)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)  # the main loop takes the lock again, to remove the block under it
+            os.write(self._write, _BLOCK_ID.pack(block_id))
+
+    def collect(self) -> None:
+        try:
+            data = os.read(self._read, 1 << 16)
+        except BlockingIOError:
+            return
+        for (block_id,) in _BLOCK_ID.iter_unpack(data[: len(data) - len(data) % _BLOCK_ID.size]):
+            self._waiting.discard(block_id)
+
+
+_BLOCK_ID = struct.Struct("=Q")
+
+
 class Reaper:
     def __init__(self, listener: socket.socket) -> None:
         self.listener = listener
@@ -97,6 +154,8 @@ class Reaper:
         self.creators: Dict[int, _Creator] = {}  # pid -> creator
         self.by_pidfd: Dict[int, _Creator] = {}
         self.pending: Dict[int, str] = {}  # blocks whose creator died but that are still held open
+        self.waiters = _Waiters()
+        self.poller.register(self.waiters.fileno(), select.POLLIN)
         self.next_poll = 0.0
 
     # ------------------------------------------------------------ the loop
@@ -113,20 +172,28 @@ class Reaper:
             for fd, _ in events:
                 if fd == self.listener.fileno():
                     self.accept_all()
+                elif fd == self.waiters.fileno():
+                    self.waiters.collect()
+                    self.recheck()
                 elif fd in self.connections:
                     self.read(fd)
                     busy = True
                 elif fd in self.by_pidfd:
                     self.died(self.by_pidfd[fd])
             self.check_without_pidfd()
-            if self.pending and time.monotonic() >= self.next_poll:
+            if self.polled() and time.monotonic() >= self.next_poll:
                 self.recheck()
             if busy:
                 time.sleep(BATCH_SECONDS)  # let a burst of messages gather: one wake-up for many
 
+    def polled(self) -> bool:
+        """Whether some pending block has no lock waiter (its creator's liveness is
+        unknown here: another pid namespace), so it is looked at periodically."""
+        return any(block_id not in self.waiters for block_id in self.pending)
+
     def timeout_ms(self) -> Optional[int]:
         waits: List[float] = []
-        if self.pending:
+        if self.polled():
             waits.append(max(0.0, self.next_poll - time.monotonic()))
         if any(c.pidfd is None and c.blocks for c in self.creators.values()):
             waits.append(LIVENESS_SECONDS)
@@ -247,11 +314,15 @@ class Reaper:
 
     def recheck(self) -> None:
         for block_id, name in list(self.pending.items()):
+            if block_id in self.waiters:
+                continue  # a thread waits for its last user; it tells us when
             try:
                 verdict, _ = remove_if_abandoned(name, block_id)
             except Exception:  # never loop forever on a block we cannot handle
                 verdict = Verdict.FOREIGN
-            if verdict not in (Verdict.IN_USE, Verdict.HELD_OPEN):
+            if verdict is Verdict.HELD_OPEN:
+                self.waiters.start(name, block_id)
+            elif verdict is not Verdict.IN_USE:
                 del self.pending[block_id]
         self.next_poll = time.monotonic() + POLL_SECONDS
 
@@ -259,8 +330,11 @@ class Reaper:
 def main() -> None:
     # Signals aimed at the application must not stop the cleanup that follows
     # them (our own process group already keeps terminal and group signals away).
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    # They arrive blocked (tracking spawns us with them masked, so one sent while
+    # this interpreter starts stays pending); ignoring a pending signal discards it.
+    for sig in IGNORED_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, IGNORED_SIGNALS)
     os.closerange(3, 1 << 16)  # inheritable descriptors of the creator are not ours to keep open
     listener = socket.socket(fileno=0)
     listener.setblocking(False)

@@ -50,7 +50,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 from .. import _platform
 from .._errors import ShmemError
 from .forks import reset_in_child
-from .reaper import encode
+from .reaper import IGNORED_SIGNALS, encode
 
 #: The environment variable that names this process tree's reaper.
 ENV = "SHMEM_REAPER"
@@ -223,7 +223,7 @@ def _connect() -> _Connection:
             if sock is None:
                 continue
             try:
-                reaper_pid = _platform.spawn_with_stdin(_reaper_argv(), listener.fileno())
+                reaper_pid = _platform.spawn_with_stdin(_reaper_argv(), listener.fileno(), IGNORED_SIGNALS)
             except OSError as err:
                 sock.close()
                 raise ShmemError(f"cannot start shmem's reaper process ({err}); use track=False") from err

@@ -260,6 +260,16 @@ def lock_shared(fd: int, offset: int) -> None:
             continue
 
 
+def lock_exclusive(fd: int, offset: int) -> None:
+    """Take a write lock on one byte, waiting until nobody holds any lock on it."""
+    while True:
+        try:
+            _lock(fd, fcntl.F_OFD_SETLKW, fcntl.F_WRLCK, offset)
+            return
+        except InterruptedError:  # pragma: no cover - PEP 475 retries, but be explicit
+            continue
+
+
 def try_lock_exclusive(fd: int, offset: int) -> bool:
     """Take a write lock on one byte if nobody holds any lock on it."""
     try:
@@ -313,7 +323,7 @@ def processes_using(names: Iterable[str]) -> Dict[str, List[int]]:
 
 
 
-def spawn_with_stdin(argv: List[str], stdin_fd: int) -> int:
+def spawn_with_stdin(argv: List[str], stdin_fd: int, blocked: Iterable[int] = ()) -> int:
     """Start ``argv`` with ``stdin_fd`` as its stdin and /dev/null as stdout and
     stderr; return its pid. Nothing else of ours is inherited that is not
     already inheritable (the child closes those itself).
@@ -324,12 +334,15 @@ def spawn_with_stdin(argv: List[str], stdin_fd: int) -> int:
     The child gets a process group of its own, from its first instruction:
     Ctrl-C at a terminal signals the foreground group, and ``kill -<pgid>``
     one group - neither should stop the process that cleans up after them.
+    The ``blocked`` signals start blocked in it, so one sent before it could
+    install its handlers stays pending instead of killing it.
     """
     return os.posix_spawn(
         argv[0],
         argv,
         os.environ,
         setpgroup=0,
+        setsigmask=list(blocked),
         file_actions=[
             (os.POSIX_SPAWN_DUP2, stdin_fd, 0),
             (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
