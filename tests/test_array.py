@@ -551,17 +551,17 @@ def test_contents_are_written_before_the_block_is_published(make: str, monkeypat
     from shmem import _platform
 
     events: List[Tuple[str, int]] = []
-    real_write, real_publish = _platform.write_at, _platform.publish
+    real_write, real_publish = os.pwrite, _platform.publish
 
-    def recording_write(fd: int, data: Any, offset: int, name: str) -> None:
+    def recording_write(fd: int, data: Any, offset: int) -> int:
         events.append(("write", offset))
-        real_write(fd, data, offset, name)
+        return real_write(fd, data, offset)
 
     def recording_publish(fd: int, name: str) -> None:
         events.append(("publish", 0))
         real_publish(fd, name)
 
-    monkeypatch.setattr(_platform, "write_at", recording_write)
+    monkeypatch.setattr(os, "pwrite", recording_write)
     monkeypatch.setattr(_platform, "publish", recording_publish)
     arr = shmem.full((1000,), 3.0) if make == "full" else shmem.array(np.arange(1000.0))
     try:

@@ -57,6 +57,8 @@ def checked_size(size: object, *, create: bool) -> int:
 class Block:
     """One shared memory block, mapped into this process."""
 
+    __slots__ = ("name", "size", "inode", "header", "mapping", "tracked")
+
     name: str
     size: int  # bytes of data (the header's size; the file's for blocks other programs made)
     inode: int  # tells this block from a later one under the same name
@@ -93,19 +95,16 @@ class Block:
         header = Header.new(size, kind=kind, track=track, creator=_platform.current_process(),
                             extra=extra, flags=flags)
         total = total_size(size)
+        pieces = [(Header.trailer_offset(total), header.pack()), *initial]
         label = name if name is not None else "(new block)"
-        built = _platform.create_unnamed(label)
         try:
-            try:
-                _platform.reserve(built.fd, total, label)
-            except NoSpace:
-                # The standard library would have failed on the taken name first.
-                if name is not None and _platform.exists(name):
-                    raise SegmentExists(name) from None
-                raise
-            _platform.write_at(built.fd, header.pack(), Header.trailer_offset(total), label)
-            for offset, data in initial:  # through the file: no page faults, unlike the mapping
-                _platform.write_at(built.fd, data, offset, label)
+            built = _platform.build_unnamed(total, pieces, label)
+        except NoSpace:
+            # The standard library would have failed on the taken name first.
+            if name is not None and _platform.exists(name):
+                raise SegmentExists(name) from None
+            raise
+        try:
             published = _publish(built.fd, name, header.block_id, track)
         finally:
             os.close(built.fd)  # unpublished, the file is gone with it: nothing to undo
@@ -113,26 +112,20 @@ class Block:
         # path stays "/dev/shm/#<inode> (deleted)" in /proc/PID/maps and fd/: fuser,
         # lsof, `shmem info` and leak checks must see the block by its name.
         try:
-            return cls._open(published, built.inode, size, header, readonly=False, track=track)
+            fd = _platform.open_published(published, built.inode)
+            try:
+                if track:
+                    _platform.lock_shared(fd, USERS_LOCK)
+                mapping = mmap.mmap(fd, size)
+            finally:
+                os.close(fd)  # the mapping holds its own duplicate (and with it the users lock)
         except BaseException:
             if _platform.still_published(published, built.inode):
                 _platform.unlink_same(published, built.inode)
             if track:
                 tracking.untrack(published, header.block_id)
             raise
-
-    @classmethod
-    def _open(cls, name: str, inode: int, size: int, header: Header, readonly: bool, track: bool) -> Block:
-        opened = _platform.open_existing(name, writable=not readonly)
-        try:
-            if opened.inode != inode:
-                raise SegmentNotFound(name, "the shared memory block was removed by another process as it was created")
-            if track:
-                _platform.lock_shared(opened.fd, USERS_LOCK)
-            mapping = mmap.mmap(opened.fd, size, access=mmap.ACCESS_READ if readonly else mmap.ACCESS_WRITE)
-        finally:
-            os.close(opened.fd)  # the mapping holds its own duplicate (and with it the users lock)
-        return cls(name, size, inode, header, mapping, track)
+        return cls(published, size, built.inode, header, mapping, track)
 
     # ------------------------------------------------------------ attaching
 

@@ -18,7 +18,7 @@ if sys.platform.startswith("linux"):
         Opened,
         ProcessIdentity,
         connect,
-        create_unnamed,
+        build_unnamed,
         current_process,
         entries,
         exists,
@@ -28,6 +28,7 @@ if sys.platform.startswith("linux"):
         lock_exclusive,
         lock_shared,
         open_existing,
+        open_published,
         path_of,
         peer,
         process_alive,
@@ -42,7 +43,6 @@ if sys.platform.startswith("linux"):
         unlink,
         unlink_same,
         watch_process,
-        write_at,
     )
 else:  # pragma: no cover
     raise ImportError(
@@ -55,7 +55,7 @@ __all__ = [
     "Opened",
     "ProcessIdentity",
     "connect",
-    "create_unnamed",
+    "build_unnamed",
     "current_process",
     "entries",
     "exists",
@@ -65,6 +65,7 @@ __all__ = [
     "lock_exclusive",
     "lock_shared",
     "open_existing",
+    "open_published",
     "path_of",
     "peer",
     "process_alive",
@@ -79,5 +80,4 @@ __all__ = [
     "unlink",
     "unlink_same",
     "watch_process",
-    "write_at",
 ]

@@ -19,7 +19,7 @@ import select
 import socket
 import stat
 import struct
-from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from .._errors import InvalidName, NoSpace, SegmentExists, SegmentNotFound, ShmemError, UnsafeSegment
 
@@ -54,15 +54,16 @@ def path_of(name: str) -> str:
 # --------------------------------------------------------------------- files
 
 
-def create_unnamed(name: str) -> Opened:
-    """An empty, unnamed file in /dev/shm for a block that will be called ``name``
-    (used in error messages only); ``publish`` names it.
+def build_unnamed(total: int, pieces: Sequence[Tuple[int, bytes]], name: str) -> Opened:
+    """An unnamed file in /dev/shm of ``total`` bytes, reserved, with each
+    (offset, bytes) piece written into it, for a block that will be called
+    ``name`` (used in error messages only); ``publish`` names it.
 
     Built unnamed, a block cannot be seen half made, and a creator killed at
     any instant before ``publish`` leaves nothing behind: the kernel frees an
     unnamed file with its last descriptor. The mode is 0600 whatever the
     umask (fixed only when the umask took the owner's bits): nobody else may
-    ever read or write the block.
+    ever read or write the block. Raises NoSpace when /dev/shm cannot hold it.
     """
     try:
         fd = os.open(SHM_DIR, _CREATE_UNNAMED, 0o600)
@@ -75,10 +76,30 @@ def create_unnamed(name: str) -> Opened:
         st = os.fstat(fd)
         if st.st_mode & 0o777 != 0o600:
             os.fchmod(fd, 0o600)
+        reserve(fd, total, name)
+        for offset, data in pieces:  # through the file: no page faults, unlike a mapping
+            os.pwrite(fd, data, offset)
     except BaseException as err:
         os.close(fd)
-        raise _translate(err, name) if isinstance(err, OSError) else err
-    return Opened(fd, st.st_size, st.st_ino, st.st_mtime)
+        raise _translate(err, name) if isinstance(err, OSError) and not isinstance(err, ShmemError) else err
+    return Opened(fd, total, st.st_ino, st.st_mtime)
+
+
+def open_published(name: str, inode: int) -> int:
+    """A read-write descriptor of block ``name``, which this process just
+    published as the file with this inode; SegmentNotFound if the name leads
+    elsewhere already (removed and re-created by another process)."""
+    try:
+        fd = os.open(path_of(name), _OPEN_EXISTING)
+    except OSError as err:
+        raise _translate(err, name) from err
+    try:
+        if os.fstat(fd).st_ino != inode:
+            raise SegmentNotFound(name, "the shared memory block was removed by another process as it was created")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def publish(fd: int, name: str) -> None:
@@ -91,13 +112,6 @@ def publish(fd: int, name: str) -> None:
     """
     try:
         os.link(f"/proc/self/fd/{fd}", path_of(name), src_dir_fd=fd)
-    except OSError as err:
-        raise _translate(err, name) from err
-
-
-def write_at(fd: int, data: bytes, offset: int, name: str) -> None:
-    try:
-        os.pwrite(fd, data, offset)
     except OSError as err:
         raise _translate(err, name) from err
 
