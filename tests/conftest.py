@@ -203,7 +203,7 @@ def _stat_fields(pid: int) -> Optional[List[bytes]]:
     except OSError:
         return None
     # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    return raw[raw.rfind(b")") + 2:].split()
+    return raw[raw.rfind(b")") + 2 :].split()
 
 
 def own_reaper_pid() -> Optional[int]:

@@ -13,15 +13,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from typing import List, Optional
 
 import pytest
+from conftest import PYTHON, SHM_DIR, OwnReaper, ProcessRef, implementations, run_to_completion, wait_until
 
 import shmem
-from conftest import PYTHON, SHM_DIR, implementations, run_to_completion, wait_until
 
 # Creates or attaches a block, says "ready", holds it until a line arrives on stdin.
 _HOLDER = textwrap.dedent(
@@ -41,10 +40,8 @@ _HOLDER = textwrap.dedent(
         assert child.stdout.readline().startswith(b"ready")
     reaper = ""
     if role.startswith("create") and track and module.__name__ == "shmem":
-        import os
-        with open(f"/proc/self/task/{os.getpid()}/children") as f:
-            children = [int(pid) for pid in f.read().split()]
-        reaper = " ".join(str(pid) for pid in children if child is None or pid != child.pid)
+        from shmem._core.tracking import reaper_pid
+        reaper = str(reaper_pid())
     shm.buf[0] = 1
     print("ready", reaper, flush=True)
     sys.stdin.readline()
@@ -58,20 +55,36 @@ def _exists(name: str) -> bool:
 
 
 class Holder:
-    """A separately started Python process holding a block."""
+    """A separately started Python process holding a block.
 
-    def __init__(self, module: str, name: str, role: str, track: bool = True, new_group: bool = False) -> None:
+    With ``own_reaper``, it starts a reaper of its own (one the test may kill)
+    rather than sharing the pytest process's."""
+
+    def __init__(
+        self,
+        module: str,
+        name: str,
+        role: str,
+        track: bool = True,
+        new_group: bool = False,
+        own_reaper: Optional[OwnReaper] = None,
+    ) -> None:
         self.proc = subprocess.Popen(
             [PYTHON, "-c", _HOLDER, module, name, role, "1" if track else "0", _HOLDER],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=new_group,
+            env=own_reaper.env if own_reaper is not None else None,
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
-        #: pid of the creator's reaper (its own process group: a group kill misses it)
-        self.reaper = int(line.split()[1]) if len(line.split()) > 1 else None
+        #: the reaper the creator uses (its own process group: a group kill misses it)
+        self.reaper: Optional[ProcessRef] = None
+        if len(line.split()) > 1 and line.split()[1] != b"None":
+            self.reaper = ProcessRef(int(line.split()[1]))
+            if own_reaper is not None:
+                own_reaper.known.append(self.reaper)
         if not line.startswith(b"ready"):
             _, err = self.proc.communicate(timeout=30)
             raise AssertionError(f"holder failed: {err.decode()}")
@@ -85,7 +98,7 @@ class Holder:
         if group:
             os.killpg(self.proc.pid, signal.SIGKILL)
             if self.reaper is not None:
-                os.kill(self.reaper, signal.SIGKILL)
+                self.reaper.kill()
         else:
             self.proc.kill()
         _, err = self.proc.communicate(timeout=30)
@@ -181,10 +194,11 @@ def test_handles_passed_to_workers_never_remove_the_block(mp_context, shm_name) 
     shm.unlink()
 
 
-def _abandon(name: str) -> None:
+def _abandon(name: str, own_reaper: OwnReaper) -> None:
     """A creator, an attacher and the creator's reaper, all SIGKILLed at once
     (as in a container OOM kill)."""
-    group = Holder("shmem", name, "create+attacher", new_group=True)
+    group = Holder("shmem", name, "create+attacher", new_group=True, own_reaper=own_reaper)
+    assert group.reaper is not None and group.reaper.is_reaper()
     group.kill(group=True)
     time.sleep(0.5)
     assert _exists(name), "nobody was left to remove the block, yet it is gone"
@@ -194,19 +208,19 @@ def _ours(removed: List[shmem.RemovedBlock], prefix: str) -> List[shmem.RemovedB
     return [r for r in removed if r.name.startswith(prefix)]
 
 
-def test_a_process_group_killed_at_once_still_has_its_blocks_removed(shm_name) -> None:
+def test_a_process_group_killed_at_once_still_has_its_blocks_removed(shm_name, own_reaper: OwnReaper) -> None:
     """The reaper lives in a process group of its own: `kill -9 -<pgid>` on the
     application (creator and attacher) does not stop the cleanup."""
     name = shm_name()
-    group = Holder("shmem", name, "create+attacher", new_group=True)
+    group = Holder("shmem", name, "create+attacher", new_group=True, own_reaper=own_reaper)
     group.reaper = None  # kill the group only
     group.kill(group=True)
     assert wait_until(lambda: not _exists(name)), "a group kill left the block behind"
 
 
-def test_gc_removes_abandoned_blocks_and_nothing_else(shm_name, shm_prefix: str) -> None:
+def test_gc_removes_abandoned_blocks_and_nothing_else(shm_name, shm_prefix: str, own_reaper: OwnReaper) -> None:
     abandoned, foreign, untracked, in_use, in_use_by_orphan = (shm_name() for _ in range(5))
-    _abandon(abandoned)
+    _abandon(abandoned, own_reaper)
     with open(f"{SHM_DIR}/{foreign}", "wb") as f:  # another program's block
         f.write(os.urandom(3 * 4096))
     Holder("shmem", untracked, "create", track=False).kill()
@@ -235,10 +249,10 @@ def test_gc_removes_abandoned_blocks_and_nothing_else(shm_name, shm_prefix: str)
     os.unlink(f"{SHM_DIR}/{foreign}")
 
 
-def test_concurrent_gc_runs_remove_each_block_once(shm_name, shm_prefix: str) -> None:
+def test_concurrent_gc_runs_remove_each_block_once(shm_name, shm_prefix: str, own_reaper: OwnReaper) -> None:
     names = [shm_name() for _ in range(6)]
     for name in names:
-        _abandon(name)
+        _abandon(name, own_reaper)
     code = f"import shmem, json; print(json.dumps([r.name for r in shmem.gc(prefix={shm_prefix!r})]))"
     runs = [subprocess.Popen([PYTHON, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
     removed: List[str] = []
@@ -272,24 +286,39 @@ def test_attach_during_removal_gets_not_found_or_a_live_block(shm_name) -> None:
         assert wait_until(lambda: not _exists(name))
 
 
-def test_a_killed_reaper_is_replaced_before_the_creator_exits(shm_name) -> None:
+def test_a_killed_reaper_is_replaced_before_the_creator_exits(shm_name, own_reaper: OwnReaper) -> None:
     name = shm_name()
     code = textwrap.dedent(
         f"""
         import os, signal, time, shmem
+        from shmem._core.tracking import reaper_pid
         shm = shmem.SharedMemory({name!r}, create=True, size=10)
-        with open(f"/proc/self/task/{{os.getpid()}}/children") as f:
-            reapers = [int(pid) for pid in f.read().split()]
-        assert len(reapers) == 1, reapers
-        os.kill(reapers[0], signal.SIGKILL)
-        os.waitpid(reapers[0], 0)
+        reaper = reaper_pid()
+        print(reaper, flush=True)
+        os.kill(reaper, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # gone (our child or not; a zombie counts)
+            try:
+                if os.waitpid(reaper, os.WNOHANG)[0] == reaper:
+                    break
+            except ChildProcessError:
+                try:
+                    with open(f"/proc/{{reaper}}/stat") as f:
+                        if f.read().rsplit(")", 1)[1].split()[0] in "ZX":
+                            break
+                except OSError:
+                    break
+            time.sleep(0.01)
+        else:
+            raise SystemExit("the reaper survived SIGKILL")
         """
     )
-    subprocess.run([PYTHON, "-c", code], check=True, timeout=60)
+    done = subprocess.run([PYTHON, "-c", code], env=own_reaper.env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
     assert wait_until(lambda: not _exists(name)), "nobody removed the block of a creator whose reaper was killed"
 
 
-def test_ctrl_c_to_the_process_group_still_removes_the_block(shm_name) -> None:
+def test_ctrl_c_to_the_process_group_still_removes_the_block(shm_name, own_reaper: OwnReaper) -> None:
     """SIGINT reaches every process of the terminal's group. The reaper ignores
     it and removes the block of a creator that SIGINT killed outright (no
     KeyboardInterrupt, so no exit handlers that could start a new reaper)."""
@@ -303,8 +332,9 @@ def test_ctrl_c_to_the_process_group_still_removes_the_block(shm_name) -> None:
         sys.stdin.readline()
         """
     )
-    creator = subprocess.Popen([PYTHON, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               start_new_session=True)
+    creator = subprocess.Popen(
+        [PYTHON, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True, env=own_reaper.env
+    )
     assert creator.stdout is not None and creator.stdout.readline() == b"ready\n"
     os.killpg(creator.pid, signal.SIGINT)
     creator.communicate(timeout=30)
