@@ -29,8 +29,9 @@ from multiprocessing import resource_tracker
 from multiprocessing import shared_memory as stdlib_shm
 from typing import Callable, Dict, List, Optional, Tuple
 
+from _common import SHM_DIR, GiB, KiB, MiB, fmt_ns, parse_size, remove_prefixed, shm_free_bytes, size_label, summarize
+
 import shmem
-from _common import GiB, KiB, MiB, SHM_DIR, fmt_ns, parse_size, remove_prefixed, shm_free_bytes, size_label, summarize
 
 SMALL_LIMIT = 1 * MiB  # sizes up to this get the per-operation suite, larger ones the large-block suite
 # Every block this script makes starts with this (pid + random token), so cleanup
@@ -78,7 +79,8 @@ IMPLS: Dict[str, Tuple[type, dict]] = {
     "shmem track=True": (shmem.SharedMemory, {"track": True}),
     "shmem track=False": (shmem.SharedMemory, {"track": False}),
     STDLIB_TRACKED: (stdlib_shm.SharedMemory, {}),
-    STDLIB_UNTRACKED: (stdlib_shm.SharedMemory, {"track": False}) if STDLIB_HAS_TRACK
+    STDLIB_UNTRACKED: (stdlib_shm.SharedMemory, {"track": False})
+    if STDLIB_HAS_TRACK
     else (_StdlibUntrackedEmulated, {}),
 }
 
@@ -130,7 +132,7 @@ class Worker:
     """A long-lived process that attaches blocks by name on request and sends
     back its own timings: its start-up and the pipe are never timed."""
 
-    def __enter__(self) -> "Worker":
+    def __enter__(self) -> Worker:
         # spawn: a clean interpreter, no inherited mappings or reaper pipe. On
         # Python < 3.13 it shares our resource tracker, so its registrations of
         # stdlib blocks are undone by our unlink() and nothing warns at exit.
@@ -161,7 +163,7 @@ def interleaved(ops: Dict[str, Op], reps: int, warmup: int = 1) -> Results:
     gc.disable()  # as timeit does: no collection pause lands in one sample
     try:
         for r in range(warmup + reps):
-            for key in keys[r % len(keys):] + keys[: r % len(keys)]:
+            for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
                 rows = ops[key]()
                 if r < warmup:
                     continue  # warm-up rounds are discarded
@@ -363,7 +365,7 @@ class Probe:
         argv = [sys.executable, os.path.abspath(__file__), "--reaper-probe", kind, arg]
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, env=env)
 
-    def __enter__(self) -> "Probe":
+    def __enter__(self) -> Probe:
         return self
 
     def read(self, timeout: float = 60) -> dict:
@@ -454,8 +456,10 @@ def reapers_in_tree(root: int, marker: bytes) -> Dict[int, int]:
                 descendants.add(pid)
                 todo.append(pid)
     return {
-        pid: start for pid, (state, _, start) in procs.items()
-        if state != "Z" and is_reaper(pid)
+        pid: start
+        for pid, (state, _, start) in procs.items()
+        if state != "Z"
+        and is_reaper(pid)
         and (pid in descendants or marker in (_proc_read(pid, "environ") or b"").split(b"\0"))
     }
 
@@ -504,8 +508,14 @@ def measure_idle(seconds: float, settle: float = 0.5) -> dict:
             bare.kill()
             bare.wait()
         probe.finish()
-    return {"reaper_pid": pid, "switches": after - before, "seconds": t1 - t0,
-            "wakeups_per_s": (after - before) / (t1 - t0), "rss_mib": rss, "bare_rss_mib": bare_rss}
+    return {
+        "reaper_pid": pid,
+        "switches": after - before,
+        "seconds": t1 - t0,
+        "wakeups_per_s": (after - before) / (t1 - t0),
+        "rss_mib": rss,
+        "bare_rss_mib": bare_rss,
+    }
 
 
 def measure_pool(method: str, exit_timeout: float) -> dict:
@@ -528,9 +538,15 @@ def measure_pool(method: str, exit_timeout: float) -> dict:
     for pid in left:  # ours: report them, then end them by pid
         if _alive(pid, running[pid]) and is_reaper(pid):
             os.kill(pid, signal.SIGKILL)
-    return {"method": method, "workers": len({w["worker"] for w in workers}), "reaper_pids": reported,
-            "no_reaper": sum(1 for w in workers if not w["reaper"]), "in_proc": sorted(in_proc),
-            "exit_seconds": waited, "not_exited": left}
+    return {
+        "method": method,
+        "workers": len({w["worker"] for w in workers}),
+        "reaper_pids": reported,
+        "no_reaper": sum(1 for w in workers if not w["reaper"]),
+        "in_proc": sorted(in_proc),
+        "exit_seconds": waited,
+        "not_exited": left,
+    }
 
 
 def measure_removal(rounds: int, shared: bool, timeout: float) -> dict:
@@ -571,8 +587,13 @@ def measure_removal(rounds: int, shared: bool, timeout: float) -> dict:
         if anchor is not None:
             anchor.close()
             anchor.unlink()
-    return {"delays_ns": delays, "not_removed": failures, "timeout_s": timeout, "reaper_pids": sorted(
-        p for p in reapers if p), "ours": ours}
+    return {
+        "delays_ns": delays,
+        "not_removed": failures,
+        "timeout_s": timeout,
+        "reaper_pids": sorted(p for p in reapers if p),
+        "ours": ours,
+    }
 
 
 def run_reaper(quick: bool) -> Dict[str, dict]:
@@ -600,10 +621,19 @@ def create_goals(rows: List[dict]) -> List[dict]:
     goals = []
     for impl, previous in PREVIOUS_CREATE_RATIO.items():
         kind = "untracked" if impl.endswith("False") else "tracked"
-        found = [r for r in rows if (r["operation"], r["size"], r["implementation"])
-                 == ("create+close+unlink", "4 KiB", impl)]
-        goals.append({"implementation": impl, "against": kind, "previous": previous,
-                      "ratio": found[0][f"ratio_{kind}"] if found else None})
+        found = [
+            r
+            for r in rows
+            if (r["operation"], r["size"], r["implementation"]) == ("create+close+unlink", "4 KiB", impl)
+        ]
+        goals.append(
+            {
+                "implementation": impl,
+                "against": kind,
+                "previous": previous,
+                "ratio": found[0][f"ratio_{kind}"] if found else None,
+            }
+        )
     return goals
 
 
@@ -623,6 +653,7 @@ def print_create_goals(goals: List[dict]) -> None:
 
 def reaper_rows(rep: Dict[str, dict]) -> List[Tuple[str, str, str]]:
     """(measure, value, detail) per row of the reaper table."""
+
     def unavailable(r: dict) -> Optional[str]:
         if r.get("missing"):
             return NEEDS_SHARED_REAPER
@@ -634,11 +665,21 @@ def reaper_rows(rep: Dict[str, dict]) -> List[Tuple[str, str, str]]:
     if bad:
         rows += [("reaper idle wake-ups/s (1 tracked block)", bad, ""), ("reaper resident memory (VmRSS)", bad, "")]
     else:
-        rows.append(("reaper idle wake-ups/s (1 tracked block)", f"{idle['wakeups_per_s']:.1f} /s",
-                     f"{idle['switches']} context switches in {idle['seconds']:.1f} s (pid {idle['reaper_pid']})"))
-        rows.append(("reaper resident memory (VmRSS)", f"{idle['rss_mib']:.1f} MiB",
-                     f"bare python -I -S: {idle['bare_rss_mib']:.1f} MiB, "
-                     f"ratio {idle['rss_mib'] / idle['bare_rss_mib']:.2f}"))
+        rows.append(
+            (
+                "reaper idle wake-ups/s (1 tracked block)",
+                f"{idle['wakeups_per_s']:.1f} /s",
+                f"{idle['switches']} context switches in {idle['seconds']:.1f} s (pid {idle['reaper_pid']})",
+            )
+        )
+        rows.append(
+            (
+                "reaper resident memory (VmRSS)",
+                f"{idle['rss_mib']:.1f} MiB",
+                f"bare python -I -S: {idle['bare_rss_mib']:.1f} MiB, "
+                f"ratio {idle['rss_mib'] / idle['bare_rss_mib']:.2f}",
+            )
+        )
     for key in ("pool_spawn", "pool_fork"):
         pool, method = rep[key], key.split("_")[1]
         label = f"reapers for a Pool({POOL_SIZE}) of creators, {method}"
@@ -649,8 +690,11 @@ def reaper_rows(rep: Dict[str, dict]) -> List[Tuple[str, str, str]]:
         detail = f"/proc: {len(pool['in_proc'])}; {pool['workers']} workers"
         if pool["no_reaper"]:
             detail += f", {pool['no_reaper']} with reaper_pid() None"
-        detail += (f"; reapers exited {pool['exit_seconds']:.2f} s after the pool" if not pool["not_exited"] else
-                   f"; NOT exited {pool['exit_seconds']:.0f} s after the pool: {pool['not_exited']} (killed)")
+        detail += (
+            f"; reapers exited {pool['exit_seconds']:.2f} s after the pool"
+            if not pool["not_exited"]
+            else f"; NOT exited {pool['exit_seconds']:.0f} s after the pool: {pool['not_exited']} (killed)"
+        )
         rows.append((label, str(len(pool["reaper_pids"])), detail))
     for key, which in (("removal_own", "own reaper"), ("removal_shared", "shared reaper")):
         rem = rep[key]
@@ -686,18 +730,28 @@ def print_reaper_goals(rep: Dict[str, dict]) -> None:
         return "FAILED (see the table)" if "failed" in r else None
 
     idle = rep["idle"]
-    print("goal: reaper idle wake-ups/s = 0 (previous design: 10/s): " + (status(idle) or (
-        f"{idle['wakeups_per_s']:.1f}/s, {'met' if idle['switches'] == 0 else 'NOT met'}")))
-    print("goal: reaper resident memory as small as an interpreter allows (previous design: ~17 MB): " + (
-        status(idle) or f"{idle['rss_mib']:.1f} MiB, {idle['rss_mib'] / idle['bare_rss_mib']:.2f}x a bare "
-                        f"python -I -S ({idle['bare_rss_mib']:.1f} MiB)"))
+    print(
+        "goal: reaper idle wake-ups/s = 0 (previous design: 10/s): "
+        + (status(idle) or (f"{idle['wakeups_per_s']:.1f}/s, {'met' if idle['switches'] == 0 else 'NOT met'}"))
+    )
+    print(
+        "goal: reaper resident memory as small as an interpreter allows (previous design: ~17 MB): "
+        + (
+            status(idle)
+            or f"{idle['rss_mib']:.1f} MiB, {idle['rss_mib'] / idle['bare_rss_mib']:.2f}x a bare "
+            f"python -I -S ({idle['bare_rss_mib']:.1f} MiB)"
+        )
+    )
     pools = [rep["pool_spawn"], rep["pool_fork"]]
     bad = next((status(p) for p in pools if status(p)), None)
     counts = [len(p["reaper_pids"]) for p in pools] if not bad else []
-    met = not bad and all(len(p["reaper_pids"]) == len(p["in_proc"]) == 1 and not p["no_reaper"]
-                          and not p["not_exited"] for p in pools)
-    print(f"goal: reapers for a Pool({POOL_SIZE}) of creators = 1, and they exit after it (previous design: "
-          f"{POOL_SIZE}): " + (bad or f"spawn {counts[0]}, fork {counts[1]}, {'met' if met else 'NOT met'}"))
+    met = not bad and all(
+        len(p["reaper_pids"]) == len(p["in_proc"]) == 1 and not p["no_reaper"] and not p["not_exited"] for p in pools
+    )
+    print(
+        f"goal: reapers for a Pool({POOL_SIZE}) of creators = 1, and they exit after it (previous design: "
+        f"{POOL_SIZE}): " + (bad or f"spawn {counts[0]}, fork {counts[1]}, {'met' if met else 'NOT met'}")
+    )
     parts, met = [], True
     for key, which in (("removal_own", "own reaper"), ("removal_shared", "shared reaper")):
         rem = rep[key]
@@ -708,18 +762,25 @@ def print_reaper_goals(rep: Dict[str, dict]) -> None:
         delays = rem["delays_ns"]
         median = statistics.median(delays) if delays else None
         unshared = key == "removal_shared" and rem["reaper_pids"] != [rem["ours"]]
-        parts.append(f"{which} {fmt_ns(median) if median is not None else 'never'}"
-                     + (" (NOT shared, see the table)" if unshared else ""))
+        parts.append(
+            f"{which} {fmt_ns(median) if median is not None else 'never'}"
+            + (" (NOT shared, see the table)" if unshared else "")
+        )
         met = met and not rem["not_removed"] and median is not None and median <= REMOVAL_GOAL_S * 1e9
-    print(f"goal: removal delay after SIGKILL of the creator <= ~{REMOVAL_GOAL_S:.0f} s (median): "
-          + ", ".join(parts) + (", met" if met else ", NOT met"))
+    print(
+        f"goal: removal delay after SIGKILL of the creator <= ~{REMOVAL_GOAL_S:.0f} s (median): "
+        + ", ".join(parts)
+        + (", met" if met else ", NOT met")
+    )
 
 
 def print_header() -> None:
     print(f"shmem benchmark  {datetime.datetime.now().isoformat(timespec='seconds')}")
     print(f"Python {platform.python_version()} ({platform.python_implementation()}) on {platform.platform()}")
-    print(f"machine: {platform.machine()}, os.cpu_count()={os.cpu_count()}, "
-          f"/dev/shm free {shm_free_bytes() / GiB:.1f} GiB")
+    print(
+        f"machine: {platform.machine()}, os.cpu_count()={os.cpu_count()}, "
+        f"/dev/shm free {shm_free_bytes() / GiB:.1f} GiB"
+    )
     if not STDLIB_HAS_TRACK:
         print("* Python < 3.13 has no track=False: emulated by switching off the stdlib's resource-tracker")
         print("  calls around each call (see _StdlibUntrackedEmulated).")
@@ -733,8 +794,15 @@ def table_rows(results: Results) -> List[dict]:
         for key in IMPLS:
             stats = summarize(by_impl[key])
             ratios = {"ratio_untracked": stats["median"] / untracked, "ratio_tracked": stats["median"] / tracked}
-            rows.append({"operation": operation, "size": size, "implementation": key,
-                         **(ratios if key.startswith("shmem") else {}), **stats})
+            rows.append(
+                {
+                    "operation": operation,
+                    "size": size,
+                    "implementation": key,
+                    **(ratios if key.startswith("shmem") else {}),
+                    **stats,
+                }
+            )
     return rows
 
 
@@ -746,10 +814,17 @@ def print_table(rows: List[dict]) -> None:
     for i, row in enumerate(rows):
         first = i == 0 or (row["operation"], row["size"]) != (rows[i - 1]["operation"], rows[i - 1]["size"])
         ratios = [f"{row[k]:.2f}" if k in row else "" for k in ("ratio_untracked", "ratio_tracked")]
-        print(fmt.format(
-            row["operation"] if first else "", row["size"] if first else "", row["implementation"],
-            fmt_ns(row["median"]), f"{fmt_ns(row['p25'])} - {fmt_ns(row['p75'])}", row["n"], *ratios,
-        ))
+        print(
+            fmt.format(
+                row["operation"] if first else "",
+                row["size"] if first else "",
+                row["implementation"],
+                fmt_ns(row["median"]),
+                f"{fmt_ns(row['p25'])} - {fmt_ns(row['p75'])}",
+                row["n"],
+                *ratios,
+            )
+        )
     print(f"ratios = shmem median / median of {STDLIB_UNTRACKED!r} or {STDLIB_TRACKED!r}: < 1 is faster.")
     print("Like for like: track=False vs untracked, track=True vs tracked.\n")
 
@@ -758,17 +833,22 @@ def print_goal(rows: List[dict]) -> None:
     for row in rows:
         if row["operation"].startswith("attach+close") and row["implementation"] == "shmem track=False":
             verdict = "met" if row["ratio_untracked"] <= 1.5 else "NOT met"
-            print(f"goal: shmem track=False {row['operation']} ({row['size']}) <= 1.5x {STDLIB_UNTRACKED}: "
-                  f"{row['ratio_untracked']:.2f}x, {verdict}")
+            print(
+                f"goal: shmem track=False {row['operation']} ({row['size']}) <= 1.5x {STDLIB_UNTRACKED}: "
+                f"{row['ratio_untracked']:.2f}x, {verdict}"
+            )
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fast smoke run (< 20 s): few repetitions, 256 MiB")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--sizes", type=lambda s: [parse_size(x) for x in s.split(",")],
-                        help=f"comma-separated sizes; up to {size_label(SMALL_LIMIT)}: per-operation suite, "
-                             "larger: large-block suite (default 4K,1G; with --quick 4K,256M)")
+    parser.add_argument(
+        "--sizes",
+        type=lambda s: [parse_size(x) for x in s.split(",")],
+        help=f"comma-separated sizes; up to {size_label(SMALL_LIMIT)}: per-operation suite, "
+        "larger: large-block suite (default 4K,1G; with --quick 4K,256M)",
+    )
     parser.add_argument("--probe", type=int, help=argparse.SUPPRESS)  # internal: the fresh-process child
     parser.add_argument("--later", type=int, default=20, help=argparse.SUPPRESS)
     parser.add_argument("--reaper-probe", nargs=2, metavar=("KIND", "ARG"), help=argparse.SUPPRESS)  # likewise
@@ -814,9 +894,14 @@ def main() -> None:
     print_reaper(reaper)
     print_reaper_goals(reaper)
     if args.json:
-        meta = {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-                "date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": args.quick,
-                "stdlib_track_emulated": not STDLIB_HAS_TRACK}
+        meta = {
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "quick": args.quick,
+            "stdlib_track_emulated": not STDLIB_HAS_TRACK,
+        }
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": rows, "create_goals": goals, "reaper": reaper}, f, indent=1)
     if any("failed" in r for r in reaper.values()):

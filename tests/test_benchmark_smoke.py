@@ -16,7 +16,10 @@ def test_benchmark_quick_run_prints_ratios_and_leaves_nothing(tmp_path: Path, sh
     prefix = shm_prefix + "bench_"  # the run's own blocks: other runs on the machine do not count
     run = subprocess.run(
         [sys.executable, str(BENCH), "--quick", "--sizes", "4K", "--json", str(out)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "SHMBENCH_PREFIX": prefix},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "SHMBENCH_PREFIX": prefix},
     )
     assert run.returncode == 0, run.stderr
     assert "create+close+unlink" in run.stdout and "attach+close" in run.stdout
@@ -28,7 +31,9 @@ def test_benchmark_quick_run_prints_ratios_and_leaves_nothing(tmp_path: Path, sh
 def test_list_benchmark_quick_run_reports_its_goals() -> None:
     run = subprocess.run(
         [sys.executable, str(BENCH.parent / "bench_list.py"), "--quick"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("goal:") == 6

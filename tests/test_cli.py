@@ -9,14 +9,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-import pytest
+from conftest import PYTHON, SHM_DIR, wait_until
 
 import shmem
-from conftest import PYTHON, SHM_DIR, wait_until
 
 SCRIPT = str(Path(sys.executable).parent / "shmem")
 
@@ -50,8 +48,12 @@ def listed(prefix: str, *extra: str) -> Dict[str, Dict[str, Any]]:
 
 class Maker:
     def __init__(self, prefix: str, track: bool = True, new_group: bool = False) -> None:
-        self.proc = subprocess.Popen([PYTHON, "-c", _MAKER, prefix, "1" if track else "0"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=new_group)
+        self.proc = subprocess.Popen(
+            [PYTHON, "-c", _MAKER, prefix, "1" if track else "0"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            start_new_session=new_group,
+        )
         assert self.proc.stdout is not None
         words = self.proc.stdout.readline().split()
         assert words[:1] == [b"ready"]

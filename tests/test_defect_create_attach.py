@@ -13,9 +13,6 @@ import time
 from typing import Any, List
 
 import pytest
-
-import shmem
-import shmem._kinds.raw
 from conftest import PYTHON, SHM_DIR, implementations
 from test_defects import (
     BOTH,
@@ -28,6 +25,8 @@ from test_defects import (
     stdlib_xfail_if,
 )
 
+import shmem
+import shmem._kinds.raw
 
 # ================================================================ 3. attach during creation
 
@@ -75,7 +74,10 @@ def test_attach_during_creation_sees_no_block_or_the_whole_block(impl: Any, shm_
 
     proc = subprocess.Popen(
         [PYTHON, "-c", STALLED_CREATOR, impl.__name__, name, str(size), step],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None and proc.stdin is not None
@@ -98,6 +100,7 @@ def test_attach_during_creation_sees_no_block_or_the_whole_block(impl: Any, shm_
 
 
 # ================================================================ 4. failed attach / create
+
 
 @pytest.mark.parametrize("impl", implementations())
 def test_failed_mmap_on_attach_never_unlinks(impl: Any, shm_name: Any) -> None:

@@ -8,13 +8,13 @@ import sys
 from typing import Any
 
 import pytest
-
-import shmem
 from conftest import blocks_with_prefix, implementations
 from test_defects import NAME_MAX, is_stdlib, path_of, run_child, stdlib_xfail_if
 
+import shmem
 
 # ================================================================ 5. names
+
 
 def invalid_name(kind: str, base: str) -> str:
     return {

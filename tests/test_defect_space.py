@@ -13,10 +13,8 @@ import subprocess
 from typing import Any, Dict
 
 import pytest
-
 from conftest import PYTHON, implementations
 from test_defects import is_stdlib
-
 
 # ================================================================ 1. full /dev/shm
 
@@ -118,7 +116,9 @@ def test_block_that_does_not_fit_raises_enospc_and_leaves_nothing(
 
 
 @pytest.mark.parametrize("impl", implementations())
-def test_writing_every_byte_of_a_created_block_never_sigbus(impl: Any, shm_name: Any, private_shm_available: None) -> None:
+def test_writing_every_byte_of_a_created_block_never_sigbus(
+    impl: Any, shm_name: Any, private_shm_available: None
+) -> None:
     """gh-114390: the stdlib's second 600 KiB block is created sparse and writing
     it kills the process with SIGBUS; shmem refuses the second block with ENOSPC."""
     name = shm_name()

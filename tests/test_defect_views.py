@@ -5,10 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from conftest import implementations
 from test_defects import run_child
-
 
 # ================================================================ 2. close() with live views
 

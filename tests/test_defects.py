@@ -14,12 +14,12 @@ import json
 import multiprocessing.shared_memory
 import os
 import subprocess
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import pytest
+from conftest import PYTHON, SHM_DIR, STDLIB_FAILS, blocks_with_prefix
 
 import shmem
-from conftest import PYTHON, SHM_DIR, STDLIB_FAILS, blocks_with_prefix
 
 STDLIB = multiprocessing.shared_memory
 NAME_MAX = os.pathconf(SHM_DIR, "PC_NAME_MAX")
@@ -68,6 +68,7 @@ def read_file(path: str) -> bytes:
 
 
 # ================================================================ parity: exception types
+
 
 def _attach_missing(impl: Any, name: str) -> None:
     impl.SharedMemory(name)

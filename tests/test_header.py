@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import os
 import struct
-import zlib
 
 import pytest
-
-import shmem
-from shmem._core.header import EXTRA_OFFSET, KIND_ARRAY, TRAILER_SIZE
-
 from _forge import poke, refix_header_crc, trailer_offset
 from conftest import SHM_DIR
+
+import shmem
 from shmem._core.block import Block
+from shmem._core.header import EXTRA_OFFSET, KIND_ARRAY
 from shmem._kinds.raw import block_of
 
 
@@ -49,7 +47,9 @@ def test_typed_block_round_trips_its_kind_header(shm_name) -> None:
     ],
     ids=["crc", "version", "kind", "size-too-big", "size-zero", "extra-too-long"],
 )
-def test_corrupted_header_raises_corrupt_segment(block: str, offset: int, data: bytes, refix: bool, message: str) -> None:
+def test_corrupted_header_raises_corrupt_segment(
+    block: str, offset: int, data: bytes, refix: bool, message: str
+) -> None:
     poke(block, trailer_offset(block) + offset, data)
     if refix:
         refix_header_crc(block)

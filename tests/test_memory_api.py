@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import array
 import multiprocessing.shared_memory as std_shared_memory
-from multiprocessing import resource_tracker
 import pickle
 import subprocess
 import sys
 import textwrap
 import time
+from multiprocessing import resource_tracker
 
 import pytest
+from conftest import implementations
 
 import shmem
 from shmem import SharedMemory, shared_memory
-
-from conftest import implementations
 
 
 def test_public_names_are_sorted_and_exported_once() -> None:

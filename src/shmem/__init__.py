@@ -7,6 +7,8 @@ without the standard library's lifecycle defects. This module only re-exports.
 
 from typing import TYPE_CHECKING
 
+from . import shared_memory
+from ._core.sweep import GcReport, RemovedBlock, gc
 from ._errors import (
     CorruptSegment,
     InvalidName,
@@ -19,11 +21,9 @@ from ._errors import (
     UnsafeSegment,
     UnsupportedDtype,
 )
-from ._core.sweep import GcReport, RemovedBlock, gc
 from ._kinds.list import ShareableList
 from ._kinds.raw import SharedMemory
 from ._segments import Segment, inspect_segment, list_segments, remove_segment
-from . import shared_memory
 
 # Imported on first use. NumPy is optional: without it, the first use of an
 # array name raises an ImportError saying how to install it. The manager pulls

@@ -77,8 +77,22 @@ def _inspect(name: str, opened: _platform.Opened) -> Segment:
     except CorruptSegment as err:
         return _corrupt(name, opened, str(err))
     if header is None:
-        return Segment(name, opened.size, opened.size, "foreign", "", "unknown", False, None,
-                       True, None, None, opened.mtime, uid, mode)
+        return Segment(
+            name,
+            opened.size,
+            opened.size,
+            "foreign",
+            "",
+            "unknown",
+            False,
+            None,
+            True,
+            None,
+            None,
+            opened.mtime,
+            uid,
+            mode,
+        )
     in_use = _platform.is_locked(opened.fd, USERS_LOCK)
     creator_alive = _platform.process_alive(header.creator)
     if creator_alive or in_use:
@@ -88,15 +102,40 @@ def _inspect(name: str, opened: _platform.Opened) -> Segment:
     else:
         state = "dead"
     return Segment(
-        name, header.size, opened.size, KIND_NAMES[header.kind], detail, state,
-        bool(header.flags & FLAG_MANAGED), header.auto_remove, header.ready, in_use,
-        header.creator.pid, header.created_ns / 1e9, uid, mode,
+        name,
+        header.size,
+        opened.size,
+        KIND_NAMES[header.kind],
+        detail,
+        state,
+        bool(header.flags & FLAG_MANAGED),
+        header.auto_remove,
+        header.ready,
+        in_use,
+        header.creator.pid,
+        header.created_ns / 1e9,
+        uid,
+        mode,
     )
 
 
 def _corrupt(name: str, opened: _platform.Opened, why: str) -> Segment:
-    return Segment(name, opened.size, opened.size, "corrupt", why, "unknown", False, None,
-                   False, None, None, opened.mtime, opened.uid, opened.mode)
+    return Segment(
+        name,
+        opened.size,
+        opened.size,
+        "corrupt",
+        why,
+        "unknown",
+        False,
+        None,
+        False,
+        None,
+        None,
+        opened.mtime,
+        opened.uid,
+        opened.mode,
+    )
 
 
 def list_segments(*, include_foreign: bool = False) -> List[Segment]:

@@ -61,7 +61,9 @@ def _table(rows: List[List[str]], header: List[str], right: Sequence[int] = ()) 
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
 
     def line(cells: List[str]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        ).rstrip()
 
     return "\n".join([line(header)] + [line(r) for r in rows])
 
@@ -86,11 +88,22 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print(json.dumps([_as_json(s) for s in segments], indent=1))
         return EXIT_OK
     if not segments:
-        print("no shared memory blocks" + ("" if args.all else " made by shmem (--all shows every block)"),
-              file=sys.stderr)
+        print(
+            "no shared memory blocks" + ("" if args.all else " made by shmem (--all shows every block)"),
+            file=sys.stderr,
+        )
         return EXIT_OK
-    rows = [[s.name, _human_size(s.size), _kind_label(s), s.state,
-             str(s.creator_pid) if s.creator_pid is not None else "-", _human_age(s.age)] for s in segments]
+    rows = [
+        [
+            s.name,
+            _human_size(s.size),
+            _kind_label(s),
+            s.state,
+            str(s.creator_pid) if s.creator_pid is not None else "-",
+            _human_age(s.age),
+        ]
+        for s in segments
+    ]
     print(_table(rows, ["NAME", "SIZE", "KIND", "STATE", "CREATOR", "AGE"], right=(1, 4, 5)))
     return EXIT_OK
 
@@ -112,13 +125,17 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(record, indent=1))
         return EXIT_OK
     fields = [
-        ("name", s.name), ("kind", _kind_label(s)), ("size", f"{s.size} bytes ({_human_size(s.size)})"),
-        ("file size", f"{s.file_size} bytes"), ("state", s.state),
+        ("name", s.name),
+        ("kind", _kind_label(s)),
+        ("size", f"{s.size} bytes ({_human_size(s.size)})"),
+        ("file size", f"{s.file_size} bytes"),
+        ("state", s.state),
         ("creator pid", str(s.creator_pid) if s.creator_pid is not None else "-"),
         ("created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created)) if s.created else "-"),
-        ("age", _human_age(s.age)), ("removed when abandoned", {True: "yes", False: "no (track=False)",
-                                                                None: "- (not made by shmem)"}[s.track]),
-        ("complete", "yes" if s.ready else "no"), ("held open (users lock)", {True: "yes", False: "no", None: "-"}[s.in_use]),
+        ("age", _human_age(s.age)),
+        ("removed when abandoned", {True: "yes", False: "no (track=False)", None: "- (not made by shmem)"}[s.track]),
+        ("complete", "yes" if s.ready else "no"),
+        ("held open (users lock)", {True: "yes", False: "no", None: "-"}[s.in_use]),
         ("mapped or open by pids", ", ".join(map(str, pids)) or "none seen"),
         ("owner uid, mode", f"{s.uid}, {s.mode:04o}"),
     ]
@@ -133,7 +150,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def _hexdump(data: bytes) -> str:
     lines = []
     for offset in range(0, len(data), 16):
-        chunk = data[offset:offset + 16]
+        chunk = data[offset : offset + 16]
         hexes = " ".join(f"{b:02x}" for b in chunk)
         text = "".join(chr(b) if 32 <= b < 127 else "." for b in chunk)
         lines.append(f"{offset:08x}  {hexes:<47}  {text}")
@@ -159,13 +176,19 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
     report = gc(dry_run=args.dry_run, prefix=args.prefix)
     if args.json:
-        print(json.dumps({"dry_run": report.dry_run, "removed": [r._asdict() for r in report],
-                          "in_use": list(report.in_use)}, indent=1))
+        print(
+            json.dumps(
+                {"dry_run": report.dry_run, "removed": [r._asdict() for r in report], "in_use": list(report.in_use)},
+                indent=1,
+            )
+        )
         return EXIT_OK
     verb = "would remove" if args.dry_run else "removed"
     for r in report:
-        print(f"{verb} {r.name} ({_human_size(r.size)}, creator pid {r.creator_pid}, "
-              f"age {_human_age(time.time() - r.created)})")
+        print(
+            f"{verb} {r.name} ({_human_size(r.size)}, creator pid {r.creator_pid}, "
+            f"age {_human_age(time.time() - r.created)})"
+        )
     for name in report.in_use:
         print(f"kept {name}: its creator is gone but a process still has it open", file=sys.stderr)
     if not report.removed:
@@ -208,8 +231,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="shmem", description="List, inspect, remove and collect shared memory blocks.",
-                     epilog="exit codes: 0 success, 1 nothing matched or refused, 2 usage error")
+    parser = _Parser(
+        prog="shmem",
+        description="List, inspect, remove and collect shared memory blocks.",
+        epilog="exit codes: 0 success, 1 nothing matched or refused, 2 usage error",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     ls = commands.add_parser("ls", help="list shmem's blocks (--all: every block)")
@@ -220,8 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="everything known about one block")
     info.add_argument("name")
     info.add_argument("--json", action="store_true")
-    info.add_argument("--bytes", type=_byte_count, default=64, metavar="N",
-                      help=f"hexdump the first N bytes (64; at most {MAX_FIRST_BYTES})")
+    info.add_argument(
+        "--bytes",
+        type=_byte_count,
+        default=64,
+        metavar="N",
+        help=f"hexdump the first N bytes (64; at most {MAX_FIRST_BYTES})",
+    )
     info.set_defaults(run=cmd_info)
 
     rm = commands.add_parser("rm", help="remove blocks; refuses one in use unless --force")

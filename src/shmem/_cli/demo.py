@@ -80,8 +80,11 @@ def run(out=sys.stdout) -> int:  # type: ignore[no-untyped-def]
             alive = inspect_segment(str(shm.name)).name == shm.name
         except FileNotFoundError:
             alive = False
-        print(f"  block still there after process 2 exited: {'yes' if alive else 'NO'}"
-              " (the standard library can lose it: gh-82300)", file=out)
+        print(
+            f"  block still there after process 2 exited: {'yes' if alive else 'NO'}"
+            " (the standard library can lose it: gh-82300)",
+            file=out,
+        )
     finally:
         shm.close()
         _, took = _timed(shm.unlink)

@@ -66,8 +66,9 @@ class Block:
     mapping: Optional[mmap.mmap]  # the data only: the header stays out of reach; None once released
     tracked: bool  # this handle holds the users lock
 
-    def __init__(self, name: str, size: int, inode: int, header: Optional[Header],
-                 mapping: mmap.mmap, tracked: bool) -> None:
+    def __init__(
+        self, name: str, size: int, inode: int, header: Optional[Header], mapping: mmap.mmap, tracked: bool
+    ) -> None:
         self.name, self.size, self.inode, self.header = name, size, inode, header
         self.mapping, self.tracked = mapping, tracked
 
@@ -75,8 +76,15 @@ class Block:
 
     @classmethod
     def create(
-        cls, name: Optional[str], size: int, *, kind: int = KIND_RAW, extra: bytes = b"",
-        initial: Sequence[Piece] = (), flags: int = 0, track: bool = True,
+        cls,
+        name: Optional[str],
+        size: int,
+        *,
+        kind: int = KIND_RAW,
+        extra: bytes = b"",
+        initial: Sequence[Piece] = (),
+        flags: int = 0,
+        track: bool = True,
     ) -> Block:
         """A new block of ``size`` bytes under ``name`` (None: a new random name).
 
@@ -92,8 +100,7 @@ class Block:
             name = names.validate(name)
         if any(offset < 0 or offset + len(data) > size for offset, data in initial):
             raise InvalidSize(f"initial contents do not fit in {size} bytes")
-        header = Header.new(size, kind=kind, track=track, creator=_platform.current_process(),
-                            extra=extra, flags=flags)
+        header = Header.new(size, kind=kind, track=track, creator=_platform.current_process(), extra=extra, flags=flags)
         total = total_size(size)
         pieces = [(Header.trailer_offset(total), header.pack()), *initial]
         label = name if name is not None else "(new block)"

@@ -118,8 +118,16 @@ class Header(NamedTuple):
         """The trailer's bytes up to the end of the kind's header (the rest of
         the page stays zero), ready mark included."""
         fixed = _FIXED.pack(
-            MAGIC, VERSION, self.kind, self.flags, self.size, self.block_id, *self.creator, self.created_ns,
-            len(self.extra), zlib.crc32(self.extra),
+            MAGIC,
+            VERSION,
+            self.kind,
+            self.flags,
+            self.size,
+            self.block_id,
+            *self.creator,
+            self.created_ns,
+            len(self.extra),
+            zlib.crc32(self.extra),
         )
         return b"".join((fixed, _CRC.pack(zlib.crc32(fixed)), READY, _PAD, self.extra))
 
@@ -153,8 +161,9 @@ class Header(NamedTuple):
         the kind's header; None when the magic is missing."""
         if len(raw) < HEADER_BYTES or raw[:8] != MAGIC:
             return None
-        (_, version, kind, flags, size, block_id, pid, start, pidns, created,
-         extra_len, extra_crc, crc, ready) = _ALL.unpack_from(raw)
+        (_, version, kind, flags, size, block_id, pid, start, pidns, created, extra_len, extra_crc, crc, ready) = (
+            _ALL.unpack_from(raw)
+        )
         if zlib.crc32(raw[: _FIXED.size]) != crc:
             raise CorruptSegment(f"shared memory block {name!r}: header checksum mismatch (overwritten?)")
         if version != VERSION:

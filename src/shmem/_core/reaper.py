@@ -1,8 +1,9 @@
 """The reaper: the process that removes a process tree's blocks after their creators are gone.
 
 Started by ``tracking`` with a listening Unix socket as its stdin; the
-protocol is drawn there, and coded here (``encode``/``decode``). It keeps, per connected process (known by SO_PEERCRED), the
-blocks that process created and did not unlink, and a pidfd that becomes
+protocol is drawn there, and coded here (``encode``/``decode``). It keeps,
+per connected process (known by SO_PEERCRED), the blocks that process
+created and did not unlink, and a pidfd that becomes
 readable when the process exits - however it exits, SIGKILL included. Then
 it reads what is left on that process's connections, and applies the
 lifecycle rule (``lifecycle.remove_if_abandoned``) to each of its blocks.
@@ -64,7 +65,6 @@ def decode(line: bytes) -> Tuple[bytes, int, str]:
     if sign not in (b"+", b"-") or len(block_id) != 16:
         raise ValueError("not a tracking message")
     return sign, int(block_id, 16), bytes.fromhex(name.decode("ascii")).decode("utf-8", "surrogateescape")
-
 
 
 # ------------------------------------------------------------ the reaper process

@@ -178,13 +178,15 @@ class _Client:
                 old, self._conn = self._conn, None
                 if old is not None:
                     _discard(old)
-                for attempt in range(3):
+                for _ in range(3):
                     conn = _connect()
                     self._conn = conn
                     # A snapshot in one step (a handler may add or remove blocks meanwhile:
                     # what it adds after this, it sends itself on the new connection).
-                    if all(_platform.send_message(conn.sock, encode(b"+", name, block_id))
-                           for block_id, name in list(self._blocks.items())):
+                    if all(
+                        _platform.send_message(conn.sock, encode(b"+", name, block_id))
+                        for block_id, name in list(self._blocks.items())
+                    ):
                         return
                     self._conn = None
                     _discard(conn)

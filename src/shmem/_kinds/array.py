@@ -52,7 +52,7 @@ from .._core.header import KIND_ARRAY
 from .._errors import UnsupportedDtype
 from . import array_dtype, array_layout, array_mappings
 from .array_dtype import ArrayMeta
-from .array_mappings import Use, drop_cached_mappings, owner_of
+from .array_mappings import Use, owner_of
 
 __all__ = ["SharedArray", "UnsupportedDtype", "array", "attach_array", "empty", "full", "zeros"]
 

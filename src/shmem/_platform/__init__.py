@@ -17,8 +17,8 @@ if sys.platform.startswith("linux"):
         NAME_MAX,
         Opened,
         ProcessIdentity,
-        connect,
         build_unnamed,
+        connect,
         current_process,
         entries,
         exists,
@@ -46,8 +46,7 @@ if sys.platform.startswith("linux"):
     )
 else:  # pragma: no cover
     raise ImportError(
-        f"shmem does not support {sys.platform} yet (only Linux); "
-        "use multiprocessing.shared_memory there"
+        f"shmem does not support {sys.platform} yet (only Linux); use multiprocessing.shared_memory there"
     )
 
 __all__ = [

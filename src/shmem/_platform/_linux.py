@@ -69,8 +69,10 @@ def build_unnamed(total: int, pieces: Sequence[Tuple[int, bytes]], name: str) ->
         fd = os.open(SHM_DIR, _CREATE_UNNAMED, 0o600)
     except OSError as err:
         if err.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-            raise ShmemError(f"{SHM_DIR} does not support unnamed files (O_TMPFILE): "
-                             "shmem needs Linux >= 3.11 with /dev/shm on tmpfs") from err
+            raise ShmemError(
+                f"{SHM_DIR} does not support unnamed files (O_TMPFILE): "
+                "shmem needs Linux >= 3.11 with /dev/shm on tmpfs"
+            ) from err
         raise _translate(err, name) from err
     try:
         st = os.fstat(fd)
@@ -79,9 +81,14 @@ def build_unnamed(total: int, pieces: Sequence[Tuple[int, bytes]], name: str) ->
         reserve(fd, total, name)
         for offset, data in pieces:  # through the file: no page faults, unlike a mapping
             os.pwrite(fd, data, offset)
-    except BaseException as err:
+    except OSError as err:
         os.close(fd)
-        raise _translate(err, name) if isinstance(err, OSError) and not isinstance(err, ShmemError) else err
+        if isinstance(err, ShmemError):
+            raise
+        raise _translate(err, name) from err
+    except BaseException:
+        os.close(fd)
+        raise
     return Opened(fd, total, st.st_ino, st.st_mtime)
 
 
@@ -334,7 +341,6 @@ def processes_using(names: Iterable[str]) -> Dict[str, List[int]]:
         for name in seen:
             found[name].append(pid)
     return found
-
 
 
 def spawn_with_stdin(argv: List[str], stdin_fd: int, blocked: Iterable[int] = ()) -> int:
