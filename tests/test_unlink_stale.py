@@ -8,12 +8,13 @@ or another process) and re-created under the same name as ``b``. Then
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 from typing import Any, Callable
 
 import pytest
-from conftest import PYTHON, SHM_DIR, wait_until
+from conftest import PYTHON, SHM_DIR, implementations, wait_until
 
 import shmem
 
@@ -150,3 +151,25 @@ def test_unlink_of_the_current_block_still_works(shm_name: Callable[[], str]) ->
     second.unlink()
     assert not _exists(name)
     first.close()
+
+
+@pytest.mark.parametrize("impl", implementations("it unlinks by name: a stale handle removes the newer block"))
+def test_stale_unlink_against_the_standard_library(impl: Any, shm_name: Callable[[], str]) -> None:
+    """The same defect, shmem beside the standard library (a strict xfail there)."""
+    kwargs = {"track": False} if "track" in inspect.signature(impl.SharedMemory).parameters else {}
+    name = shm_name()
+    stale = impl.SharedMemory(name, create=True, size=64, **kwargs)
+    other = impl.SharedMemory(name, **kwargs)
+    other.close()
+    other.unlink()
+    newer = impl.SharedMemory(name, create=True, size=64, **kwargs)
+    newer.buf[:5] = b"newer"
+    try:
+        with pytest.raises(FileNotFoundError):
+            stale.unlink()
+        assert _exists(name), "the stale handle's unlink removed the newer block"
+    finally:
+        stale.close()
+        newer.close()
+        if _exists(name):
+            newer.unlink()
