@@ -21,6 +21,7 @@ import shmem
 
 np = pytest.importorskip("numpy")
 arrays = pytest.importorskip("shmem._kinds.array")
+array_mappings = pytest.importorskip("shmem._kinds.array_mappings")
 
 
 # This process's mapping cache outlives a test by design: drop it before the leak guard looks.
@@ -440,7 +441,7 @@ def test_mapping_is_released_with_the_last_view(shm_prefix: str) -> None:
     assert list(shmem.attach_array(name, readonly=True)[10:12]) == [3.0, 3.0]
     view.unlink()
     del view
-    arrays.drop_cached_mappings()
+    array_mappings.drop_cached_mappings()
     gc.collect()
     assert mapped_with_prefix(shm_prefix) == []
 
@@ -462,7 +463,7 @@ VIEWS_OUTLIVE_HANDLES = textwrap.dedent(
     other = shmem.attach_array(name)
     keep.append(other[::-1])
     del arr, other
-    arrays.drop_cached_mappings()
+    array_mappings.drop_cached_mappings()
     for _ in range(3):
         gc.collect()
     for i, view in enumerate(keep):      # every view still reads and writes the block
@@ -473,7 +474,7 @@ VIEWS_OUTLIVE_HANDLES = textwrap.dedent(
     out = {"mapped_while_views": mapped(name)}
     shmem.attach_array(name).unlink()
     del keep, view
-    arrays.drop_cached_mappings()
+    array_mappings.drop_cached_mappings()
     gc.collect()
     out["mapped_after"] = mapped(name)
     print(json.dumps(out))
@@ -528,7 +529,7 @@ def test_threads_unpickling_at_once_share_one_mapping() -> None:
     arr = shmem.zeros((64, 16), track=False)
     data = [pickle.dumps(arr[i]) for i in range(64)]
     received = []
-    arrays.drop_cached_mappings()  # so that the threads race to attach (the creator's own mapping aside)
+    array_mappings.drop_cached_mappings()  # so that the threads race to attach (the creator's own mapping aside)
 
     def receive() -> None:
         received.extend(pickle.loads(d) for d in data)

@@ -28,6 +28,7 @@ from shmem._kinds import array_layout
 
 np = pytest.importorskip("numpy")
 arrays = pytest.importorskip("shmem._kinds.array")
+array_mappings = pytest.importorskip("shmem._kinds.array_mappings")
 array_dtype = pytest.importorskip("shmem._kinds.array_dtype")
 
 
@@ -73,7 +74,7 @@ def block():
     del arr
     gc.collect()
     yield name
-    arrays.drop_cached_mappings()
+    array_mappings.drop_cached_mappings()
     shmem.SharedMemory(name, track=False).unlink()
 
 
@@ -188,7 +189,7 @@ def test_forged_block_size_cannot_stretch_the_array(shm_name) -> None:
     arr = shmem.zeros(512, track=False, name=shm_name())  # 4096 bytes: exactly one page
     name = arr.name
     del arr
-    arrays.drop_cached_mappings()
+    array_mappings.drop_cached_mappings()
     gc.collect()
     forge_kind_header(name, _header((513,), "<f8"))
     with pytest.raises(shmem.CorruptSegment, match="larger than the block"):
@@ -239,13 +240,13 @@ def hostile_blocks() -> Iterator[Dict[str, str]]:
             arr = shmem.zeros(10, track=False)
             made[arr.name] = case
             del arr
-        arrays.drop_cached_mappings()
+        array_mappings.drop_cached_mappings()
         gc.collect()
         for name, case in made.items():
             forge_kind_header(name, _header((10,), HOSTILE_DTYPES[case]))
         yield made
     finally:
-        arrays.drop_cached_mappings()
+        array_mappings.drop_cached_mappings()
         for name in made:
             shmem.SharedMemory(name, track=False).unlink()
 

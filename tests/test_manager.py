@@ -476,9 +476,9 @@ def test_a_pool_of_8_workers_creating_through_the_manager_shares_one_reaper(meth
 def np():
     numpy = pytest.importorskip("numpy")
     yield numpy
-    from shmem._kinds import array as arrays
+    from shmem._kinds import array_mappings
 
-    arrays.drop_cached_mappings()  # attached mappings are cached by design: not a leak
+    array_mappings.drop_cached_mappings()  # attached mappings are cached by design: not a leak
     gc.collect()
 
 

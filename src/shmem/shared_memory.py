@@ -1,7 +1,10 @@
 """Mirror of ``multiprocessing.shared_memory``: change the import, keep the code.
 
-from shmem import shared_memory
-shm = shared_memory.SharedMemory(create=True, size=10)
+Example::
+
+    from shmem import shared_memory
+
+    shm = shared_memory.SharedMemory(create=True, size=10)
 """
 
 from ._kinds.list import ShareableList
