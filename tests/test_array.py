@@ -451,7 +451,7 @@ VIEWS_OUTLIVE_HANDLES = textwrap.dedent(
     import gc, json, sys
     import numpy as np
     import shmem
-    from shmem._kinds import array as arrays
+    from shmem._kinds import array_mappings
 
     def mapped(name):
         with open("/proc/self/maps") as f:
