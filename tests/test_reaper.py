@@ -194,6 +194,55 @@ def test_subprocesses_and_forks_use_the_reaper_of_their_tree(own_reaper: OwnReap
     assert report["subprocess"] == report["forked"] == report["parent"], report
 
 
+_FORK_APP = """
+import json, os, sys
+import shmem
+from shmem._core import tracking
+
+prefix = sys.argv[1]
+parent_block = shmem.SharedMemory(prefix + "parent", create=True, size=64)
+def sockets():
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the descriptor listdir itself used
+            continue
+        if target.startswith("socket:"):
+            found.append(target)
+    return sorted(found)
+
+
+inherited = sockets()
+pid = os.fork()
+if pid == 0:
+    left = sockets()  # the parent's connection must not be kept, nor used
+    child_block = shmem.SharedMemory(prefix + "child", create=True, size=64)
+    mine = tracking.reaper_pid()
+    print(json.dumps({"inherited": inherited, "left": left, "child_reaper": mine}), flush=True)
+    os._exit(0)  # its block is left to the reaper
+_, status = os.waitpid(pid, 0)
+print(json.dumps({"parent_reaper": tracking.reaper_pid(), "status": status}), flush=True)
+os._exit(0)
+"""
+
+
+def test_a_forked_child_drops_the_parents_connection_and_tracks_its_own(own_reaper: OwnReaper, shm_prefix: str) -> None:
+    """fork while holding a tracked block: the child closes its copy of the parent's
+    reaper socket (no descriptor leaked per fork), connects on its own first
+    create, and the blocks of both are removed once both are gone."""
+    proc = subprocess.run(
+        script(_FORK_APP) + [shm_prefix], env=own_reaper.env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    child, parent = (json.loads(line) for line in proc.stdout.splitlines()[-2:])
+    own_reaper.add(parent["parent_reaper"])
+    assert parent["status"] == 0
+    assert len(child["inherited"]) == 1 and child["left"] == [], child
+    assert child["child_reaper"] == parent["parent_reaper"]
+    assert wait_until(lambda: not _exists(shm_prefix + "parent") and not _exists(shm_prefix + "child"))
+
+
 # ------------------------------------------------------------ hard to kill, replaced when killed
 
 

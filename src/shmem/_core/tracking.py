@@ -196,11 +196,17 @@ class _Client:
 
 
 def _discard(conn: _Connection) -> None:
-    """Let go of a connection's socket without ever closing a stranger's descriptor."""
-    if conn.pid == os.getpid() and _platform.file_identity(conn.sock.fileno()) == conn.identity:
+    """Let go of a connection's socket without ever closing a stranger's descriptor.
+
+    In a forked child the descriptor is the child's own copy of the parent's
+    socket: closing it leaves the parent's connection alone, and not closing
+    it would leak one descriptor per fork. Only a number that now names
+    something else (closed behind our back, then reused) is left open.
+    """
+    if _platform.file_identity(conn.sock.fileno()) == conn.identity:
         conn.sock.close()
     else:
-        conn.sock.detach()  # the number is not ours any more (or is the parent's): leave it
+        conn.sock.detach()
 
 
 def _connect() -> _Connection:
