@@ -10,8 +10,9 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
+import pytest
 from conftest import PYTHON, SHM_DIR, wait_until
 
 import shmem
@@ -34,8 +35,10 @@ _MAKER = textwrap.dedent(
 )
 
 
-def run(*args: str, check_code: int = 0) -> subprocess.CompletedProcess:
-    done = subprocess.run([SCRIPT, *args], capture_output=True, text=True, timeout=60)
+def run(*args: str, check_code: int = 0, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [SCRIPT, *args], capture_output=True, text=True, timeout=60, env=None if env is None else {**os.environ, **env}
+    )
     assert done.returncode == check_code, (done.returncode, done.stdout, done.stderr)
     assert "Traceback" not in done.stderr
     return done
@@ -184,3 +187,126 @@ def test_python_dash_m_and_the_python_api_agree(shm_prefix: str) -> None:
     finally:
         made.close()
         made.unlink()
+
+
+# Names Linux allows but that are no UTF-8 text, or hold characters a terminal acts on.
+# Python hands the first kind over surrogate-escaped (PEP 383): printing them raised
+# UnicodeEncodeError, and `rm` removed the block before it crashed (issue 10).
+ODD_NAMES = {
+    "not-utf8": (os.fsdecode(b"\xff\xfe-not-utf8"), "\\xff\\xfe-not-utf8"),
+    "controls": ("new\nline\x1b[31m-red", "new\\nline\\x1b[31m-red"),
+}
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "ascii"])
+@pytest.mark.parametrize("odd", list(ODD_NAMES))
+def test_odd_names_are_printed_escaped_and_json_safe(odd: str, encoding: str, shm_prefix: str) -> None:
+    suffix, escaped_suffix = ODD_NAMES[odd]
+    name, escaped = shm_prefix + suffix, shm_prefix + escaped_suffix
+    shmem.SharedMemory(name, create=True, size=64, track=False).close()
+    env = {"PYTHONIOENCODING": encoding}
+    try:
+        table = run("ls", "--all", env=env).stdout
+        assert [line.split()[0] for line in table.splitlines() if line.startswith(shm_prefix)] == [escaped]
+
+        listing = run("ls", "--json", env=env).stdout
+        assert listing.isascii()
+        records = [r for r in json.loads(listing) if r["name"].startswith(shm_prefix)]
+        json.dumps(records, ensure_ascii=False).encode("utf-8")  # no lone surrogate: any JSON parser takes it
+        assert [(r["name"], r.get("name_hex")) for r in records] == [
+            (escaped, os.fsencode(name).hex()) if odd == "not-utf8" else (name, None)
+        ]
+
+        text = run("info", name, env=env).stdout
+        assert f"name                    {escaped}\n" in text
+        record = json.loads(run("info", name, "--json", env=env).stdout)
+        assert record["name"] == records[0]["name"] and record.get("name_hex") == records[0].get("name_hex")
+
+        assert run("rm", name, env=env).stdout == f"removed {escaped}\n"
+        assert not os.path.lexists(f"{SHM_DIR}/{name}")
+        missing = run("rm", name, check_code=1, env=env)
+        assert missing.stderr == f"shmem: {escaped}: no shared memory block with this name\n"
+    finally:
+        if os.path.lexists(f"{SHM_DIR}/{name}"):
+            os.unlink(f"{SHM_DIR}/{name}")
+
+
+# Maps a file of /dev/shm as a C program would (shm_open, ftruncate, mmap, close the
+# descriptor): only /proc/PID/maps shows it is in use.
+_MAPPER = textwrap.dedent(
+    """
+    import mmap, os, sys
+    path = os.fsencode("/dev/shm/") + bytes.fromhex(sys.argv[1])
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    os.ftruncate(fd, 4096)
+    mapping = mmap.mmap(fd, 4096)
+    os.close(fd)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    """
+)
+
+
+@pytest.mark.parametrize("odd", list(ODD_NAMES))
+def test_odd_name_in_use_is_seen_and_refused_with_the_name_escaped(odd: str, shm_prefix: str) -> None:
+    """The scan of /proc/PID/maps read text: one mapped path that is not UTF-8, in
+    any process, made `info` end in a traceback and `rm` refuse every block."""
+    suffix, escaped_suffix = ODD_NAMES[odd]
+    name, escaped = shm_prefix + suffix, shm_prefix + escaped_suffix
+    mapper = subprocess.Popen(
+        [PYTHON, "-c", _MAPPER, os.fsencode(name).hex()], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert mapper.stdout is not None and mapper.stdout.readline() == b"ready\n"
+        env = {"PYTHONIOENCODING": "utf-8"}
+        assert json.loads(run("info", name, "--json", env=env).stdout)["used_by"] == [mapper.pid]
+        refused = run("rm", name, check_code=1, env=env)
+        assert refused.stderr == f"shmem: {escaped}: in use by processes {mapper.pid} (--force removes it anyway)\n"
+        assert os.path.lexists(f"{SHM_DIR}/{name}")
+        with shmem.SharedMemory(create=True, size=64) as other:  # a block beside it is unaffected
+            assert json.loads(run("info", str(other.name), "--json", env=env).stdout)["used_by"] == [os.getpid()]
+            other.unlink()
+    finally:
+        mapper.communicate(b"\n", timeout=30)
+        if os.path.lexists(f"{SHM_DIR}/{name}"):
+            os.unlink(f"{SHM_DIR}/{name}")
+
+
+OUT_OF_BOUNDS = ["-1", "99999999999999999999", str(2**64), "100000000000", "1e3", "0x10", "abc", "", "9" * 5000]
+
+
+def _numeric_options() -> List[Any]:
+    """(command, option, positional arguments it needs) for every option of every
+    command that converts its value: each must be bounded."""
+    import argparse
+
+    from shmem._cli import build_parser
+
+    found = []
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for command, sub in commands.choices.items():
+        positionals = ["x" for a in sub._actions if not a.option_strings]
+        for action in sub._actions:
+            if action.option_strings and action.type not in (None, str):
+                option = action.option_strings[-1]
+                found.append(pytest.param(command, option, positionals, id=f"{command}-{action.dest}"))
+    assert found  # shmem info --bytes, at least
+    return found
+
+
+@pytest.mark.parametrize("command,option,positionals", _numeric_options())
+def test_every_numeric_argument_is_bounded(command: str, option: str, positionals: List[str]) -> None:
+    """A value out of range is a usage error (exit 2, one line), never a MemoryError
+    or OverflowError traceback (issue 10: --bytes 100000000000 allocated, then died)."""
+    for value in OUT_OF_BOUNDS:
+        refused = run(command, *positionals, f"{option}={value}", check_code=2)
+        assert refused.stdout == "" and refused.stderr.splitlines()[-1].startswith("shmem: argument")
+        assert len(refused.stderr) < 1000  # the value is not echoed in full
+
+
+def test_first_bytes_is_bounded_in_the_api_too(shm_name: Any) -> None:
+    from shmem._segments import MAX_FIRST_BYTES, first_bytes
+
+    for count in (-1, MAX_FIRST_BYTES + 1, 2**64):
+        with pytest.raises(ValueError):
+            first_bytes(shm_name(), count)

@@ -174,3 +174,30 @@ def test_two_separately_started_pythons_share_a_block(impl, shm_name) -> None:
     del b
     shm.close()
     shm.unlink()  # raises FileNotFoundError if the second process had removed it
+
+
+@pytest.mark.parametrize("size", [2**63 - 1, 2**63, 2**64 - 1, 2**64, 2**100], ids=lambda n: f"{n:#x}")
+def test_a_size_no_block_can_have_fails_at_once_and_makes_nothing(size: int, shm_name) -> None:
+    """Issue 10: ``size=2**64`` raised struct.error. A size no file can have is a
+    ValueError (``shmem.InvalidSize``), raised before anything touches /dev/shm."""
+    name = shm_name()
+    started = time.monotonic()
+    with pytest.raises(ValueError) as info:
+        SharedMemory(name, create=True, size=size)
+    assert isinstance(info.value, shmem.InvalidSize) and str(size) in str(info.value)
+    with pytest.raises(ValueError):
+        SharedMemory(create=True, size=size)  # a generated name: the same
+    assert time.monotonic() - started < 1.0
+    with pytest.raises(FileNotFoundError):
+        SharedMemory(name)
+
+
+def test_a_size_that_does_not_fit_is_no_space_at_once(shm_name) -> None:
+    """A representable size larger than /dev/shm: ENOSPC (``shmem.NoSpace``) before any allocation."""
+    name = shm_name()
+    started = time.monotonic()
+    with pytest.raises(OSError) as info:
+        SharedMemory(name, create=True, size=2**62)
+    assert isinstance(info.value, shmem.NoSpace) and time.monotonic() - started < 1.0
+    with pytest.raises(FileNotFoundError):
+        SharedMemory(name)

@@ -8,6 +8,14 @@ Data goes to stdout, diagnostics to stderr. Exit codes:
 
 A missing name, a permission error or a damaged header is a one-line
 message, never a traceback.
+
+Names are printed as ``_shown()`` makes them: a name whose bytes are not
+UTF-8 (Linux allows any bytes but ``/`` and NUL, and Python hands them over
+surrogate-escaped) shows those bytes as ``\\xNN``, unprintable characters
+are escaped and a backslash doubled, so every name prints on any terminal and
+no two print alike. In ``--json`` such a name's ``name`` is that escaped text
+(valid Unicode, which any JSON parser accepts) and ``name_hex`` carries its
+exact bytes; a UTF-8 name appears as it is, without ``name_hex``.
 """
 
 from __future__ import annotations
@@ -15,11 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from .._errors import SegmentInUse
 from .._segments import MAX_FIRST_BYTES, Segment, first_bytes, inspect_segment, list_segments, remove_segment, users_of
 
 EXIT_OK, EXIT_NO_MATCH, EXIT_USAGE = 0, 1, 2
@@ -42,6 +52,42 @@ def _human_age(seconds: Optional[float]) -> str:
     return f"{seconds:.0f}s"
 
 
+def _shown(name: str) -> str:
+    """``name`` as text that prints anywhere and tells names apart.
+
+    Bytes that are not UTF-8 reach Python as lone surrogates (U+DC80-U+DCFF,
+    PEP 383), which no output encoding accepts: they show as ``\\xNN``, the
+    byte itself. Other unprintable characters (control characters: a name may
+    hold a newline or a terminal escape) show as Python escapes, and a
+    backslash is doubled so that an escape is never ambiguous.
+    """
+    if name.isprintable() and "\\" not in name:  # surrogates are not printable
+        return name
+    out = []
+    for ch in name:
+        if ch == "\\":
+            out.append("\\\\")
+        elif 0xDC80 <= ord(ch) <= 0xDCFF:
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.append(ascii(ch)[1:-1])
+    return "".join(out)
+
+
+def _is_text(name: str) -> bool:
+    """Whether ``name`` is Unicode text: no lone surrogates (bytes that were not UTF-8)."""
+    return not any(0xD800 <= ord(ch) <= 0xDFFF for ch in name)
+
+
+def _name_fields(name: str) -> Dict[str, Any]:
+    """JSON fields for a name: ``name``, and ``name_hex`` when it is not UTF-8 text."""
+    if _is_text(name):
+        return {"name": name}
+    return {"name": _shown(name), "name_hex": name.encode("utf-8", "surrogateescape").hex()}
+
+
 def _kind_label(s: Segment) -> str:
     label = s.kind + (f" {s.detail}" if s.detail and s.kind != "corrupt" else "")
     if s.managed:
@@ -53,6 +99,7 @@ def _kind_label(s: Segment) -> str:
 
 def _as_json(s: Segment) -> Dict[str, Any]:
     record = s._asdict()
+    record.update(_name_fields(s.name))
     record["age"] = s.age
     return record
 
@@ -74,9 +121,9 @@ def _fail(message: str, code: int = EXIT_NO_MATCH) -> int:
 
 
 def _describe_error(err: Exception) -> str:
-    if isinstance(err, OSError) and err.filename:
-        return f"{err.filename}: {err.strerror}"
-    return str(err)
+    if isinstance(err, OSError) and isinstance(err.filename, str):
+        return f"{_shown(err.filename)}: {err.strerror}"
+    return str(err)  # InvalidName and the like: the name is in it as repr(), already escaped
 
 
 # ------------------------------------------------------------------ commands
@@ -95,7 +142,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return EXIT_OK
     rows = [
         [
-            s.name,
+            _shown(s.name),
             _human_size(s.size),
             _kind_label(s),
             s.state,
@@ -125,7 +172,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(record, indent=1))
         return EXIT_OK
     fields = [
-        ("name", s.name),
+        ("name", _shown(s.name)),
         ("kind", _kind_label(s)),
         ("size", f"{s.size} bytes ({_human_size(s.size)})"),
         ("file size", f"{s.file_size} bytes"),
@@ -160,14 +207,14 @@ def _hexdump(data: bytes) -> str:
 def cmd_rm(args: argparse.Namespace) -> int:
     status = EXIT_OK
     for name in args.names:
+        report = f"removed {_shown(name)}"  # made before acting: nothing can fail once it is removed
         try:
             remove_segment(name, force=args.force)
         except (OSError, ValueError) as err:
-            suffix = " (--force removes it anyway)" if isinstance(err, PermissionError) and err.errno == 16 else ""
-            _fail(_describe_error(err) + suffix)
+            _fail(_describe_error(err) + (" (--force removes it anyway)" if isinstance(err, SegmentInUse) else ""))
             status = EXIT_NO_MATCH
         else:
-            print(f"removed {name}")
+            print(report)
     return status
 
 
@@ -178,7 +225,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
     if args.json:
         print(
             json.dumps(
-                {"dry_run": report.dry_run, "removed": [r._asdict() for r in report], "in_use": list(report.in_use)},
+                {
+                    "dry_run": report.dry_run,
+                    "removed": [{**r._asdict(), **_name_fields(r.name)} for r in report],
+                    "in_use": [name if _is_text(name) else _shown(name) for name in report.in_use],
+                },
                 indent=1,
             )
         )
@@ -186,11 +237,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
     verb = "would remove" if args.dry_run else "removed"
     for r in report:
         print(
-            f"{verb} {r.name} ({_human_size(r.size)}, creator pid {r.creator_pid}, "
+            f"{verb} {_shown(r.name)} ({_human_size(r.size)}, creator pid {r.creator_pid}, "
             f"age {_human_age(time.time() - r.created)})"
         )
     for name in report.in_use:
-        print(f"kept {name}: its creator is gone but a process still has it open", file=sys.stderr)
+        print(f"kept {_shown(name)}: its creator is gone but a process still has it open", file=sys.stderr)
     if not report.removed:
         print("nothing to collect", file=sys.stderr)
     return EXIT_OK
@@ -213,14 +264,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ parsing
 
 
-def _byte_count(text: str) -> int:
-    try:
-        count = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of bytes: {text!r}") from None
-    if not 0 <= count <= MAX_FIRST_BYTES:
-        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_FIRST_BYTES}, not {count}")
-    return count
+def _bounded_int(low: int, high: int, what: str) -> Callable[[str], int]:
+    """An argparse type: a decimal integer from ``low`` to ``high``, or a usage error.
+
+    Decimal digits only (int() would also take "1_000" and other scripts'
+    digits), and a number too long to be in range is refused without being
+    converted (a 5000-digit one would exceed int's string limit) or echoed
+    in full.
+    """
+
+    widest = len(str(max(abs(low), abs(high))))
+
+    def convert(text: str) -> int:
+        short = text if len(text) <= 24 else text[:20] + "..."
+        number = re.fullmatch(r"\s*([+-]?)0*([0-9]+)\s*", text)
+        if number is None:
+            raise argparse.ArgumentTypeError(f"not a number of {what}: {short!r}")
+        sign, magnitude = number.groups()
+        if len(magnitude) > widest or not low <= int(sign + magnitude) <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, not {short}")
+        return int(sign + magnitude)
+
+    return convert
 
 
 class _Parser(argparse.ArgumentParser):
@@ -248,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
     info.add_argument(
         "--bytes",
-        type=_byte_count,
+        type=_bounded_int(0, MAX_FIRST_BYTES, "bytes"),
         default=64,
         metavar="N",
         help=f"hexdump the first N bytes (64; at most {MAX_FIRST_BYTES})",
@@ -275,7 +340,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _never_fail_to_print() -> None:
+    """Text that the output encoding cannot hold (a non-ASCII name under
+    ``PYTHONIOENCODING=ascii``, say) prints escaped rather than raising
+    UnicodeEncodeError - which would come after ``rm`` removed the block."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    _never_fail_to_print()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):

@@ -239,6 +239,15 @@ def _kind_of(mode: int) -> str:
     return "special file"
 
 
+def _kind_at(name: str) -> str:
+    """What kind of special file ``name`` is, for an error message."""
+    try:
+        mode = os.stat(path_of(name), follow_symlinks=False).st_mode
+    except OSError:  # gone meanwhile
+        return "special file"
+    return _kind_of(mode)
+
+
 def _translate(err: OSError, name: str) -> OSError:
     """The shmem error for an OSError raised while working on block ``name``."""
     if err.errno == errno.ENOENT:
@@ -249,6 +258,10 @@ def _translate(err: OSError, name: str) -> OSError:
         return UnsafeSegment(name, "a symbolic link, not a shared memory block")
     if err.errno == errno.EISDIR:
         return UnsafeSegment(name, "a directory, not a shared memory block")
+    if err.errno == errno.ENXIO:
+        # open(2) gives ENXIO for a Unix domain socket, and for a device file with
+        # no device behind it: never a block. Say which it is, if it is still there.
+        return UnsafeSegment(name, f"a {_kind_at(name)}, not a shared memory block")
     if err.errno == errno.ENOSPC:
         return NoSpace(name, f"{SHM_DIR} is full")
     return type(err)(err.errno, f"{err.strerror} (shared memory block)", name)
@@ -316,19 +329,23 @@ def processes_using(names: Iterable[str]) -> Dict[str, List[int]]:
     """For each block name, the pids that have it mapped or open (as fuser would
     say), among the processes this user may inspect. One pass over /proc."""
     paths = {path_of(name): name for name in names}
+    # Read as bytes: any process may map a file whose path is not UTF-8 (a
+    # block's name too), and one such line must not break the scan. The
+    # kernel writes a newline in a path as "\012" there (seq_file_path).
+    in_maps = {os.fsencode(path).replace(b"\n", b"\\012"): name for path, name in paths.items()}
     found: Dict[str, List[int]] = {name: [] for name in paths.values()}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         pid, seen = int(entry), set()
         try:
-            with open(f"/proc/{pid}/maps") as maps:
+            with open(f"/proc/{pid}/maps", "rb") as maps:
                 for line in maps:
-                    path = line.rstrip("\n").split(None, 5)[-1]
-                    if path.endswith(" (deleted)"):
+                    path = line.rstrip(b"\n").split(None, 5)[-1]
+                    if path.endswith(b" (deleted)"):
                         continue
-                    if path in paths:
-                        seen.add(paths[path])
+                    if path in in_maps:
+                        seen.add(in_maps[path])
             for fd in os.listdir(f"/proc/{pid}/fd"):
                 try:
                     target = os.readlink(f"/proc/{pid}/fd/{fd}")
