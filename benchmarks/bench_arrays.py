@@ -3,16 +3,22 @@
 
     python benchmarks/bench_arrays.py [--quick | --smoke] [--json PATH] [--sizes 1M,100M,1G] [--no-ray]
 
-Three parts (benchmarks/README.md explains each row):
+Four parts (benchmarks/README.md explains each row):
 
 1. hand-off: a float64 array goes to a worker process that sums it and sends
    the sum back - shmem (a SharedArray as the argument of Pool.apply) against
    Pool.apply with a plain ndarray, multiprocessing.Queue, the standard
    library's SharedMemory used by hand, and Ray (ray.put, then a task taking
    the ref) when ``ray`` is installed.
-2. attach by name in another process, by size: must not depend on it.
+2. attach by name in another process, by size, against the standard
+   library's attach + np.ndarray + close: must not depend on the size; goals:
+   the first attach in a process within 1.5x of the standard library's, an
+   attach of a block the process has mapped already faster than it.
 3. filling a new array: first touch of every page, and what the ways of
    preparing the memory at creation do to it.
+4. a SharedArray against a plain ndarray of the same 1,000 float64, one
+   operation at a time (x[5], x[10:20], x + 1, x.sum(), np.add(x, 1, out=x)):
+   goal within 1.2x.
 
 Standard library + NumPy + shmem (+ Ray, optional); Linux only.
 """
@@ -32,6 +38,7 @@ import secrets
 import statistics
 import sys
 import time
+import timeit
 from multiprocessing import shared_memory as stdlib_shm
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -41,6 +48,9 @@ from _common import SHM_DIR, GiB, KiB, MiB, fmt_ns, parse_size, remove_prefixed,
 import shmem
 from shmem._kinds import array_mappings
 
+# Bound once: ``shmem.attach_array`` is resolved through the package's lazy __getattr__ on every use.
+attach_array = shmem.attach_array
+
 # Blocks made here without shmem (stdlib, raw files) carry this prefix: cleanup removes exactly those.
 PREFIX = f"shmbencharr_{os.getpid()}_{secrets.token_hex(3)}_"
 # shmem's own blocks too, unless a caller (the tests) chose a prefix: inherited by the workers.
@@ -49,7 +59,7 @@ MADV_POPULATE_WRITE = 23  # Linux >= 5.14 (<linux/mman.h>); Python's mmap module
 now = time.perf_counter_ns
 _serial = iter(range(1 << 30))
 
-Results = Dict[Tuple[str, str], Dict[str, List[int]]]  # (part/operation, size) -> implementation -> ns samples
+Results = Dict[Tuple[str, str], Dict[str, List[float]]]  # (part/operation, size) -> implementation -> ns samples
 
 
 def cleanup() -> None:
@@ -60,7 +70,7 @@ def new_name() -> str:
     return f"{PREFIX}{next(_serial)}"
 
 
-def record(results: Results, row: Tuple[str, str], impl: str, ns: int) -> None:
+def record(results: Results, row: Tuple[str, str], impl: str, ns: float) -> None:
     results.setdefault(row, {}).setdefault(impl, []).append(ns)
 
 
@@ -95,6 +105,13 @@ def forget_mappings() -> None:
     gc.collect()
 
 
+def drop_mappings() -> None:
+    """As forget_mappings, without gc.collect(), which leaves the next allocations
+    slow for a while (the standard library's samples get none either). Arrays
+    go with their last reference: there is no cycle to collect."""
+    array_mappings.drop_cached_mappings()
+
+
 def queue_worker(inbox: Any, outbox: Any) -> None:
     while True:
         arr = inbox.get()
@@ -108,9 +125,9 @@ def attach_probe(name: str, count: int, cached: bool) -> List[int]:
     samples = []
     for _ in range(count):
         if not cached:
-            forget_mappings()
+            drop_mappings()
         t0 = now()
-        arr = shmem.attach_array(name)
+        arr = attach_array(name)
         del arr
         samples.append(now() - t0)
     forget_mappings()
@@ -255,6 +272,10 @@ def run_handoff(sizes: List[int], reps: Dict[int, Tuple[int, int]], ray: Optiona
 
 # ===================================================================== 2. attach by name
 
+ATTACH_FIRST = "shmem attach_array (first in the process)"
+ATTACH_CACHED = "shmem attach_array (block mapped already)"
+ATTACH_STDLIB = "stdlib SharedMemory + np.ndarray + close"
+
 
 def run_attach(sizes: List[int], reps: int, results: Results) -> None:
     ctx = multiprocessing.get_context("spawn")
@@ -271,13 +292,13 @@ def run_attach(sizes: List[int], reps: int, results: Results) -> None:
                 for impl in rotated(["cold", "cached", "stdlib"], r):
                     if impl == "cold":
                         samples = pool.apply(attach_probe, (arr.name, reps, False))
-                        key = "shmem attach_array (first in the process)"
+                        key = ATTACH_FIRST
                     elif impl == "cached":
                         samples = pool.apply(attach_probe, (arr.name, reps, True))[1:]
-                        key = "shmem attach_array (block mapped already)"
+                        key = ATTACH_CACHED
                     else:
                         samples = pool.apply(attach_probe_stdlib, (std.name, (size // 8,), reps))
-                        key = "stdlib SharedMemory + np.ndarray + close"
+                        key = ATTACH_STDLIB
                     for ns in samples:
                         record(results, ("attach by name, other process", label), key, ns)
             arr.unlink()
@@ -391,6 +412,44 @@ def run_fill(size: int, reps: int, results: Results) -> None:
             record(results, ("new array: fill again (touched)", label), impl, again)
 
 
+# ===================================================================== 4. SharedArray against ndarray
+
+OPS_PART = "SharedArray vs ndarray"  # 1,000 float64
+#: Each operation, as written against an array ``x`` (``np`` is NumPy).
+OPERATIONS = ("x[5]", "x[10:20]", "x + 1", "x.sum()", "np.add(x, 1, out=x)")
+OPS_GOAL = 1.2
+OPS_SIZE = size_label(8000)
+
+
+def run_operations(samples: int, number: int, results: Results) -> None:
+    """Each operation ``number`` times per sample, on a SharedArray and on a plain
+    ndarray holding the same data, the two interleaved (rotated each round).
+    Timed in this thread's CPU time: what other processes do meanwhile (the
+    load of a shared machine) does not count, the operation itself does."""
+    print("... SharedArray against ndarray", file=sys.stderr)
+    shared = shmem.zeros(1000)
+    plain = np.zeros(1000)
+    arrays = {"SharedArray": shared, "ndarray": plain}
+    try:
+        for label in OPERATIONS:
+            timers = {
+                impl: timeit.Timer(label, timer=time.thread_time, globals={"x": x, "np": np})
+                for impl, x in arrays.items()
+            }
+            for timer in timers.values():
+                timer.timeit(number)  # warm-up
+            gc.disable()
+            try:
+                for r in range(samples):
+                    for impl in rotated(list(timers), r):
+                        ns = timers[impl].timeit(number) * 1e9 / number
+                        record(results, (f"{OPS_PART}: {label}", OPS_SIZE), impl, round(ns, 1))
+            finally:
+                gc.enable()
+    finally:
+        shared.unlink()
+
+
 # ===================================================================== report
 
 
@@ -411,9 +470,9 @@ def rows_of(results: Results, reference: Dict[str, str]) -> List[Dict[str, Any]]
 
 
 def print_table(rows: List[Dict[str, Any]]) -> None:
-    fmt = "{:<38} {:>7}  {:<42} {:>9}  {:>21} {:>4}  {:>8}"
+    fmt = "{:<44} {:>7}  {:<42} {:>9}  {:>21} {:>4}  {:>8}"
     print(fmt.format("operation", "size", "implementation", "median", "p25 - p75", "n", "ratio"))
-    print("-" * 140)
+    print("-" * 146)
     for i, row in enumerate(rows):
         first = i == 0 or (row["operation"], row["size"]) != (rows[i - 1]["operation"], rows[i - 1]["size"])
         if first and i:
@@ -431,8 +490,8 @@ def print_table(rows: List[Dict[str, Any]]) -> None:
             )
         )
     print(
-        "\nratio = median / median of the row's reference (hand-off: shmem; attach: shmem first attach;"
-        " new array: shmem.empty): > 1 is slower than the reference.\n"
+        "\nratio = median / median of the row's reference (hand-off: shmem; attach: the standard library;"
+        " new array: shmem.empty; SharedArray vs ndarray: ndarray): > 1 is slower than the reference.\n"
     )
 
 
@@ -472,12 +531,32 @@ def print_goals(rows: List[Dict[str, Any]], ray: Optional[Ray], ray_note: str) -
     attach = "attach by name, other process"
     sizes = sorted({r["size"] for r in rows if r["operation"] == attach}, key=parse_label)
     if len(sizes) >= 2:
-        key = "shmem attach_array (first in the process)"
+        key = ATTACH_FIRST
         small, large = median_of(rows, attach, sizes[0], key), median_of(rows, attach, sizes[-1], key)
         if small and large:
             lines.append(
                 f"attach_array in another process: {sizes[-1]} / {sizes[0]} = {large / small:.2f} "
                 "(independent of size: ~1)"
+            )
+    for size in sizes:
+        std = median_of(rows, attach, size, ATTACH_STDLIB)
+        first, cached = median_of(rows, attach, size, ATTACH_FIRST), median_of(rows, attach, size, ATTACH_CACHED)
+        if std and first and cached:
+            lines.append(
+                f"{size}: attach_array, first in the process / standard library = {first / std:.2f} "
+                f"(goal <= 1.5, {'met' if first / std <= 1.5 else 'NOT met'}); "
+                f"block mapped already / standard library = {cached / std:.2f} "
+                f"(goal < 1, {'met' if cached < std else 'NOT met'})"
+            )
+    for label in OPERATIONS:
+        operation = f"{OPS_PART}: {label}"
+        ours = median_of(rows, operation, OPS_SIZE, "SharedArray")
+        theirs = median_of(rows, operation, OPS_SIZE, "ndarray")
+        if ours and theirs:
+            ratio = ours / theirs
+            lines.append(
+                f"SharedArray {label}: {fmt_ns(ours)} vs ndarray {fmt_ns(theirs)} = {ratio:.2f}x "
+                f"(goal <= {OPS_GOAL}x, {'met' if ratio <= OPS_GOAL else 'NOT met'})"
             )
     for line in lines:
         print("goal:", line)
@@ -505,12 +584,15 @@ def main() -> None:
 
     if args.smoke:
         sizes, fill_size, reps, attach_reps, fill_reps = [MiB, 8 * MiB], 16 * MiB, {MiB: (2, 2), 8 * MiB: (2, 1)}, 5, 1
+        op_samples, op_number = 5, 200
     elif args.quick:
-        sizes, fill_size, attach_reps, fill_reps = [MiB, 100 * MiB], 256 * MiB, 20, 2
+        sizes, fill_size, attach_reps, fill_reps = [MiB, 100 * MiB], 256 * MiB, 200, 2
         reps = {MiB: (15, 15), 100 * MiB: (5, 3)}
+        op_samples, op_number = 41, 2000
     else:
-        sizes, fill_size, attach_reps, fill_reps = [MiB, 100 * MiB, GiB], GiB, 50, 5
+        sizes, fill_size, attach_reps, fill_reps = [MiB, 100 * MiB, GiB], GiB, 500, 5
         reps = {MiB: (41, 41), 100 * MiB: (15, 7), GiB: (9, 3)}
+        op_samples, op_number = 101, 5000
     sizes = args.sizes or sizes
     fill_size = args.fill_size or fill_size
     reps = {s: reps.get(s, (5, 3 if s >= GiB else 5)) for s in sizes}
@@ -538,6 +620,7 @@ def main() -> None:
         run_handoff(sizes, reps, ray, results)
         run_attach(sizes, attach_reps, results)
         run_fill(fill_size, fill_reps, results)
+        run_operations(op_samples, op_number, results)
     finally:
         if ray is not None:
             ray.shutdown()
@@ -546,8 +629,9 @@ def main() -> None:
         results,
         {
             "hand-off": SHMEM,
-            "attach by name, other process": "shmem attach_array (first in the process)",
+            "attach by name, other process": ATTACH_STDLIB,
             "new array": "shmem.empty (fallocate, as now)",
+            OPS_PART: "ndarray",
         },
     )
     print_table(rows)

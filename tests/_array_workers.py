@@ -66,9 +66,8 @@ def create_and_send(outbox: Any, inbox: Any, shape: Tuple[int, ...]) -> None:
     inbox.get()
 
 
-def mappings_after_receiving(slices: List[Any]) -> Dict[str, Any]:
-    """How many mappings and descriptors many received slices of one block cost."""
-    name = slices[0].name
+def _held(name: str) -> Tuple[int, int]:
+    """This process's mappings and descriptors of block ``name``."""
     with open("/proc/self/maps") as f:
         maps = [line for line in f if line.rstrip().endswith("/dev/shm/" + name)]
     fds = []
@@ -77,8 +76,19 @@ def mappings_after_receiving(slices: List[Any]) -> Dict[str, Any]:
             fds.append(os.readlink(f"/proc/self/fd/{fd}"))
         except FileNotFoundError:
             pass  # the descriptor listdir used
+    return len(maps), sum(f == "/dev/shm/" + name for f in fds)
+
+
+def mappings_after_receiving(slices: List[Any]) -> Dict[str, Any]:
+    """How many mappings and descriptors many received slices of one block
+    cost, and how many are left once they are dropped (the mapping stays cached)."""
+    name = slices[0].name
+    mappings, fds = _held(name)
     total = sum(float(s.sum()) for s in slices)
-    return {"mappings": len(maps), "fds": sum(f == "/dev/shm/" + name for f in fds), "total": total}
+    del slices[:]
+    gc.collect()
+    mappings_after, fds_after = _held(name)
+    return {"mappings": mappings, "fds": fds, "total": total, "mappings_after": mappings_after, "fds_after": fds_after}
 
 
 def dtype_round_trip(arr: Any) -> Tuple[str, bytes, bytes]:

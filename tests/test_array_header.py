@@ -143,6 +143,12 @@ FORGERIES = {
     # json refuses this deep a nesting (RecursionError) or not (Python >= 3.13): refused either way
     "nesting-bomb": (_header((10,), ("[" * 1800 + "]" * 1800).encode()), "unreadable dtype|unknown dtype description"),
     "deep-dtype": (_header((10,), json.loads('{"base":' * 20 + '"<f8"' + ',"shape":[1]}' * 20)), "too deep"),
+    # Issue 10: NumPy refused these ("array is too big", "maximum supported dimension")
+    # after every check had passed; each is CorruptSegment before NumPy sees it.
+    "zero-beside-huge": (_header((0, 1 << 40, 1 << 40), "<f8"), "too big"),
+    "ndim-64-zero-beside-huge": (_header((0,) + (4,) * 63, "<f8"), "too big"),
+    "ndim-64-plus-subarray": (_header((1,) * 64, {"base": "<f8", "shape": [2]}, itemsize=16), "65 dimensions"),
+    "subarray-zero-beside-huge": (_header((1 << 40,), {"base": "<f8", "shape": [0, 1 << 40]}, itemsize=0), "too big"),
 }
 
 
@@ -165,19 +171,36 @@ def test_a_forged_header_leaves_nothing_mapped(block: str, shm_prefix: str) -> N
 
 
 def test_raw_shmem_block_has_no_array_header() -> None:
+    """The message names the kind found and the call that opens it."""
     raw = shmem.SharedMemory(create=True, size=4096)
-    with pytest.raises(shmem.CorruptSegment, match="no array header.*made with shmem") as info:
-        shmem.attach_array(raw.name)
-    assert raw.name in str(info.value)
-    raw.close()
-    raw.unlink()
+    try:
+        with pytest.raises(shmem.CorruptSegment, match="no array header.*raw block made with shmem") as info:
+            shmem.attach_array(raw.name)
+        assert f"open it with shmem.SharedMemory({raw.name!r})" in str(info.value)
+    finally:
+        raw.close()
+        raw.unlink()
+
+
+def test_list_block_names_shareable_list() -> None:
+    """Issue 10: this advised shmem.SharedMemory."""
+    sl = shmem.ShareableList([1, "two", 3.0])
+    try:
+        with pytest.raises(shmem.CorruptSegment, match="no array header.*list block made with shmem") as info:
+            shmem.attach_array(sl.shm.name)
+        assert f"open it with shmem.ShareableList(name={sl.shm.name!r})" in str(info.value)
+    finally:
+        sl.shm.close()
+        sl.shm.unlink()
 
 
 def test_standard_library_block_has_no_array_header(shm_name) -> None:
     std = multiprocessing.shared_memory.SharedMemory(shm_name(), create=True, size=8192)
     try:
-        with pytest.raises(shmem.CorruptSegment, match="no array header.*not made by shmem"):
+        with pytest.raises(shmem.CorruptSegment, match="no array header.*not made by shmem") as info:
             shmem.attach_array(std.name)
+        assert f"open it with shmem.SharedMemory({std.name!r})" in str(info.value)
+        assert "shmem.zeros" not in str(info.value)
     finally:
         std.close()
         std.unlink()

@@ -201,3 +201,12 @@ def test_a_size_that_does_not_fit_is_no_space_at_once(shm_name) -> None:
     assert isinstance(info.value, shmem.NoSpace) and time.monotonic() - started < 1.0
     with pytest.raises(FileNotFoundError):
         SharedMemory(name)
+
+
+def test_attaching_ignores_the_size_as_the_standard_library_does(shm_name) -> None:
+    """The standard library documents that ``size`` is ignored when attaching."""
+    with shmem.SharedMemory(shm_name(), create=True, size=64) as made:
+        for size in (0, 10, 2**64):
+            with shmem.SharedMemory(made.name, size=size) as seen:
+                assert seen.size == 64
+        made.unlink()

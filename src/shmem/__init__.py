@@ -49,7 +49,9 @@ def __getattr__(name: str) -> object:
         raise AttributeError(f"module 'shmem' has no attribute {name!r}")
     import importlib
 
-    return getattr(importlib.import_module(module, __name__), name)
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # once: later lookups do not come back here
+    return value
 
 
 __version__ = "0.1.0"

@@ -28,7 +28,8 @@ from __future__ import annotations
 import mmap
 import operator
 import os
-from typing import Optional, Sequence, Tuple
+import sys
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from .. import _platform
 from .._errors import InvalidSize, NoSpace, SegmentExists, SegmentNotFound
@@ -41,6 +42,36 @@ MAX_SIZE = (1 << 63) - 1 - 2 * 4096
 
 Piece = Tuple[int, bytes]  # (offset, bytes-like) written into a new block before it is published
 
+# mmap keeps no duplicate of the descriptor (Python >= 3.13): an untracked mapping then holds none.
+_NO_DESCRIPTOR: Dict[str, Any] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+
+
+class Repeat(NamedTuple):
+    """``pattern`` written back to back from offset 0 for ``length`` bytes, the
+    last copy cut short: a fill of any size, written one copy at a time, so it
+    never exists whole in memory."""
+
+    pattern: Any  # bytes-like
+    length: int
+
+
+class _Pieces(Sequence[Piece]):
+    """``head``, then the copies of ``repeat`` as (offset, data) pieces, each made as it is written."""
+
+    def __init__(self, head: List[Piece], repeat: Repeat) -> None:
+        self.head, self.repeat, self.step = head, repeat, len(repeat.pattern)
+
+    def __len__(self) -> int:
+        return len(self.head) + -(-self.repeat.length // self.step)
+
+    def __getitem__(self, i: Any) -> Any:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        if i < len(self.head):
+            return self.head[i]
+        offset = (i - len(self.head)) * self.step
+        return offset, memoryview(self.repeat.pattern)[: self.repeat.length - offset]
+
 
 def checked_size(size: object, *, create: bool) -> int:
     """``size`` as an int, or InvalidSize/TypeError - before anything happens."""
@@ -49,7 +80,8 @@ def checked_size(size: object, *, create: bool) -> int:
         raise InvalidSize("'size' must be a positive integer")
     if create and size == 0:
         raise InvalidSize("'size' must be a positive number different from zero")
-    if size > MAX_SIZE:
+    if create and size > MAX_SIZE:
+        # Only when creating: attaching ignores the size, as in the standard library.
         raise InvalidSize(f"'size' {size} is larger than any shared memory block can be ({MAX_SIZE} bytes)")
     return size
 
@@ -57,7 +89,7 @@ def checked_size(size: object, *, create: bool) -> int:
 class Block:
     """One shared memory block, mapped into this process."""
 
-    __slots__ = ("name", "size", "inode", "header", "mapping", "tracked")
+    __slots__ = ("name", "size", "inode", "header", "mapping", "tracked", "_trailer")
 
     name: str
     size: int  # bytes of data (the header's size; the file's for blocks other programs made)
@@ -71,6 +103,7 @@ class Block:
     ) -> None:
         self.name, self.size, self.inode, self.header = name, size, inode, header
         self.mapping, self.tracked = mapping, tracked
+        self._trailer: Optional[bytes] = None  # the header's bytes, as ``unchanged`` expects to read them
 
     # ------------------------------------------------------------ creating
 
@@ -83,12 +116,14 @@ class Block:
         kind: int = KIND_RAW,
         extra: bytes = b"",
         initial: Sequence[Piece] = (),
+        repeat: Optional[Repeat] = None,
         flags: int = 0,
         track: bool = True,
     ) -> Block:
         """A new block of ``size`` bytes under ``name`` (None: a new random name).
 
         ``kind`` and ``extra`` (the kind's own header) go into its header,
+        ``repeat`` (a pattern tiled over the start of the block), then
         ``initial`` pieces are written before anyone can see it, ``flags`` are
         extra header flags (``header.FLAG_MANAGED``). ``track``: the block is
         removed once its creator and every user are gone. Raises
@@ -98,11 +133,15 @@ class Block:
         size = checked_size(size, create=True)
         if name is not None:
             name = names.validate(name)
-        if any(offset < 0 or offset + len(data) > size for offset, data in initial):
+        if any(offset < 0 or offset + len(data) > size for offset, data in initial) or (
+            repeat is not None and (repeat.length > size or (repeat.length > 0 and not len(repeat.pattern)))
+        ):
             raise InvalidSize(f"initial contents do not fit in {size} bytes")
         header = Header.new(size, kind=kind, track=track, creator=_platform.current_process(), extra=extra, flags=flags)
         total = total_size(size)
-        pieces = [(Header.trailer_offset(total), header.pack()), *initial]
+        pieces: Sequence[Piece] = [(Header.trailer_offset(total), header.pack()), *initial]
+        if repeat is not None and repeat.length > 0:
+            pieces = _Pieces(list(pieces), repeat)  # made one copy at a time, as they are written
         label = name if name is not None else "(new block)"
         try:
             built = _platform.build_unnamed(total, pieces, label)
@@ -137,10 +176,18 @@ class Block:
     # ------------------------------------------------------------ attaching
 
     @classmethod
-    def attach(cls, name: str, *, readonly: bool = False, track: bool = True) -> Block:
+    def attach(cls, name: str, *, readonly: bool = False, track: bool = True, descriptor: bool = True) -> Block:
         """Map the existing block ``name``. ``track``: count as a user until the
         mapping is gone. SegmentNotFound (FileNotFoundError) if there is none;
-        CorruptSegment (ValueError) if its header is damaged. Never unlinks."""
+        CorruptSegment (ValueError) if its header is damaged. Never unlinks.
+
+        ``descriptor=False`` (untracked only: there is no users lock to hold):
+        the mapping keeps no descriptor of the file, on Python >= 3.13 (mmap's
+        ``trackfd``; before, mmap always keeps a duplicate of its own). The
+        mapping still refers to the file's open file description - so does any
+        mapping, in the kernel - which is why a users lock is never taken on
+        the description a long-lived mapping is made from (``UsersLease``).
+        """
         name = names.validate(name)
         opened = _platform.open_existing(name, writable=not readonly)
         try:
@@ -150,24 +197,70 @@ class Block:
                 _platform.lock_shared(opened.fd, USERS_LOCK)
                 if not _platform.still_published(name, opened.inode):
                     raise SegmentNotFound(name, "the shared memory block was removed while attaching")
-            if opened.size == 0:
-                # Only another program's block looks like this: the standard library
-                # creates the file first and sizes it afterwards.
-                raise SegmentNotFound(name, "the shared memory block is empty: its creator has not sized it yet")
-            header = Header.read(opened.fd, opened.size, name)
-            if header is not None and not header.ready:
-                raise SegmentNotFound(name, "the shared memory block is still being created")
-            size = header.size if header is not None else opened.size
-            mapping = mmap.mmap(opened.fd, size, access=mmap.ACCESS_READ if readonly else mmap.ACCESS_WRITE)
+            return cls._map(name, opened.fd, opened.size, opened.inode, readonly, track, descriptor)
         finally:
-            os.close(opened.fd)  # the mapping holds its own duplicate (and with it the users lock)
-        return cls(name, size, opened.inode, header, mapping, track)
+            os.close(opened.fd)  # a tracked mapping holds its own duplicate (and with it the users lock)
+
+    @classmethod
+    def _map(
+        cls, name: str, fd: int, file_size: int, inode: int, readonly: bool, track: bool, descriptor: bool
+    ) -> Block:
+        if file_size == 0:
+            # Only another program's block looks like this: the standard library
+            # creates the file first and sizes it afterwards.
+            raise SegmentNotFound(name, "the shared memory block is empty: its creator has not sized it yet")
+        header = Header.read(fd, file_size, name)
+        if header is not None and not header.ready:
+            raise SegmentNotFound(name, "the shared memory block is still being created")
+        size = header.size if header is not None else file_size
+        access = mmap.ACCESS_READ if readonly else mmap.ACCESS_WRITE
+        mapping = mmap.mmap(fd, size, access=access, **({} if track or descriptor else _NO_DESCRIPTOR))
+        return cls(name, size, inode, header, mapping, track)
 
     # ------------------------------------------------------------ the block
 
     def still_published(self) -> bool:
         """Whether the name still leads to this block (not removed, not replaced)."""
         return _platform.still_published(self.name, self.inode)
+
+    def unchanged(self, lease: Optional[UsersLease] = None) -> bool:
+        """Whether the name still leads to this block, whole and as it was mapped:
+        the same file (inode), the same file size, the same header. O(1): open,
+        fstat, read the header, close - or only read the header through
+        ``lease``, a UsersLease this process just took on the name. False when
+        anything differs - removed, replaced, truncated or grown (a mapping past
+        the end of the file is a SIGBUS), header overwritten - or cannot be
+        read: attaching afresh then says what is wrong, as in a process that
+        never had it mapped."""
+        if lease is not None:
+            return self._same(lease.fileno(), lease.size, lease.inode)
+        try:
+            opened = _platform.open_existing(self.name, writable=False)
+        except OSError:
+            return False
+        try:
+            return self._same(opened.fd, opened.size, opened.inode)
+        finally:
+            os.close(opened.fd)
+
+    def _same(self, fd: int, file_size: int, inode: int) -> bool:
+        if inode != self.inode:
+            return False
+        if self.header is None:  # another program's block: its size is the file's
+            try:
+                return file_size == self.size and Header.read(fd, file_size, self.name) is None
+            except (OSError, ValueError):  # CorruptSegment is a ValueError
+                return False
+        if file_size != total_size(self.size):
+            return False
+        # The header as the creator wrote it (a header that parses alike but reads
+        # differently only costs a fresh attach). One read, no parsing.
+        if self._trailer is None:
+            self._trailer = self.header.pack()
+        try:
+            return os.pread(fd, len(self._trailer), Header.trailer_offset(file_size)) == self._trailer
+        except OSError:
+            return False
 
     def unlink(self) -> None:
         """Remove the block's name - only if it still is this block: SegmentNotFound
@@ -186,6 +279,50 @@ class Block:
 
     def __repr__(self) -> str:
         return f"<Block {self.name!r} size={self.size}>"
+
+
+class UsersLease:
+    """This process counted as a user of block ``name`` (``lifecycle``), with
+    nothing mapped: one read-only descriptor holding the shared users lock,
+    closed - and the lock dropped - by ``release()`` or when the lease is
+    garbage. For a kind that maps the block untracked (and keeps that mapping
+    for reuse, which must not count as a user) but counts as a user while its
+    objects live. Never map through its descriptor: the kernel keeps the lock
+    of an open file description as long as a mapping made from it.
+    SegmentNotFound (FileNotFoundError) if there is no such block, or it was
+    removed while we waited for the lock."""
+
+    __slots__ = ("name", "inode", "size", "_fd")
+
+    def __init__(self, name: str) -> None:
+        self._fd = -1
+        opened = _platform.open_existing(name, writable=False)
+        try:
+            # Waits while a remover holds the exclusive lock; the name is gone then.
+            _platform.lock_shared(opened.fd, USERS_LOCK)
+            if not _platform.still_published(name, opened.inode):
+                raise SegmentNotFound(name, "the shared memory block was removed while attaching")
+        except BaseException:
+            os.close(opened.fd)
+            raise
+        self.name, self.inode, self.size, self._fd = name, opened.inode, opened.size, opened.fd
+
+    def fileno(self) -> int:
+        """The descriptor (-1 once released): read it, never close it."""
+        return self._fd
+
+    def release(self) -> None:
+        """Drop the lease (idempotent)."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        if self._fd >= 0 and os is not None:  # os is None late in interpreter shutdown
+            self.release()
+
+    def __repr__(self) -> str:
+        return f"<UsersLease {self.name!r}{'' if self._fd >= 0 else ' released'}>"
 
 
 def _publish(fd: int, name: Optional[str], block_id: int, track: bool) -> str:

@@ -30,15 +30,28 @@ name reused by another block is FileNotFoundError, as is a removed one), and
 counts as a user of the block while the arrays live (``track=True``); a
 process that only attached never removes the block.
 
-Lifetime of the mapping, and the mapping cache
-----------------------------------------------
-Every array and view keeps its block mapped; there is no ``close()``.
-Within one process a block is mapped at most once per access mode, and the
-last few attached blocks stay mapped for the next hand-off: ``array_mappings``.
+Sizes
+-----
+Every shape is checked on Python ints before anything is made: one no array
+can have (NumPy's limits: 64 dimensions, itemsize x non-zero dimensions within
+a signed 64-bit size) is ValueError at once; one that does not fit in
+/dev/shm is NoSpace, from the block's reservation, before any of its contents
+exists. ``full`` writes one piece of at most 1 MiB of its value over and over
+(``Block.create(repeat=...)``): the contents are never built whole in memory.
+
+Lifetime of the mapping, the mapping cache, and what an array costs
+-------------------------------------------------------------------
+Every array and view keeps its block mapped - through its ``.base`` chain,
+with no per-view bookkeeping; there is no ``close()``. Within one process a
+block is mapped at most once per access mode, checked again in O(1) before
+each reuse, and the last few attached blocks stay mapped for the next
+hand-off: ``array_mappings``. No shmem code runs when an array is indexed,
+sliced or computed with (``SharedArray``).
 """
 
 from __future__ import annotations
 
+import itertools
 import operator
 from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -47,12 +60,12 @@ try:
 except ImportError as err:  # pragma: no cover - exercised without NumPy
     raise ImportError("shmem's NumPy arrays need NumPy: pip install 'shmem[numpy]'") from err
 
-from .._core.block import Block
+from .._core.block import Block, Repeat
 from .._core.header import KIND_ARRAY
 from .._errors import UnsupportedDtype
 from . import array_dtype, array_layout, array_mappings
 from .array_dtype import ArrayMeta
-from .array_mappings import Use, owner_of
+from .array_mappings import Use
 
 __all__ = ["SharedArray", "UnsupportedDtype", "array", "attach_array", "empty", "full", "zeros"]
 
@@ -60,13 +73,17 @@ ShapeLike = Union[int, Sequence[int]]
 
 # ===================================================================== the class
 
+# NumPy's functions that call an argument's ``__array_wrap__`` from Python (``numpy.linalg``:
+# ``wrap = getattr(a, "__array_wrap__", ...)``) get plain views of SharedArrays instead.
+_CALL_WRAP = frozenset(
+    f for f in vars(np.linalg).values() if callable(f) and getattr(f, "__module__", None) == "numpy.linalg"
+)
+
 
 def _plain(result: Any) -> Any:
-    """``result`` with every SharedArray that is not on a block as a plain ndarray."""
-    if type(result) is SharedArray and result._use is None:
+    """``result`` as a plain ndarray when it is a SharedArray that is not on a block."""
+    if type(result) is SharedArray and array_mappings.use_of(result) is None:
         return result.view(np.ndarray)
-    if type(result) in (tuple, list):
-        return type(result)(_plain(r) for r in result)
     return result
 
 
@@ -75,32 +92,53 @@ class SharedArray(np.ndarray[Any, np.dtype[Any]]):
 
     Made by :func:`zeros`, :func:`empty`, :func:`full`, :func:`array` or
     :func:`attach_array`. Slices and views are SharedArrays on the same
-    block; results of arithmetic, reductions, copies and every other new
-    array are plain ndarrays (private memory). Should a NumPy path still
-    return a SharedArray with memory of its own, it is not shared: its
-    ``name`` is None and it pickles as data. Pickling a SharedArray sends a
-    small handle, not the data: the receiving process attaches the same memory.
+    block; results of arithmetic, ufuncs, reductions, copies and NumPy
+    functions are plain ndarrays (private memory). Fancy indexing
+    (``x[[0, 2]]``, ``x[x > 0]``) and ndarray's own methods called past this
+    class make a SharedArray with memory of its own: it is not shared, its
+    ``name`` is None and it pickles as data. (NumPy gives an indexing result
+    the type of the array indexed, and a Python ``__getitem__`` would cost
+    every ``x[i]`` ten times what NumPy's does.) Pickling a SharedArray sends
+    a small handle, not the data: the receiving process attaches the same memory.
 
-    The mapping lives as long as any array or view of it; there is no
-    ``close()``. ``unlink()`` removes the block's name, as
+    The mapping lives as long as any array or view of it (plain ndarray views
+    included: every one has the block at the end of its ``.base`` chain);
+    there is no ``close()``. ``unlink()`` removes the block's name, as
     ``SharedMemory.unlink()`` does.
+
+    No Python code runs when an array is indexed, sliced, viewed, or given to
+    a ufunc or a reduction (``x[i]``, ``x[a:b]``, ``x + 1``, ``x.sum()``,
+    ``np.add(x, 1, out=x)``): that costs what NumPy's own subclass machinery
+    costs (``benchmarks/bench_arrays.py`` measures it against a plain ndarray).
+    ``__array_wrap__`` is None - NumPy's C code then wraps nothing and a
+    ufunc's result is a plain ndarray, an ``out=`` array itself - so
+    Python code that calls ``arr.__array_wrap__(...)`` itself cannot on a
+    SharedArray; NumPy's own such code, ``numpy.linalg``, gets plain views
+    from ``__array_function__``, the one hook here (NumPy functions, not
+    methods or ufuncs, pass through it).
     """
 
-    _use: Optional[Use] = None
+    __slots__ = ()
+    # Any callable here would cost every ufunc call a Python-level call and a context
+    # tuple (+25 to 40% on 1,000 float64); None is NumPy's "nothing to wrap".
+    __array_wrap__ = None  # type: ignore[assignment]
+    # ndarray's own value; a plain class attribute is quicker for NumPy to read than ndarray's property.
+    __array_priority__ = 0.0
+
+    def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
+        if func in _CALL_WRAP:  # numpy.linalg calls __array_wrap__ itself
+            args = tuple(a.view(np.ndarray) if isinstance(a, SharedArray) else a for a in args)
+            kwargs = {k: v.view(np.ndarray) if isinstance(v, SharedArray) else v for k, v in kwargs.items()}
+        return super().__array_function__(func, types, args, kwargs)
 
     def __new__(cls, *args: Any, **kwargs: Any) -> SharedArray:
         raise TypeError("make a SharedArray with shmem.zeros, empty, full, array or attach_array")
 
-    def __array_finalize__(self, obj: Any) -> None:
-        # A view keeps its parent's block; an array with memory of its own (a copy, the
-        # result of fancy indexing, even when NumPy returns it as a view of a temporary) has none.
-        use = getattr(obj, "_use", None)
-        self._use = use if use is not None and owner_of(self) is use.mapping.memory else None
-
     @property
     def name(self) -> Optional[str]:
         """The block's name (None for an array that is not on a block)."""
-        return self._use.mapping.name if self._use is not None else None
+        use = array_mappings.use_of(self)
+        return use.mapping.name if use is not None else None
 
     def unlink(self) -> None:
         """Remove the block's name; call it once, from any one process.
@@ -109,41 +147,15 @@ class SharedArray(np.ndarray[Any, np.dtype[Any]]):
         unpickling it afterwards raises FileNotFoundError. A second call
         raises FileNotFoundError, as ``SharedMemory.unlink()`` does.
         """
-        if self._use is None:
+        use = array_mappings.use_of(self)
+        if use is None:
             raise ValueError("this array is not on a shared memory block (it is a copy)")
-        mapping = self._use.mapping
-        mapping.block.unlink()
-        array_mappings.forget(mapping.name)
+        use.mapping.block.unlink()
+        array_mappings.forget(use.mapping.name)
 
-    # ---- results that are not on the block are plain ndarrays
-
-    def __array_ufunc__(self, ufunc: Any, method: Any, *inputs: Any, **kwargs: Any) -> Any:
-        inputs = tuple(x.view(np.ndarray) if isinstance(x, SharedArray) else x for x in inputs)
-        if isinstance(kwargs.get("where"), SharedArray):
-            kwargs["where"] = kwargs["where"].view(np.ndarray)
-        outputs = kwargs.get("out")
-        if outputs:
-            kwargs["out"] = tuple(x.view(np.ndarray) if isinstance(x, SharedArray) else x for x in outputs)
-        results = super().__array_ufunc__(ufunc, method, *inputs, **kwargs)
-        if results is NotImplemented or method == "at" or not outputs:
-            return results
-        # In place (a += 1, out=...): give back the caller's own output arrays.
-        if ufunc.nout == 1:
-            return outputs[0] if outputs[0] is not None else results
-        return tuple(o if o is not None else r for o, r in zip(outputs, results))
-
-    def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
-        return _plain(super().__array_function__(func, types, args, kwargs))
-
-    def __array_wrap__(self, obj: Any, context: Any = None, return_scalar: bool = False) -> Any:
-        if isinstance(obj, SharedArray) and obj._use is not None:
-            return obj
-        if return_scalar and obj.ndim == 0:
-            return obj[()]
-        return obj.view(np.ndarray) if type(obj) is not np.ndarray else obj
-
-    def __getitem__(self, key: Any) -> Any:
-        return _plain(super().__getitem__(key))
+    # ---- methods that make new memory, or a view when they can: new memory is a plain
+    # ndarray, a view stays a SharedArray (ufuncs and reductions need nothing:
+    # with no __array_wrap__, their results are plain)
 
     def copy(self, order: Any = "C") -> Any:
         return self.view(np.ndarray).copy(order)
@@ -156,10 +168,6 @@ class SharedArray(np.ndarray[Any, np.dtype[Any]]):
 
     def flatten(self, *args: Any, **kwargs: Any) -> Any:
         return self.view(np.ndarray).flatten(*args, **kwargs)
-
-    # ---- methods that return a view when they can and new memory otherwise: a view
-    # stays a SharedArray, new memory is a plain ndarray (ufuncs and NumPy functions
-    # are covered by __array_ufunc__ and __array_function__)
 
     def astype(self, *args: Any, **kwargs: Any) -> Any:
         return _plain(super().astype(*args, **kwargs))
@@ -194,14 +202,17 @@ class SharedArray(np.ndarray[Any, np.dtype[Any]]):
     def searchsorted(self, *args: Any, **kwargs: Any) -> Any:
         return _plain(super().searchsorted(*args, **kwargs))
 
+    def byteswap(self, *args: Any, **kwargs: Any) -> Any:
+        return _plain(super().byteswap(*args, **kwargs))
+
     # ---- pickling: a handle, not the data
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        use = self._use
+        use = array_mappings.use_of(self)
         if use is None:  # private memory: pickles as the plain ndarray it is
             return self.view(np.ndarray).__reduce_ex__(protocol)
         mapping = use.mapping
-        offset = self.__array_interface__["data"][0] - mapping.address
+        offset = self.__array_interface__["data"][0] - use.__array_interface__["data"][0]
         if self.size == 0:
             offset = 0  # nothing is read: any place in the block will do
         low, high = _extent(offset, self.shape, self.strides, self.itemsize)
@@ -252,8 +263,10 @@ def _rebuild(
         raise array_mappings.corrupt(
             name, f"the array handle reaches bytes {low}..{high}, outside the block ({mapping.size})"
         )
-    arr = np.ndarray.__new__(SharedArray, shape, dtype, buffer=mapping.buf, offset=offset, strides=strides)
-    arr._use = use
+    try:
+        arr: SharedArray = np.ndarray.__new__(SharedArray, shape, dtype, buffer=use, offset=offset, strides=strides)
+    except (ValueError, TypeError) as err:  # e.g. a zero dimension beside huge ones: "array is too big"
+        raise array_mappings.corrupt(name, f"NumPy refuses the array handle ({err})") from None
     return arr
 
 
@@ -261,8 +274,10 @@ def _root(use: Use) -> SharedArray:
     """The whole array of the block ``use`` is on."""
     mapping = use.mapping
     dtype, shape, order = mapping.meta
-    arr = np.ndarray.__new__(SharedArray, shape, dtype, buffer=mapping.buf, order="F" if order == "F" else "C")
-    arr._use = use
+    try:
+        arr: SharedArray = np.ndarray.__new__(SharedArray, shape, dtype, buffer=use, order="F" if order == "F" else "C")
+    except (ValueError, TypeError) as err:  # pragma: no cover - the header's checks are NumPy's
+        raise array_mappings.corrupt(mapping.name, f"NumPy refuses the array header ({err})") from None
     return arr
 
 
@@ -270,16 +285,36 @@ def _root(use: Use) -> SharedArray:
 
 
 def _shape(shape: ShapeLike) -> Tuple[int, ...]:
-    dims = (operator.index(shape),) if not isinstance(shape, Iterable) else tuple(operator.index(n) for n in shape)
+    """``shape`` as a tuple of ints; never iterates further than a shape can reach."""
+    if not isinstance(shape, Iterable):
+        dims: Tuple[int, ...] = (operator.index(shape),)
+    else:
+        dims = tuple(operator.index(n) for n in itertools.islice(shape, array_dtype.MAX_DIMS + 1))
+    if len(dims) > array_dtype.MAX_DIMS:
+        raise ValueError(f"more than {array_dtype.MAX_DIMS} dimensions; NumPy allows {array_dtype.MAX_DIMS}")
     if any(n < 0 for n in dims):
         raise ValueError(f"negative dimensions are not allowed: {dims}")
-    if len(dims) > array_dtype.MAX_DIMS:
-        raise ValueError(f"{len(dims)} dimensions; NumPy allows {array_dtype.MAX_DIMS}")
     return dims
 
 
-#: What ``create_array`` writes into a new block before it is published: (offset, buffer) pieces.
-Fill = Callable[[ArrayMeta], List[Tuple[int, Any]]]
+def _check_size(dims: Tuple[int, ...], dtype: np.dtype[Any]) -> int:
+    """The bytes an array of ``dims`` and ``dtype`` needs. ValueError, as NumPy
+    would raise it, for one no computer can hold: checked on Python ints before
+    anything is made (a block of that size fails with NoSpace when it is made)."""
+    full = dims + dtype.shape  # NumPy moves a subarray dtype's dimensions into the shape
+    if len(full) > array_dtype.MAX_DIMS:
+        raise ValueError(f"{len(full)} dimensions with the dtype's own; NumPy allows {array_dtype.MAX_DIMS}")
+    if any(n > array_layout.MAX_BYTES for n in dims):
+        raise ValueError(f"maximum allowed dimension exceeded: shape {dims}")
+    if array_layout.numpy_bytes(full, dtype.base.itemsize) > array_layout.MAX_BYTES:
+        # NumPy refuses this even when a zero dimension makes the array empty
+        raise ValueError(f"array is too big: shape {dims} of {dtype} needs more than {array_layout.MAX_BYTES} bytes")
+    return array_layout.nbytes_of(dims, dtype.itemsize)
+
+
+#: What ``create_array`` writes into a new block before it is published: (offset,
+#: buffer) pieces, or one pattern repeated over the whole array.
+Fill = Callable[[ArrayMeta], Union[List[Tuple[int, Any]], Repeat]]
 
 
 def create_array(
@@ -291,24 +326,35 @@ def create_array(
     fill: Optional[Fill] = None,
     flags: int = 0,
 ) -> SharedArray:
-    """A new block holding an array; ``fill(meta)`` gives the (offset, buffer)
-    pieces of its contents, written before the block is published. ``flags`` go
-    into the block's header (``FLAG_MANAGED`` for a manager's arrays)."""
+    """A new block holding an array; ``fill(meta)`` gives its contents (pieces, or
+    a pattern repeated), written before the block is published. ``flags`` go into
+    the block's header (``FLAG_MANAGED`` for a manager's arrays).
+
+    Every argument is checked before anything is made: ValueError for a shape
+    no array can have, NoSpace (an OSError) when /dev/shm cannot hold it -
+    before any of its contents is made."""
     if order not in ("C", "F"):
         raise ValueError(f"order must be 'C' or 'F', not {order!r}")
     dims = _shape(shape)
     dt, text = array_dtype.shareable(dtype)
+    nbytes = _check_size(dims, dt)
     meta = ArrayMeta(dt, dims, order if len(dims) > 1 else "C")
     extra = array_layout.pack(meta.order, dims, text, dt.itemsize)
-    nbytes = meta.nbytes
-    initial = fill(meta) if fill is not None and nbytes else []
+    contents = fill(meta) if fill is not None and nbytes else []
     block = Block.create(
-        name, max(nbytes, 1), track=track, kind=KIND_ARRAY, extra=extra, initial=initial, flags=flags
-    )  # a block has at least one byte
+        name,
+        max(nbytes, 1),  # a block has at least one byte
+        track=track,
+        kind=KIND_ARRAY,
+        extra=extra,
+        initial=contents if isinstance(contents, list) else (),
+        repeat=contents if isinstance(contents, Repeat) else None,
+        flags=flags,
+    )
     return _root(array_mappings.add_created(block, meta, track))
 
 
-# full() writes its value in pieces of this size: one buffer, repeated.
+# full() writes its value in copies of at most this size: one buffer, repeated.
 _FILL_CHUNK = 1 << 20
 
 
@@ -318,14 +364,14 @@ def _bytes_of(data: Any) -> Any:
 
 
 def _fill_with(value: Any) -> Fill:
-    def pieces(meta: ArrayMeta) -> List[Tuple[int, Any]]:
-        nbytes = meta.nbytes
-        count = max(1, _FILL_CHUNK // meta.dtype.itemsize) if meta.dtype.itemsize else 1
-        chunk = _bytes_of(np.full(count, value, dtype=meta.dtype))  # numpy.full's (unsafe) casting
-        step = len(chunk)
-        return [(offset, chunk[: min(step, nbytes - offset)]) for offset in range(0, nbytes, step)]
+    def pattern(meta: ArrayMeta) -> Repeat:
+        # Whole items, at most _FILL_CHUNK bytes of them (one if an item is larger):
+        # the block is written one copy at a time, never built whole in memory.
+        itemsize = meta.dtype.itemsize
+        count = min(meta.nbytes // itemsize, max(1, _FILL_CHUNK // itemsize))
+        return Repeat(_bytes_of(np.full(count, value, dtype=meta.dtype)), meta.nbytes)  # numpy.full's casting
 
-    return pieces
+    return pattern
 
 
 def _copy_of(source: Any) -> Fill:

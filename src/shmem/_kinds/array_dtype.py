@@ -13,6 +13,7 @@ that needs NumPy, used by ``array`` only:
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any, NamedTuple, Tuple
 
@@ -94,15 +95,22 @@ def description(dtype: np.dtype[Any], depth: int = 0) -> Description:
 # ===================================================================== attaching
 
 
+@functools.lru_cache(maxsize=64)
 def read_header(extra: bytes, block_size: int) -> ArrayMeta:
     """The array header ``extra`` (copied out of the block), checked against the
-    block's size. CorruptSegment (without the block's name) when it does not add up."""
+    block's size. CorruptSegment (without the block's name) when it does not add up.
+
+    A function of its arguments alone (bytes and an int; the result is
+    immutable): the last few headers read are remembered, so that a worker
+    attaching many arrays of one dtype and shape decodes that header once.
+    Refused headers are not remembered (an exception is never cached)."""
     header = layout.unpack(extra, block_size)
-    if len(header.shape) > MAX_DIMS:
-        raise CorruptSegment(f"{len(header.shape)} dimensions (NumPy {np.__version__} allows {MAX_DIMS})")
     dtype = _build(header.dtype)  # unpack checked the description
     if dtype.itemsize != header.itemsize:  # pragma: no cover - the grammar fixes each itemsize
         raise CorruptSegment(f"dtype {dtype} has {dtype.itemsize}-byte items, the header {header.itemsize}")
+    ndim = len(header.shape) + len(dtype.shape)  # NumPy moves a subarray dtype's dimensions into the shape
+    if ndim > MAX_DIMS:
+        raise CorruptSegment(f"{ndim} dimensions with the dtype's own (NumPy {np.__version__} allows {MAX_DIMS})")
     return ArrayMeta(dtype, header.shape, header.order)
 
 

@@ -35,7 +35,11 @@ length, each string's form, the nesting depth (measured before ``json`` parses
 anything, so a nesting bomb never reaches its recursion). The itemsize follows
 from a checked description without NumPy, so nbytes == product(shape) x
 itemsize <= the block's size is checked here too (Python integers: no
-overflow). Object dtypes are outside the grammar: an object pointer read from
+overflow), and so are NumPy's own limits on the array the header describes -
+at most 64 dimensions, the dtype's subarray dimensions included, and
+itemsize x every non-zero dimension within a signed 64-bit size, which NumPy
+requires even beside a zero dimension - so that NumPy never refuses an array
+the header passed ("array is too big"). Object dtypes are outside the grammar: an object pointer read from
 shared memory crashes NumPy. Every failure is CorruptSegment, and nothing else.
 """
 
@@ -44,6 +48,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+import sys
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 
 from .._core.header import EXTRA_MAX
@@ -63,6 +68,8 @@ PLAIN_KINDS = "biufcSUVMm"
 # A plain dtype's .str: byte order, kind, item size, and a datetime unit such as [ns] or [25s].
 _PLAIN_DTYPE = re.compile(r"([<>|=])([biufcSUVMm])([0-9]{1,10})(\[[0-9]{0,10}[A-Za-z]{1,10}\])?\Z")
 _OBJECT_DTYPE = re.compile(r"[<>|=]?O")
+# A JSON string without escapes: its text is its value.
+_SIMPLE_STRING = re.compile(rb'"[^"\\\x00-\x1f]*"\Z')
 # Brackets inside JSON strings (field names may hold any text) do not nest.
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 _JSON_BRACKETS = re.compile(rb"[][{}]")
@@ -71,6 +78,8 @@ _MAX_BRACKETS = 2 * (MAX_DTYPE_DEPTH + 1) + 1
 _STRUCTURED_KEYS = frozenset({"names", "formats", "offsets", "titles", "itemsize", "aligned"})
 _SUBARRAY_KEYS = frozenset({"base", "shape"})
 _BIG = 1 << 62  # a bound for offsets, itemsizes and subarray dimensions: no real dtype comes near
+#: NumPy's bound on an array: itemsize x its non-zero dimensions fits in a signed size (npy_intp).
+MAX_BYTES = sys.maxsize
 
 #: A dtype description as ``json`` gives it back: a str (plain) or a dict (subarray, structured).
 Description = Union[str, Dict[str, Any]]
@@ -92,6 +101,25 @@ def nbytes_of(shape: Tuple[int, ...], itemsize: int) -> int:
     for n in shape:
         total *= n
     return total
+
+
+def numpy_bytes(shape: Tuple[int, ...], itemsize: int) -> int:
+    """What NumPy checks against MAX_BYTES before it makes an array: itemsize x
+    every non-zero dimension. Above it NumPy refuses the shape, even when a
+    zero dimension makes the array empty."""
+    total = itemsize
+    for n in shape:
+        total *= n or 1
+    return total
+
+
+def unfold(desc: Description, shape: Tuple[int, ...]) -> Tuple[Description, Tuple[int, ...]]:
+    """The dtype and shape NumPy shows for an array of ``shape`` whose dtype has
+    the (checked) description ``desc``: a subarray dtype's dimensions move into the shape."""
+    while isinstance(desc, dict) and "base" in desc:
+        sub: Dict[str, Any] = desc
+        desc, shape = sub["base"], shape + tuple(sub["shape"])
+    return desc, shape
 
 
 # ===================================================================== writing
@@ -130,13 +158,18 @@ def unpack(extra: bytes, block_size: Optional[int] = None) -> ArrayHeader:
     shape_end = FIXED.size + DIM.size * ndim
     if shape_end + dtype_len != len(extra):
         raise CorruptSegment(f"array header of {len(extra)} bytes announces {shape_end + dtype_len}")
-    shape = tuple(DIM.unpack_from(extra, FIXED.size + DIM.size * i)[0] for i in range(ndim))
+    shape: Tuple[int, ...] = struct.unpack_from(f"<{ndim}q", extra, FIXED.size)
     if any(n < 0 for n in shape):
         raise CorruptSegment(f"negative dimension in shape {shape}")
     desc = parse_description(extra[shape_end:])
     itemsize = check_description(desc)
     if nbytes_of(shape, itemsize) != nbytes:
         raise CorruptSegment(f"shape {shape} x itemsize {itemsize} is not the announced {nbytes} bytes")
+    base, full_shape = unfold(desc, shape)
+    if len(full_shape) > MAX_DIMS:
+        raise CorruptSegment(f"{len(full_shape)} dimensions with the dtype's own (at most {MAX_DIMS})")
+    if numpy_bytes(full_shape, itemsize if base is desc else check_description(base)) > MAX_BYTES:
+        raise CorruptSegment(f"shape {full_shape} is too big for any array, even an empty one")
     if block_size is not None and nbytes > block_size:
         raise CorruptSegment(
             f"shape {shape} x itemsize {itemsize} = {nbytes} bytes, larger than the block ({block_size})"
@@ -151,6 +184,8 @@ def parse_description(text: bytes) -> Any:
         decoded = text.decode("ascii")
     except UnicodeDecodeError:
         raise CorruptSegment("unreadable dtype (not ASCII)") from None
+    if _SIMPLE_STRING.match(text):  # a plain dtype, "<f8": what json would give, without json
+        return decoded[1:-1]
     # json recurses once per level: measure the nesting first (the ~1,900 levels a
     # header holds raise RecursionError in json on Python < 3.13). Few brackets in
     # all (every real dtype but the largest structs) cannot nest deep: no need to look closer.
@@ -239,7 +274,5 @@ def describe(extra: bytes, size: Optional[int] = None) -> str:
     except CorruptSegment as err:
         raise CorruptSegment(f"corrupt array header: {err}") from None
     # As attach_array shows it: NumPy moves a subarray dtype's dimensions into the shape.
-    desc, shape = header.dtype, header.shape
-    while not isinstance(desc, str) and "base" in desc:
-        desc, shape = desc["base"], shape + tuple(desc["shape"])
+    desc, shape = unfold(header.dtype, header.shape)
     return f"{desc if isinstance(desc, str) else 'structured'} {shape} {header.order}"

@@ -3,29 +3,45 @@
 ``array`` makes SharedArrays; this module maps the blocks under them and
 decides how long each mapping lives::
 
-    SharedArray ._use --> Use (one per mapping and track)   .lease: a tracked Block, or None
-                            \\--> BlockMapping (one per block and access mode)
-                                     .block: the untracked Block whose mmap the arrays view
-                                     .meta:  dtype, shape, order, from the checked header
+    SharedArray (or any view of one)
+      .base ... -> SharedArray made on the block (attach, unpickle, create)
+                     .base -> Use: a uint8 ndarray over the whole mapping, one per mapping and track
+                                .lease:   a UsersLease (tracked, in a process that did not create
+                                          the block), or None
+                                .mapping: BlockMapping, one per block and access mode
+                                            .block: the untracked Block whose mmap the arrays view
+                                            .meta:  dtype, shape, order, from the checked header
 
-Every SharedArray, and every view or slice of one, references its ``Use``
-(copied to views by ``__array_finalize__``) and the memory (through
-``.base``), so the mapping lives as long as any of them: nothing is ever
-unmapped under an array. There is no ``close()``: dropping the last array (and
-view) of a block releases it, and with a ``track=True`` Use its lease, the
-users lock that counts this process as a user.
+Every array on a block ends its ``.base`` chain in that block's ``Use``
+(NumPy keeps a view's base alive, and never collapses the chain past an
+array of another type), so the mapping lives as long as any array or view of
+it, plain ndarray views included: nothing is ever unmapped under an array,
+and no array method needs to do anything for it (no ``__array_finalize__``).
+There is no ``close()``: dropping the last array of a block releases its
+Use, and with a tracked Use its lease - the users lock that counts this
+process as a user.
 
-Within one process a block is mapped at most once per access mode: every
-array attached or unpickled from it shares that mapping (a thousand slices
-received are one mapping and one file descriptor, not a thousand). An
-attached mapping stays cached after its arrays are gone, for the
+What a process holds for a block, however many arrays of it it has (a
+thousand slices received are one of each, not a thousand): one mapping of
+the data per access mode, and for ``track=True`` arrays the lease's one
+descriptor, which holds the users lock and maps nothing. On Python < 3.13
+the mapping also keeps a duplicate descriptor of its own (``mmap`` always
+does there; 3.13 lets shmem ask it not to), so such a process holds two
+descriptors. The data mapping and the lease are two because the mapping
+stays cached after the arrays are gone (below), and a cached mapping must
+not count as a user: a lock on the mapping's own descriptor would.
+
+An attached mapping stays cached after its arrays are gone, for the
 ``WARM_BLOCKS`` most recently used blocks, so a worker that receives the same
 array again finds its pages already mapped: the hand-off then costs no page
-fault, whatever the size. A cached mapping does not count as a user (it is
-untracked; users hold a separate tracked lease while they have arrays), so
-it never keeps a block from being removed. It does keep the memory of a block
-whose name was removed until this process next attaches or creates an array
-(every cached name is checked then) or exits.
+fault, whatever the size. A cached mapping never keeps a block from being
+removed. It does keep the memory of a block whose name was removed until this
+process next attaches or creates an array (every cached name is checked then)
+or exits. Reusing a cached mapping first checks, in O(1), that the block is
+still whole and unchanged (``Block.unchanged``: the same file, the same size,
+the same header); if not, the block is attached afresh, with the errors a
+process that never mapped it would get - never an array over a truncated file
+(touching one is a SIGBUS).
 """
 
 from __future__ import annotations
@@ -38,8 +54,8 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from .._core import forks
-from .._core.block import Block
-from .._core.header import KIND_ARRAY, KIND_NAMES
+from .._core.block import Block, UsersLease
+from .._core.header import KIND_ARRAY, KIND_LIST, KIND_NAMES, Header
 from .._errors import CorruptSegment, SegmentNotFound
 from . import array_dtype
 from .array_dtype import ArrayMeta
@@ -55,12 +71,20 @@ def corrupt(name: str, cause: str) -> CorruptSegment:
     return CorruptSegment(f"shared memory block {name!r}: {cause}")
 
 
-def owner_of(arr: Any) -> Any:
-    """The object at the end of an array's .base chain: what owns its memory."""
-    base = arr.base
-    while isinstance(base, np.ndarray):
-        base = base.base
-    return base
+def use_of(arr: Any) -> Optional[Use]:
+    """The Use of the block ``arr`` is on, or None if its memory is its own.
+
+    Walks ``arr``'s ``.base`` chain to the block's Use. An array that owns its
+    memory ends the walk: fancy indexing, copies and (with NumPy's writeback
+    copies) even arrays whose base is on the block have memory of their own.
+    """
+    while isinstance(arr, np.ndarray):
+        if type(arr) is Use:
+            return arr
+        if arr.flags.owndata:
+            return None
+        arr = arr.base
+    return None
 
 
 class BlockMapping:
@@ -77,57 +101,53 @@ class BlockMapping:
         self.owned = owned  # created by this process: ``block`` is the creator's handle
         self.readonly = readonly
         self.buf = memoryview(block.mapping)
-        # Built as the arrays are: NumPy makes the buffer's owner (the mmap) their .base.
-        probe = np.ndarray((self.size,), np.uint8, buffer=self.buf)
-        self.address: int = probe.__array_interface__["data"][0]
-        self.memory = owner_of(probe)  # what every array on this mapping ends its .base chain with
         self.uses: Dict[bool, weakref.ref[Use]] = {}
 
     def current(self) -> bool:
-        """Whether the name still refers to this very block."""
+        """Whether the name still refers to this very block (one stat)."""
         return self.block.still_published()
 
-    def use(self, track: bool) -> Use:
-        """The Use arrays of this block share (one per ``track``), made if needed.
-        _Stale if the name no longer leads to this block."""
+    def reuse(self, track: bool) -> Optional[Use]:
+        """The Use arrays of this block share (one per ``track``), made if needed -
+        if the block is still whole and unchanged (O(1): ``Block.unchanged``),
+        else None. A lease a new tracked Use needs is taken first, and the block
+        checked through its descriptor."""
         ref = self.uses.get(track)
         use = ref() if ref is not None else None
-        if use is not None:
-            return use
-        lease = None
-        if track and not (self.owned and self.block.tracked):
-            lease = _lease(self.name)
-            if _block_id(lease) != self.block_id:
-                lease.release()
-                raise _Stale
-        use = Use(self, lease, track)
+        if use is not None or not track or (self.owned and self.block.tracked):
+            if not self.block.unchanged():
+                return None
+            return use if use is not None else self._new_use(None, track)
+        try:
+            lease = UsersLease(self.name)
+        except OSError:  # gone, or no longer a block: attaching afresh says which
+            return None
+        if not self.block.unchanged(lease):
+            lease.release()
+            return None
+        return self._new_use(lease, track)
+
+    def _new_use(self, lease: Optional[UsersLease], track: bool) -> Use:
+        use: Use = np.ndarray.__new__(Use, (self.size,), np.uint8, buffer=self.buf)
+        use.mapping, use.lease, use.track = self, lease, track
         self.uses[track] = weakref.ref(use)
         return use
 
 
-class Use:
-    """What a SharedArray holds: its mapping and, for ``track=True`` in a process
-    that did not create the block, a tracked lease counting this process as a user."""
+class Use(np.ndarray[Any, np.dtype[Any]]):
+    """What every array of a block has at the end of its ``.base`` chain: a
+    uint8 array over the whole mapping (NumPy takes the memory of the arrays
+    made on the block from it), holding the mapping and, for ``track=True``
+    in a process that did not create the block, the lease that counts this
+    process as a user. It goes - and the lease with it - with the last array."""
 
-    __slots__ = ("__weakref__", "lease", "mapping", "track")
+    __slots__ = ("lease", "mapping", "track")
+    mapping: BlockMapping
+    lease: Optional[UsersLease]  # its users lock goes with the last array
+    track: bool
 
-    def __init__(self, mapping: BlockMapping, lease: Optional[Block], track: bool) -> None:
-        self.mapping = mapping
-        self.lease = lease  # its users lock goes with the last array (with the Block and its mmap)
-        self.track = track
-
-
-class _Stale(Exception):
-    """The cached block is no longer the one behind its name."""
-
-
-def _lease(name: str) -> Block:
-    # Read-only and never touched: only its users lock matters (the mapping costs no page).
-    return Block.attach(name, track=True, readonly=True)
-
-
-def _block_id(block: Block) -> Optional[int]:
-    return None if block.header is None else block.header.block_id
+    def __reduce_ex__(self, protocol: Any) -> Any:  # reached as some array's .base: it is just bytes elsewhere
+        return self.view(np.ndarray).__reduce_ex__(protocol)
 
 
 # ===================================================================== the caches
@@ -152,10 +172,11 @@ def _forget(key: Tuple[str, bool], mapping: Optional[BlockMapping] = None) -> No
         _mapped.pop(key, None)
 
 
-def _sweep() -> None:
-    """Drop cached mappings of blocks whose name was removed or reused."""
+def _sweep(but: Optional[Tuple[str, bool]] = None) -> None:
+    """Drop cached mappings of blocks whose name was removed or reused (one stat
+    each; ``but``, the one about to be checked more closely, is left out)."""
     for key, mapping in list(_warm.items()):
-        if not mapping.current():
+        if key != but and not mapping.current():
             _forget(key, mapping)
 
 
@@ -170,10 +191,11 @@ def forget(name: str) -> None:
 def drop_cached_mappings() -> None:
     """Forget every mapping this process keeps for reuse: the next attach or
     unpickle maps its block anew. Arrays still alive keep theirs (tests and
-    benchmarks use this to start cold)."""
+    benchmarks use this to start cold; it forgets the headers decoded too)."""
     with _lock:
         _warm.clear()
         _mapped.clear()
+        array_dtype.read_header.cache_clear()
 
 
 # ===================================================================== mapping blocks
@@ -191,33 +213,30 @@ def add_created(block: Block, meta: ArrayMeta, track: bool) -> Use:
     with _lock:
         _sweep()
         _mapped[(mapping.name, False)] = mapping
-        return mapping.use(track)
+        return mapping._new_use(None, track)  # the creator's handle holds the users lock (track=True)
 
 
 def acquire(name: str, readonly: bool, track: bool, block_id: Optional[int] = None) -> Use:
     """A Use of block ``name`` in this process: this process's mapping when the
-    name still refers to the block mapped there, else a new one. ``block_id``:
-    the block a pickled handle refers to (SegmentNotFound if the name now
-    leads to another). CorruptSegment if its array header does not add up."""
+    name still refers to the block mapped there, whole and unchanged, else a
+    new one. ``block_id``: the block a pickled handle refers to
+    (SegmentNotFound if the name now leads to another). CorruptSegment if its
+    array header does not add up."""
     key = (name, readonly)
     with _lock:
-        _sweep()
-        use: Optional[Use] = None
+        _sweep(but=key)
         cached = _mapped.get(key)
-        if cached is not None and cached.current():
-            if block_id is not None and cached.block_id != block_id:
-                raise SegmentNotFound(name, REUSED)
-            try:
-                use = cached.use(track)
-            except _Stale:  # replaced between the check and the lease
-                pass
-        if use is not None:
-            mapping = use.mapping
-        else:
+        # Checked in O(1) (the same file, size and header): a truncated file or a
+        # rewritten header is attached afresh below, and refused as a new process would.
+        use = cached.reuse(track) if cached is not None else None
+        if use is None:
             if cached is not None:
                 _forget(key, cached)
-            mapping, use = _attach(name, readonly, track, block_id)
-            _mapped[key] = mapping
+            use = _attach(name, readonly, track, block_id)
+            _mapped[key] = use.mapping
+        elif block_id is not None and use.mapping.block_id != block_id:
+            raise SegmentNotFound(name, REUSED)
+        mapping = use.mapping
         if not mapping.owned:
             _warm[key] = mapping
             _warm.move_to_end(key)
@@ -226,42 +245,50 @@ def acquire(name: str, readonly: bool, track: bool, block_id: Optional[int] = No
         return use
 
 
-def _attach(name: str, readonly: bool, track: bool, block_id: Optional[int]) -> Tuple[BlockMapping, Use]:
+def _attach(name: str, readonly: bool, track: bool, block_id: Optional[int]) -> Use:
     # Tracked: take the lease first, so the block cannot be removed while we map it.
-    lease = _lease(name) if track else None
+    # Two opens: a lock on the description the mapping is made from would last as long
+    # as the mapping, and the mapping stays cached after the arrays (and the lease) are gone.
+    lease = UsersLease(name) if track else None
     data: Optional[Block] = None
     try:
-        data = Block.attach(name, track=False, readonly=readonly)
+        data = Block.attach(name, track=False, readonly=readonly, descriptor=False)
         meta = _meta_of(data)
-        found = _block_id(data)
-        if (block_id is not None and found != block_id) or (lease is not None and _block_id(lease) != found):
+        if (block_id is not None and _block_id(data) != block_id) or (lease is not None and lease.inode != data.inode):
             raise SegmentNotFound(name, REUSED)
         mapping = BlockMapping(data, meta, owned=False, readonly=readonly)
     except BaseException:
-        for block in (data, lease):
-            if block is not None:
-                block.release()  # never unlink: the block is not ours
+        if data is not None:
+            data.release()  # never unlink: the block is not ours
+        if lease is not None:
+            lease.release()
         raise
-    use = Use(mapping, lease, track)
-    mapping.uses[track] = weakref.ref(use)
-    return mapping, use
+    return mapping._new_use(lease, track)
+
+
+def _block_id(block: Block) -> Optional[int]:
+    return None if block.header is None else block.header.block_id
 
 
 def _meta_of(block: Block) -> ArrayMeta:
     """The array header of an attached block, checked against its size."""
     header = block.header
     if header is None or header.kind != KIND_ARRAY:
-        made_by = (
-            "was not made by shmem"
-            if header is None
-            else f"is a {KIND_NAMES.get(header.kind, 'raw')} block made with shmem"
-        )
-        raise corrupt(
-            block.name,
-            f"it has no array header: it {made_by}, not with shmem.zeros/empty/full/array; "
-            "attach it with shmem.SharedMemory instead",
-        )
+        raise corrupt(block.name, f"it has no array header: {_what_else(block.name, header)}")
     try:
         return array_dtype.read_header(header.extra, block.size)
     except CorruptSegment as err:
         raise corrupt(block.name, f"corrupt array header: {err}") from None
+
+
+def _what_else(name: str, header: Optional[Header]) -> str:
+    """What block ``name`` is instead of an array, and the call that opens it."""
+    if header is None:
+        return (
+            "it was not made by shmem (the standard library or another program made it, "
+            f"with no shmem header); open it with shmem.SharedMemory({name!r})"
+        )
+    if header.kind == KIND_LIST:
+        return f"it is a list block made with shmem; open it with shmem.ShareableList(name={name!r})"
+    kind = KIND_NAMES.get(header.kind, "raw")
+    return f"it is a {kind} block made with shmem.SharedMemory; open it with shmem.SharedMemory({name!r})"
