@@ -79,10 +79,14 @@ def main() -> int:
     parser.add_argument("--rev", default=DEFAULT_REV, help=f"the revision to compare with (default {DEFAULT_REV})")
     parser.add_argument("--rounds", type=int, default=8, help="processes of each version (default 8)")
     parser.add_argument("--quick", action="store_true", help="2 rounds of small batches")
+    parser.add_argument(
+        "--cpu", type=int, default=None, help="run every probe on this CPU (taskset): one CPU's speed for both versions"
+    )
     args = parser.parse_args()
     if not 1 <= args.rounds <= 100:
         parser.error("--rounds must be between 1 and 100")
     rounds, batch = (2, 200) if args.quick else (args.rounds, 2000)
+    pin = ["taskset", "-c", str(args.cpu)] if args.cpu is not None else []
     # A fresh reaper per version: neither inherits this process's.
     env = {k: v for k, v in os.environ.items() if k != "SHMEM_REAPER"}
     with tempfile.TemporaryDirectory(prefix="shmem-bench-") as tmp:
@@ -95,7 +99,7 @@ def main() -> int:
                 order = list(trees.items()) if i % 2 else list(trees.items())[::-1]
                 for key, src in order:
                     out = subprocess.run(
-                        [sys.executable, "-c", PROBE, src, str(batch)],
+                        pin + [sys.executable, "-c", PROBE, src, str(batch)],
                         capture_output=True,
                         text=True,
                         env=env,
