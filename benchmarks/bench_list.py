@@ -3,8 +3,9 @@
 
     python benchmarks/bench_list.py [--quick] [--json PATH]
 
-Rows: one item read and one item write (int and float), iterating a list of
-100,000 ints, and building ShareableList(range(100_000)). Each row times both
+Rows: one item read and one item write (int, float, and str - the path in
+Python, under the item's sequence lock), iterating a list of 100,000 ints, and
+building ShareableList(range(100_000)). Each row times both
 libraries alternately, repeats, and reports the median, the p25-p75 spread and
 the ratio shmem / standard library (< 1: shmem is faster). Standard library
 plus shmem only. The issue's goals are printed under the table.
@@ -49,13 +50,15 @@ def bulk_ms(action: Callable[[], object], repeat: int) -> List[float]:
 def run(quick: bool) -> List[Tuple[str, str, List[float], str]]:
     number, repeat = (20_000, 5) if quick else (200_000, 15)
     rows: List[Tuple[str, str, List[float], str]] = []
-    lists = {key: (cls(range(N)), cls([0.5] * 1000)) for key, cls in IMPLS.items()}
+    lists = {key: (cls(range(N)), cls([0.5] * 1000), cls(["abcdefgh"] * 100)) for key, cls in IMPLS.items()}
     try:
         for label, stmt, which in [
             ("read an int item", "sl[500]", 0),
             ("write an int item", "sl[500] = 7", 0),
             ("read a float item", "sl[5]", 1),
             ("write a float item", "sl[5] = 2.5", 1),
+            ("read a str item", "sl[5]", 2),
+            ("write a str item", "sl[5] = 'xyz'", 2),
         ]:
             samples: Dict[str, List[float]] = {key: [] for key in IMPLS}
             for _ in range(repeat):  # alternate the libraries: the machine's noise hits both

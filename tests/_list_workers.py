@@ -9,6 +9,7 @@ unlink the block when the test run ends (gh-82300).
 from __future__ import annotations
 
 import importlib
+import operator
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -106,7 +107,7 @@ def reader(
                         check(sl[::-1][::-1], 0)
                         "abcd" in sl  # noqa: B015 - must not raise
                         sl.count(12345)
-                        sl == []  # noqa: B015
+                        sl.equals([])
                 result["reads"] += 1
         close_list(sl)
     except Exception as err:  # noqa: BLE001 - any exception is the failure we look for
@@ -139,3 +140,107 @@ def read_all(name: str, out: Any) -> None:
             items.append(("error", type(err).__name__, str(err)))
     close_list(sl)
     out.put(items)
+
+
+# ---------------------------------------------------------------- a list server, for comparing the two paths
+
+
+def _outcome(action: Any) -> Tuple[Any, ...]:
+    """("ok", value as comparable data) or ("err", the exception's type name)."""
+    try:
+        return ("ok", _plain(action()))
+    except Exception as err:  # noqa: BLE001 - the type is the outcome
+        return ("err", type(err).__name__)
+
+
+def _plain(value: Any) -> Any:
+    """A value as data two processes can compare: exact type and repr (nan == nan here)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return (type(value).__name__, repr(value))
+
+
+def _op(sl: Any, op: Tuple[Any, ...]) -> Any:
+    kind, args = op[0], op[1:]
+    if kind == "get":
+        return lambda: sl[args[0]]
+    if kind == "set":
+        return lambda: sl.__setitem__(args[0], args[1])
+    if kind == "del":
+        return lambda: operator.delitem(sl, args[0])
+    if kind == "repr":
+        return lambda: repr(sl).replace(repr(sl.shm.name), "NAME")
+    if kind == "close":
+        return lambda: sl.shm.close() if args[0] else sl.close()
+    if kind == "helpers":
+        i = args[0]
+        return lambda: [sl._get_packing_format(i), sl._get_back_transform(i)(b"ab\0"), sl._offset_packing_formats]
+    return {
+        "len": lambda: len(sl),
+        "list": lambda: list(sl),
+        "format": lambda: sl.format,
+        "contains": lambda: args[0] in sl,
+        "count": lambda: sl.count(args[0]),
+        "index": lambda: sl.index(args[0]),
+        "equals": lambda: sl.equals(args[0]),
+    }[kind]
+
+
+def _attach_and_read(name: str) -> List[Any]:
+    import shmem
+
+    with shmem.ShareableList(name=name) as other:
+        return list(other)
+
+
+def serve() -> None:
+    """Answer commands from the test on stdin, one pickled (command, args) per
+    line of length-prefixed frames, with pickled replies on stdout; holds one
+    list at a time. The test runs one server on the C path and one on the
+    pure-Python path (``SHMEM_PURE_PYTHON=1``) and compares what they answer."""
+    import os
+    import pickle
+    import struct
+    import sys
+
+    import shmem
+    from shmem._kinds import list_layout
+
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    sl: Any = None
+    block: Any = None
+
+    def reply(value: Any) -> None:
+        data = pickle.dumps(value)
+        stdout.write(struct.pack("<I", len(data)) + data)
+        stdout.flush()
+
+    reply(("ready", list_layout.ACCELERATED, os.getpid()))
+    while True:
+        head = stdin.read(4)
+        if len(head) < 4:
+            return
+        command, args = pickle.loads(stdin.read(struct.unpack("<I", head)[0]))
+        if command == "create":
+            try:
+                sl = shmem.ShareableList(args)
+                block = shmem.SharedMemory(sl.shm.name)  # the bytes, whatever is done to the list
+                reply(("ok", bytes(block.buf)))
+            except Exception as err:  # noqa: BLE001
+                reply(("err", type(err).__name__))
+        elif command == "write":  # the whole buffer, damaged by the test
+            block.buf[: len(args)] = args
+            reply(None)
+        elif command == "ops":
+            reply([_outcome(_op(sl, op)) for op in args])
+        elif command == "attach":
+            reply(_outcome(lambda: _attach_and_read(sl.shm.name)))
+        elif command == "buffer":
+            reply(bytes(block.buf))
+        elif command == "drop":
+            if sl is not None:
+                sl.close()
+                block.close()
+                block.unlink()
+                sl = None
+            reply(None)

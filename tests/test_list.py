@@ -407,7 +407,7 @@ def test_pickle_is_small_and_attaches_by_name() -> None:
         assert len(data) < 200, "a name, not the items"
         copy = pickle.loads(data)
         assert type(copy) is shmem.ShareableList and copy.shm.name == sl.shm.name
-        assert copy == sl and block_of(copy.shm).tracked is True
+        assert copy.equals(sl) and block_of(copy.shm).tracked is True
         copy[0] = protocol
         assert sl[0] == protocol
         copy.close()
@@ -746,7 +746,8 @@ def _shmem_list(lists: Any) -> str:
 
 KIND_HEADER_DAMAGE = {
     "magic": lambda m, v, n, e: KIND_HEADER.pack(b"notalist", v, n, e),
-    "version": lambda m, v, n, e: KIND_HEADER.pack(m, 2, n, e),
+    "version": lambda m, v, n, e: KIND_HEADER.pack(m, 3, n, e),
+    "version-1": lambda m, v, n, e: KIND_HEADER.pack(m, 1, n, e),  # shmem 0.1's layout: 16-bit sequence numbers
     "count": lambda m, v, n, e: KIND_HEADER.pack(m, v, n + 1, e),
     "ext-unaligned": lambda m, v, n, e: KIND_HEADER.pack(m, v, n, e + 4),
     "ext-inside-items": lambda m, v, n, e: KIND_HEADER.pack(m, v, n, 0),
@@ -795,7 +796,16 @@ def test_a_block_of_another_kind_is_not_a_list(kind: str) -> None:
 LISTING_FORGERIES = {
     **{
         damage: KIND_HEADER_DAMAGE[damage]
-        for damage in ("magic", "version", "ext-unaligned", "ext-inside-items", "ext-negative", "truncated", "empty")
+        for damage in (
+            "magic",
+            "version",
+            "version-1",
+            "ext-unaligned",
+            "ext-inside-items",
+            "ext-negative",
+            "truncated",
+            "empty",
+        )
     },
     "count-negative": lambda m, v, n, e: KIND_HEADER.pack(m, v, -1, e),
     "count-int64-min": lambda m, v, n, e: KIND_HEADER.pack(m, v, -(2**63), e),
@@ -845,7 +855,7 @@ def test_describe_reads_the_drawn_header_and_raises_only_corrupt_segment() -> No
     from shmem._kinds.list_layout import kind_header as packed
 
     header = packed(7, 192)  # 7 ints: the extension right after the type codes
-    assert header == KIND_HEADER.pack(b"shmlist\0", 1, 7, 192)  # the codec is the drawing
+    assert header == KIND_HEADER.pack(b"shmlist\0", 2, 7, 192)  # the codec is the drawing
     assert describe(header) == "7 items" and describe(packed(1, 48)) == "1 item"
     rng = random.Random(9)
     candidates = [header[:cut] for cut in range(len(header))]
@@ -857,7 +867,7 @@ def test_describe_reads_the_drawn_header_and_raises_only_corrupt_segment() -> No
     candidates += [rng.randbytes(rng.randrange(64)) for _ in range(500)]
     candidates += [header[:10] + rng.randbytes(22) for _ in range(500)]  # any padding, N and ext
     int64 = (-(2**63), 2**63 - 1)
-    candidates += [KIND_HEADER.pack(b"shmlist\0", 1, rng.randint(*int64), rng.randint(*int64)) for _ in range(500)]
+    candidates += [KIND_HEADER.pack(b"shmlist\0", 2, rng.randint(*int64), rng.randint(*int64)) for _ in range(500)]
     for extra in candidates:
         try:
             assert describe(extra).endswith(("item", "items"))
@@ -908,17 +918,16 @@ def test_any_integer_like_index_as_list_allows() -> None:
         sl.unlink()
 
 
-def test_equality_containment_and_hash_follow_list() -> None:
+def test_equals_containment_and_reversed_follow_list() -> None:
+    """Value comparison is ``equals`` (``==`` is identity, as in the standard library:
+    test_list_parity.py)."""
     with shmem.ShareableList([1, "a", None]) as a, shmem.ShareableList([1, "a", None]) as b:
-        assert a == [1, "a", None] and [1, "a", None] == a
-        assert a == b and not a != b
-        assert a != [1, "a"] and a != [1, "a", None, 4] and a != ["1", "a", None]
-        assert a != (1, "a", None)  # like list == tuple
+        assert a.equals([1, "a", None]) and a.equals((1, "a", None)) and a.equals(iter([1, "a", None]))
+        assert a.equals(b) and b.equals(a)
+        assert not a.equals([1, "a"]) and not a.equals([1, "a", None, 4]) and not a.equals(["1", "a", None])
         assert "a" in a and None in a and 2 not in a and b"a" not in a
         b[0] = 2
-        assert a != b
-        with pytest.raises(TypeError):
-            hash(a)
+        assert not a.equals(b)
         assert list(reversed(a)) == [None, "a", 1]
         assert a.index("a", 1) == 1 and a.index(1, 0, 1) == 0
         with pytest.raises(ValueError):
@@ -955,7 +964,7 @@ def test_a_closed_list_raises_value_error() -> None:
         for action in (lambda: other[0], lambda: other[1], lambda: other[2], lambda: other[-1],
                        lambda: other[0:2], lambda: list(other), lambda: other.__setitem__(0, 5),
                        lambda: other.__setitem__(1, 1.5), lambda: other.__setitem__(2, "x"),
-                       lambda: 1 in other, lambda: other.count(1), lambda: other == [1]):
+                       lambda: 1 in other, lambda: other.count(1), lambda: other.equals([1])):
             try:
                 action()
                 results.append("no error")

@@ -20,6 +20,7 @@ from ._errors import (
     ShmemError,
     UnsafeSegment,
     UnsupportedDtype,
+    WriterStalled,
 )
 from ._kinds.list import ShareableList
 from ._kinds.raw import SharedMemory
@@ -74,6 +75,7 @@ __all__ = [
     "ShmemError",
     "UnsafeSegment",
     "UnsupportedDtype",
+    "WriterStalled",
     "array",
     "attach_array",
     "empty",

@@ -83,3 +83,13 @@ class UnsupportedDtype(ShmemError, TypeError):
 class CorruptSegment(ShmemError, ValueError):
     """A header read from shared memory is inconsistent: someone wrote garbage
     into it, or it was made by a program that is not shmem."""
+
+
+class WriterStalled(ShmemError, TimeoutError, _NamedOSError):
+    """A reader waited longer than it does for a write in progress: a writer
+    started changing the item and has not finished - it is stopped, starved
+    of CPU, or was killed mid-write. Nothing is known to be damaged: read
+    again later; the next write of the item makes it whole again."""
+
+    def __init__(self, name: str, cause: str) -> None:
+        super().__init__(_errno.ETIMEDOUT, cause, name)

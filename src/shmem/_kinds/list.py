@@ -18,11 +18,15 @@ The concurrency guarantee:
 
 * **No torn reads.** Each item has a sequence lock: a shmem writer makes the
   item's sequence number odd, writes, and makes it even again; a shmem reader
-  retries until it read the same even number before and after. A reader in
-  another process therefore never sees a mixture of two values, nor an
-  exception, while a shmem writer changes the item - one writer per item at a
-  time (concurrent writers of one item need a lock of their own), on CPUs that
-  keep stores in order (x86-64; Python exposes no memory fences for weaker ones).
+  retries until it read the same even number before and after (63 bits: they
+  cannot come round within one read; ``list_layout`` says why and on which
+  CPUs). A reader in another process never sees a mixture of two values, nor
+  an exception, while a shmem writer changes the item - one writer per item
+  at a time (concurrent writers of one item need a lock of their own).
+* **A stalled writer is not corruption.** A reader waits up to a second for a
+  write in progress, then raises ``shmem.WriterStalled`` (a TimeoutError): the
+  writer is stopped, starved, or was killed mid-write; the next write of the
+  item makes it whole. ``CorruptSegment`` means damage that stays.
 
 Everything read from the block is hostile input: the header is checked in O(1)
 against the block's size when attaching (``list_layout.read_layout``), and
@@ -33,12 +37,16 @@ what the header claims is allocated.
 from __future__ import annotations
 
 import operator
+import os
 import time
-from typing import Any, Iterable, Iterator, List, Optional, Tuple, Union
+import types
+import warnings
+from typing import Any, Callable, ClassVar, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
-from .._core.block import Block
-from .._core.header import KIND_LIST, KIND_NAMES
-from .._errors import CorruptSegment
+from .. import _platform
+from .._core.block import MAX_SIZE, Block
+from .._core.header import KIND_LIST, KIND_NAMES, total_size
+from .._errors import CorruptSegment, InvalidSize, NoSpace, WriterStalled
 from . import raw
 from .list_layout import (
     ACCELERATED,
@@ -46,15 +54,20 @@ from .list_layout import (
     BOOL_TRUE,
     BYTES,
     BYTES_CODE,
+    FENCE,
     FLOAT,
     FORMAT_WORD,
     INT,
     INT_MAX,
     INT_MIN,
     KIND_OF_FORMAT,
+    STDLIB_BACK_TRANSFORMS,
+    STDLIB_FORMATS,
     STR,
     STR_CODE,
+    TORN_READS_PREVENTED,
     TYPE_CODE,
+    UNORDERED_WARNING,
     WORD,
     WRITING,
     Layout,
@@ -65,6 +78,7 @@ from .list_layout import (
     read_layout,
     recorded_text,
     settled,
+    stdlib_type_code,
     text_format_word,
     text_record,
 )
@@ -72,6 +86,10 @@ from .raw import SharedMemory
 
 # How long a reader waits for a writer that is in the middle of an item.
 _STUCK_WRITER_SECONDS = 1.0
+# From this size on, a new list's room in /dev/shm is checked before it is encoded
+# (below it, encoding is quick and creating the block fails as fast).
+_ROOM_CHECKED_FROM = 1 << 20
+_unordered_warned = False
 
 if ACCELERATED:  # list_layout decides, once, whether the C twin is in use
     from .._speedups import ListCore as _Core
@@ -88,6 +106,14 @@ class ShareableList(_Core):
     existing one - made by shmem or by the standard library. Items can be
     replaced (a str or bytes only by one that fits the space its slot was
     given), the length cannot change. ``track`` is SharedMemory's.
+
+    As in the standard library, ``==`` and ``hash()`` are those of the object
+    (two handles on one block are different objects); ``equals`` compares items.
+
+    Raises what creating a block raises (FileExistsError, ``shmem.NoSpace``,
+    ...), InvalidSize (a ValueError) for more items than any block can hold,
+    TypeError/OverflowError/ValueError for a value it cannot store, and
+    CorruptSegment for a block that holds no valid list.
     """
 
     # Class-level defaults: a half-built instance (its __init__ raised) can
@@ -118,7 +144,7 @@ class ShareableList(_Core):
             sequence = list(sequence)
         # Everything is validated and encoded before the block exists, and
         # written into it before it is published: nobody sees a half-built list.
-        new = encode(sequence, where)
+        new = encode(sequence, where, _room_checker(where, name))
         block = Block.create(
             name, new.size, track=track, kind=KIND_LIST, extra=new.kind_header, initial=new.pieces, flags=flags
         )
@@ -139,6 +165,8 @@ class ShareableList(_Core):
 
     def _bind(self, layout: Layout) -> None:
         """Keep the validated ``layout``'s offsets at hand, and views of the block."""
+        if not TORN_READS_PREVENTED:
+            _warn_unordered()
         buf = self.shm.buf
         assert buf is not None
         n, data_len, ext = layout
@@ -151,9 +179,12 @@ class ShareableList(_Core):
         self._fmt_word = layout.formats // WORD
         self._codes = layout.codes
         self._ext = ext
-        self._ext_word = ext // WORD if ext >= 0 else -1
+        self._ext_word = ext // WORD if ext >= 0 else -1  # item i's sequence number: word _ext_word + i
+        self._rec_word = layout.records // WORD if ext >= 0 else -1  # its record: word _rec_word + i
         words = len(buf) // WORD * WORD
-        self._b = buf
+        # Views of their own (a slice is one), as the C core holds its own buffer: the list
+        # keeps working if its user calls shm.close() - the mapping lives as long as they do.
+        self._b = buf[:]
         self._q = buf[:words].cast("q")  # item i's slot offset is word 1 + i, its end word 2 + i
         self._d = buf[:words].cast("d")
         if ACCELERATED:
@@ -196,7 +227,7 @@ class ShareableList(_Core):
         if code != STR_CODE and code != BYTES_CODE:
             raise self._corrupt(i, "its format and type code disagree")
         slot = self._b[self._data + off : self._data + off + capacity]
-        value = recorded_text(self._q[self._ext_word + i], slot, marked) if self._ext >= 0 else None
+        value = recorded_text(self._q[self._rec_word + i], slot, marked) if self._ext >= 0 else None
         if value is None:  # written by the standard library: its rule, trailing NULs dropped
             value = bytes(slot).rstrip(b"\0")
         if code == BYTES_CODE:
@@ -216,20 +247,31 @@ class ShareableList(_Core):
         while True:
             before = q[seq]
             if not before & WRITING:
+                if FENCE:  # the item's loads after the first look at its number ...
+                    FENCE()
                 try:
                     value = self._read(i)
                 except CorruptSegment:
                     # A damaged item stays damaged; one a writer changed meanwhile
                     # was only read half-written: read it again.
+                    if FENCE:
+                        FENCE()
                     if q[seq] == before:
                         raise
                     continue
+                if FENCE:  # ... and before the second
+                    FENCE()
                 if q[seq] == before:
                     return value
             elif not deadline:
                 deadline = time.monotonic() + _STUCK_WRITER_SECONDS
             elif time.monotonic() > deadline:
-                raise self._corrupt(i, "a writer started changing it and never finished (killed?)")
+                raise WriterStalled(
+                    str(self.shm.name),
+                    f"ShareableList item {i}: a writer started changing it over {_STUCK_WRITER_SECONDS:g} s "
+                    "ago and has not finished (stopped, or killed mid-write); read it again later - "
+                    "the next write of the item makes it whole",
+                )
             else:
                 time.sleep(0)
 
@@ -262,10 +304,14 @@ class ShareableList(_Core):
             return [self._read(i) for i in range(n)]
         seqs = slice(self._ext_word, self._ext_word + n)
         before = self._q[seqs].tolist()
+        if FENCE:
+            FENCE()
         try:
             values = [self._read(i) for i in range(n)]
         except CorruptSegment:  # damaged, or half-written meanwhile: item by item decides
             return [self._read_consistent(i) for i in range(n)]
+        if FENCE:
+            FENCE()
         after = self._q[seqs].tolist()
         if before != after or any(s & WRITING for s in before):
             for i in range(n):
@@ -279,18 +325,12 @@ class ShareableList(_Core):
     def __contains__(self, value: Any) -> bool:
         return value in self._snapshot()
 
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, ShareableList):
-            return self._snapshot() == other._snapshot()
-        if isinstance(other, list):
-            return self._snapshot() == other
-        return NotImplemented
-
-    def __ne__(self, other: object) -> bool:
-        result = self.__eq__(other)
-        return result if result is NotImplemented else not result
-
-    __hash__ = None  # type: ignore[assignment]  # mutable, like list
+    def equals(self, other: Iterable[Any]) -> bool:
+        """Whether ``other`` (another ShareableList, a list, any iterable) holds
+        equal items in the same order. ``==`` compares identity, as in the
+        standard library, where a ShareableList is hashable."""
+        items = other._snapshot() if isinstance(other, ShareableList) else list(other)
+        return self._snapshot() == items
 
     def count(self, value: Any) -> int:
         """L.count(value) -> integer -- return number of occurrences of value."""
@@ -332,6 +372,10 @@ class ShareableList(_Core):
             kind, payload = INT, value
         elif t is float:
             kind, payload = FLOAT, value
+        elif t is str:
+            kind, payload = STR, value.encode("utf-8")
+        elif t is bytes:
+            kind, payload = BYTES, value
         else:
             kind, payload = normalize(value, f"ShareableList {self.shm.name!r}[{index}]")
         q = self._q
@@ -353,10 +397,12 @@ class ShareableList(_Core):
         if off & 7 or not 0 <= off <= self._fixed_max:
             raise self._corrupt(i, "its slot lies outside the data area")
         at = self._data_word + (off >> 3)
-        seq = self._ext_word + i if self._ext >= 0 else -1
-        if seq >= 0:
+        seq = self._ext_word + i if self._ext_word >= 0 else -1
+        if seq >= 0:  # written out here, not through _begin_write: this is the pure path's hot one
             writing = q[seq] | WRITING
             q[seq] = writing  # odd: readers wait
+            if FENCE:
+                FENCE()
         if kind == INT:
             q[at] = payload
             q[self._fmt_word + i] = FORMAT_WORD[INT]
@@ -367,20 +413,27 @@ class ShareableList(_Core):
             q[at] = BOOL_TRUE if payload else 0  # None's slot is all zero too
             q[self._fmt_word + i] = FORMAT_WORD[kind]
         self._b[self._codes + i] = TYPE_CODE[kind]
-        if seq >= 0:
+        if seq >= 0:  # a number leaves the record alone: only a marked or checked str/bytes reads it
+            if FENCE:
+                FENCE()
             q[seq] = settled(writing)  # even again: the item is whole
 
     def _write_text(self, i: int, kind: int, payload: bytes, start: int, capacity: int) -> None:
         q = self._q
-        seq = self._ext_word + i if self._ext >= 0 else -1
+        seq = self._ext_word + i if self._ext_word >= 0 else -1
         if seq >= 0:
             writing = q[seq] | WRITING
             q[seq] = writing
+            if FENCE:
+                FENCE()
         self._b[start : start + capacity] = payload.ljust(capacity, b"\0")
-        q[self._fmt_word + i] = text_format_word(capacity, exact=seq >= 0)
+        q[self._fmt_word + i] = text_format_word(capacity, seq >= 0)
         self._b[self._codes + i] = TYPE_CODE[kind]
         if seq >= 0:
-            q[seq] = settled(writing) | text_record(payload, capacity)
+            q[self._rec_word + i] = text_record(payload, capacity)
+            if FENCE:
+                FENCE()
+            q[seq] = settled(writing)
 
     # ------------------------------------------------------------ the rest
 
@@ -396,11 +449,10 @@ class ShareableList(_Core):
         self._closed = True
         if ACCELERATED:
             self._release_core()
-        for view in ("_q", "_d"):
+        for view in ("_q", "_d", "_b"):
             mv = self.__dict__.pop(view, None)
             if mv is not None:
                 mv.release()
-        self.__dict__.pop("_b", None)
         if self.shm is not None:
             self.shm.close()
 
@@ -418,13 +470,20 @@ class ShareableList(_Core):
         return (_reattach, (type(self), self.shm.name, raw.block_of(self.shm).tracked))
 
     def __repr__(self) -> str:
+        """The standard library's ``ShareableList([items], name='...')``; never raises:
+        ``<closed>`` for a closed or half-built list, ``<unreadable: ...>`` for one
+        whose items cannot be read now."""
         name = None if self.shm is None else self.shm.name
-        items = "<closed>" if self._closed or self.shm is None else self._snapshot()
+        if self._closed or "_q" not in self.__dict__:
+            items = "<closed>"
+        else:
+            try:
+                items = str(self._snapshot())
+            except Exception as err:  # noqa: BLE001 - repr is for showing, in tracebacks too
+                items = f"<unreadable: {type(err).__name__}>"
         return f"{type(self).__name__}({items}, name={name!r})"
 
     def __class_getitem__(cls, item: Any) -> Any:
-        import types
-
         return types.GenericAlias(cls, item)
 
     if not ACCELERATED:
@@ -433,6 +492,88 @@ class ShareableList(_Core):
 
         def __len__(self) -> int:
             return self._n
+
+    # ------------------------------------------------------------ the standard library's helpers
+    # Private there, but called by code written against it (CPython's own tests call
+    # _get_packing_format): the same names, answering from the same layout.
+
+    _alignment: ClassVar[int] = WORD
+    _types_mapping: ClassVar[Dict[type, str]] = STDLIB_FORMATS
+    _back_transforms_mapping: ClassVar[Dict[int, Callable[[Any], Any]]] = STDLIB_BACK_TRANSFORMS
+    _extract_recreation_code = staticmethod(stdlib_type_code)
+
+    def _position(self, position: int) -> int:
+        if self._closed:
+            raise self._closed_error()
+        i = position + self._n if position < 0 else position
+        if not 0 <= i < self._n:
+            raise IndexError("Requested position out of range.")
+        return i
+
+    def _get_packing_format(self, position: int) -> str:
+        "Gets the packing format for a single value stored in the list."
+        return self._format_of(self._position(position))
+
+    def _get_back_transform(self, position: int) -> Callable[[Any], Any]:
+        "Gets the back transformation function for a single value."
+        i = self._position(position)
+        try:
+            return self._back_transforms_mapping[self._b[self._codes + i]]
+        except KeyError:
+            raise self._corrupt(i, f"unknown type code {self._b[self._codes + i]}") from None
+
+    def _set_packing_format_and_transform(self, position: int, fmt_as_str: str, value: Any) -> None:
+        """Sets the packing format and back transformation code for a
+        single value in the list at the specified position."""
+        i = self._position(position)
+        # struct "8s", as the standard library packs it; never shmem's exact-length mark (a
+        # format copied from the standard library's view of a shmem list may carry it).
+        fmt = fmt_as_str.encode("utf-8")[:WORD].rstrip(b" ").ljust(WORD, b"\0")
+        q, seq = self._q, self._ext_word + i if self._ext_word >= 0 else -1
+        if seq >= 0:
+            writing = q[seq] | WRITING
+            q[seq] = writing
+            if FENCE:
+                FENCE()
+        self._b[self._fmts + WORD * i : self._fmts + WORD * (i + 1)] = fmt
+        self._b[self._codes + i] = self._extract_recreation_code(value)
+        if seq >= 0:
+            q[self._rec_word + i] = 0  # shmem's record no longer applies: the standard library's rules
+            if FENCE:
+                FENCE()
+            q[seq] = settled(writing)
+
+    @property
+    def _list_len(self) -> int:
+        return self._n
+
+    @property
+    def _allocated_offsets(self) -> List[int]:
+        return self._q[1 : self._n + 2].tolist() if "_q" in self.__dict__ else [0]
+
+    @property
+    def _format_size_metainfo(self) -> str:
+        return "q" * (self._n + 1)
+
+    @property
+    def _format_packing_metainfo(self) -> str:
+        return "8s" * self._n
+
+    @property
+    def _format_back_transform_codes(self) -> str:
+        return "b" * self._n
+
+    @property
+    def _offset_data_start(self) -> int:
+        return (self._n + 2) * WORD
+
+    @property
+    def _offset_packing_formats(self) -> int:
+        return self._offset_data_start + getattr(self, "_data_len", 0)
+
+    @property
+    def _offset_back_transform_codes(self) -> int:
+        return self._offset_packing_formats + self._n * WORD
 
 
 def create_list(
@@ -447,6 +588,31 @@ def create_list(
 
 def _reattach(cls: type, name: str, track: bool) -> ShareableList:
     return cls(name=name, track=track)  # type: ignore[no-any-return]
+
+
+def _room_checker(where: str, name: Optional[str]) -> Callable[[int], None]:
+    """``encode``'s ``room``: InvalidSize for a list larger than any block can be,
+    NoSpace for one /dev/shm cannot hold now - before it is encoded."""
+
+    def room(size: int) -> None:
+        if size > MAX_SIZE:
+            raise InvalidSize(
+                f"{where}: {size} bytes needed, more than any shared memory block can be ({MAX_SIZE} bytes)"
+            )
+        if size >= _ROOM_CHECKED_FROM:
+            st = os.statvfs(os.path.dirname(_platform.path_of("shmem")))
+            free, total = st.f_bavail * st.f_frsize, total_size(size)
+            if total > free:
+                raise NoSpace(name or "(new block)", f"{where}: {total} bytes needed, {free} free")
+
+    return room
+
+
+def _warn_unordered() -> None:
+    global _unordered_warned
+    if not _unordered_warned:
+        _unordered_warned = True
+        warnings.warn(UNORDERED_WARNING, RuntimeWarning, stacklevel=5)
 
 
 ShareableList.__module__ = "shmem"
