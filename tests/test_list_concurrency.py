@@ -41,7 +41,7 @@ from conftest import PYTHON, implementations
 from test_list import STDLIB, ext_offset, lists_fixture  # noqa: F401 - the "lists" fixture
 
 import shmem
-from shmem._errors import WriterStalled
+from shmem import WriterStalled
 
 CTX = multiprocessing.get_context("spawn")
 SECONDS = 1.5
