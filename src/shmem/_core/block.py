@@ -281,6 +281,22 @@ class Block:
         return f"<Block {self.name!r} size={self.size}>"
 
 
+def hold_users_lock(name: str) -> _platform.Opened:
+    """Open block ``name`` read-only and take the shared users lock on it: the
+    descriptor counts this process as a user until it is closed. Waits while a
+    remover holds the exclusive lock; SegmentNotFound (FileNotFoundError) if
+    there is no such block, or it was removed meanwhile."""
+    opened = _platform.open_existing(name, writable=False)
+    try:
+        _platform.lock_shared(opened.fd, USERS_LOCK)
+        if not _platform.still_published(name, opened.inode):
+            raise SegmentNotFound(name, "the shared memory block was removed while attaching")
+    except BaseException:
+        os.close(opened.fd)
+        raise
+    return opened
+
+
 class UsersLease:
     """This process counted as a user of block ``name`` (``lifecycle``), with
     nothing mapped: one read-only descriptor holding the shared users lock,
@@ -296,15 +312,7 @@ class UsersLease:
 
     def __init__(self, name: str) -> None:
         self._fd = -1
-        opened = _platform.open_existing(name, writable=False)
-        try:
-            # Waits while a remover holds the exclusive lock; the name is gone then.
-            _platform.lock_shared(opened.fd, USERS_LOCK)
-            if not _platform.still_published(name, opened.inode):
-                raise SegmentNotFound(name, "the shared memory block was removed while attaching")
-        except BaseException:
-            os.close(opened.fd)
-            raise
+        opened = hold_users_lock(name)
         self.name, self.inode, self.size, self._fd = name, opened.inode, opened.size, opened.fd
 
     def fileno(self) -> int:

@@ -61,9 +61,9 @@ from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Se
 
 from .. import _platform
 from .._core import names
+from .._core.block import hold_users_lock
 from .._core.header import FLAG_MANAGED, KIND_NAMES, Header
-from .._core.lifecycle import USERS_LOCK
-from .._errors import CorruptSegment, SegmentNotFound
+from .._errors import CorruptSegment
 
 __all__ = ["ManagedBlock", "ServerSetup", "Session", "SharedMemoryServer", "hold", "remove_leftovers"]
 
@@ -140,17 +140,7 @@ def hold(name: str) -> int:
     is no such block, or it was removed while we waited for the lock;
     InvalidName (ValueError) before anything happens for a bad name.
     """
-    name = names.validate(name)
-    opened = _platform.open_existing(name, writable=False)
-    try:
-        # Waits while a reaper holds the exclusive lock to remove it; the name is gone then.
-        _platform.lock_shared(opened.fd, USERS_LOCK)
-        if not _platform.still_published(name, opened.inode):
-            raise SegmentNotFound(name, "the shared memory block was removed while it was being taken hold of")
-    except BaseException:
-        os.close(opened.fd)
-        raise
-    return opened.fd
+    return hold_users_lock(names.validate(name)).fd
 
 
 def remove_leftovers(prefix: str) -> None:

@@ -284,24 +284,23 @@ def _lock(fd: int, cmd: int, kind: int, offset: int) -> None:
     fcntl.fcntl(fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0))
 
 
-def lock_shared(fd: int, offset: int) -> None:
-    """Take a read lock on one byte, waiting while an exclusive holder has it."""
+def _wait_for_lock(fd: int, kind: int, offset: int) -> None:
     while True:
         try:
-            _lock(fd, fcntl.F_OFD_SETLKW, fcntl.F_RDLCK, offset)
+            _lock(fd, fcntl.F_OFD_SETLKW, kind, offset)
             return
         except InterruptedError:  # pragma: no cover - PEP 475 retries, but be explicit
             continue
+
+
+def lock_shared(fd: int, offset: int) -> None:
+    """Take a read lock on one byte, waiting while an exclusive holder has it."""
+    _wait_for_lock(fd, fcntl.F_RDLCK, offset)
 
 
 def lock_exclusive(fd: int, offset: int) -> None:
     """Take a write lock on one byte, waiting until nobody holds any lock on it."""
-    while True:
-        try:
-            _lock(fd, fcntl.F_OFD_SETLKW, fcntl.F_WRLCK, offset)
-            return
-        except InterruptedError:  # pragma: no cover - PEP 475 retries, but be explicit
-            continue
+    _wait_for_lock(fd, fcntl.F_WRLCK, offset)
 
 
 def try_lock_exclusive(fd: int, offset: int) -> bool:
