@@ -189,14 +189,13 @@ class Block:
         the description a long-lived mapping is made from (``UsersLease``).
         """
         name = names.validate(name)
-        opened = _platform.open_existing(name, writable=not readonly)
+        if track:
+            # Waits while a reaper, gc() or remove_segment() holds the exclusive lock to
+            # remove it; then the name is gone, and we say so rather than map a removed block.
+            opened = _platform.open_locked(name, USERS_LOCK, writable=not readonly)
+        else:
+            opened = _platform.open_existing(name, writable=not readonly)
         try:
-            if track:
-                # Waits while a reaper, gc() or remove_segment() holds the exclusive lock to
-                # remove it; then the name is gone, and we say so rather than map a removed block.
-                _platform.lock_shared(opened.fd, USERS_LOCK)
-                if not _platform.still_published(name, opened.inode):
-                    raise SegmentNotFound(name, "the shared memory block was removed while attaching")
             return cls._map(name, opened.fd, opened.size, opened.inode, readonly, track, descriptor)
         finally:
             os.close(opened.fd)  # a tracked mapping holds its own duplicate (and with it the users lock)
@@ -286,15 +285,7 @@ def hold_users_lock(name: str) -> _platform.Opened:
     descriptor counts this process as a user until it is closed. Waits while a
     remover holds the exclusive lock; SegmentNotFound (FileNotFoundError) if
     there is no such block, or it was removed meanwhile."""
-    opened = _platform.open_existing(name, writable=False)
-    try:
-        _platform.lock_shared(opened.fd, USERS_LOCK)
-        if not _platform.still_published(name, opened.inode):
-            raise SegmentNotFound(name, "the shared memory block was removed while attaching")
-    except BaseException:
-        os.close(opened.fd)
-        raise
-    return opened
+    return _platform.open_locked(name, USERS_LOCK)
 
 
 class UsersLease:

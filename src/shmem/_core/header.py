@@ -143,22 +143,24 @@ class Header(NamedTuple):
         """
         if file_size < TRAILER_SIZE:
             return None
-        offset = file_size - TRAILER_SIZE
-        parsed = cls._parse(os.pread(fd, HEADER_BYTES, offset), file_size, name)
+        # One read for the fixed header and the kind's header: the whole trailer
+        # is one page, and a copy of a page costs less than a second system call.
+        raw = os.pread(fd, TRAILER_SIZE, file_size - TRAILER_SIZE)
+        parsed = cls._parse(raw, file_size, name)
         if parsed is None:
             return None
         header, extra_len, extra_crc = parsed
         if not extra_len:
             return header
-        extra = os.pread(fd, extra_len, offset + EXTRA_OFFSET)
+        extra = raw[EXTRA_OFFSET : EXTRA_OFFSET + extra_len]
         if len(extra) != extra_len or zlib.crc32(extra) != extra_crc:
             raise CorruptSegment(f"shared memory block {name!r}: kind header checksum mismatch (overwritten?)")
-        return header._replace(extra=extra)
+        return tuple.__new__(Header, header[:-1] + (extra,))
 
     @classmethod
     def _parse(cls, raw: bytes, file_size: int, name: str) -> Optional[Tuple[Header, int, int]]:
-        """The fixed header in ``raw`` with the announced length and checksum of
-        the kind's header; None when the magic is missing."""
+        """The fixed header at the start of ``raw`` with the announced length and
+        checksum of the kind's header; None when the magic is missing."""
         if len(raw) < HEADER_BYTES or raw[:8] != MAGIC:
             return None
         (_, version, kind, flags, size, block_id, pid, start, pidns, created, extra_len, extra_crc, crc, ready) = (
@@ -179,5 +181,8 @@ class Header(NamedTuple):
             )
         if extra_len > EXTRA_MAX:
             raise CorruptSegment(f"shared memory block {name!r}: header claims a kind header of {extra_len} bytes")
-        header = cls(kind, flags, size, block_id, ProcessIdentity(pid, start, pidns), created, ready == READY)
+        # tuple.__new__: positional, no keyword handling - this is on every attach's path.
+        header = tuple.__new__(
+            cls, (kind, flags, size, block_id, ProcessIdentity(pid, start, pidns), created, ready == READY, b"")
+        )
         return header, extra_len, extra_crc

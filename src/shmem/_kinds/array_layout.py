@@ -60,6 +60,8 @@ FIXED = struct.Struct("<8sHcBIQ")  # magic, version, order, ndim, dtype_len, nby
 DIM = struct.Struct("<q")
 #: The most dimensions a header may hold (NumPy 2's limit; ``array_dtype`` applies NumPy 1's 32).
 MAX_DIMS = 64
+# The shape field for each ndim, compiled once.
+_SHAPES = [struct.Struct(f"<{n}q") for n in range(MAX_DIMS + 1)]
 #: Nested structured / subarray dtypes: far beyond real use.
 MAX_DTYPE_DEPTH = 16
 #: Plain dtype kinds: fixed-size and pointer-free - bool, ints, floats, complex, bytes, str, void, datetimes.
@@ -158,23 +160,27 @@ def unpack(extra: bytes, block_size: Optional[int] = None) -> ArrayHeader:
     shape_end = FIXED.size + DIM.size * ndim
     if shape_end + dtype_len != len(extra):
         raise CorruptSegment(f"array header of {len(extra)} bytes announces {shape_end + dtype_len}")
-    shape: Tuple[int, ...] = struct.unpack_from(f"<{ndim}q", extra, FIXED.size)
-    if any(n < 0 for n in shape):
+    shape: Tuple[int, ...] = _SHAPES[ndim].unpack_from(extra, FIXED.size)
+    if shape and min(shape) < 0:
         raise CorruptSegment(f"negative dimension in shape {shape}")
     desc = parse_description(extra[shape_end:])
     itemsize = check_description(desc)
     if nbytes_of(shape, itemsize) != nbytes:
         raise CorruptSegment(f"shape {shape} x itemsize {itemsize} is not the announced {nbytes} bytes")
-    base, full_shape = unfold(desc, shape)
-    if len(full_shape) > MAX_DIMS:
-        raise CorruptSegment(f"{len(full_shape)} dimensions with the dtype's own (at most {MAX_DIMS})")
+    base: Description = desc
+    full_shape = shape
+    if type(desc) is not str:  # a plain dtype adds no dimensions (the common case: no unfolding)
+        base, full_shape = unfold(desc, shape)
+        if len(full_shape) > MAX_DIMS:
+            raise CorruptSegment(f"{len(full_shape)} dimensions with the dtype's own (at most {MAX_DIMS})")
     if numpy_bytes(full_shape, itemsize if base is desc else check_description(base)) > MAX_BYTES:
         raise CorruptSegment(f"shape {full_shape} is too big for any array, even an empty one")
     if block_size is not None and nbytes > block_size:
         raise CorruptSegment(
             f"shape {shape} x itemsize {itemsize} = {nbytes} bytes, larger than the block ({block_size})"
         )
-    return ArrayHeader(order_b.decode("ascii"), shape, itemsize, nbytes, desc)
+    # tuple.__new__: positional, no keyword handling - this is on every first attach's path.
+    return tuple.__new__(ArrayHeader, ("C" if order_b == b"C" else "F", shape, itemsize, nbytes, desc))
 
 
 def parse_description(text: bytes) -> Any:
@@ -235,10 +241,10 @@ def check_description(desc: Any, depth: int = 0) -> int:
 
 
 def _plain_itemsize(desc: str) -> int:
-    if _OBJECT_DTYPE.match(desc):
-        raise CorruptSegment(f"object dtype {desc!r}: objects are pointers into one process's memory")
     match = _PLAIN_DTYPE.match(desc)
     if match is None:
+        if _OBJECT_DTYPE.match(desc):  # outside the grammar anyway; said plainly
+            raise CorruptSegment(f"object dtype {desc!r}: objects are pointers into one process's memory")
         raise CorruptSegment(f"unknown dtype {desc!r}")
     count = int(match.group(3))
     itemsize = 4 * count if match.group(2) == "U" else count  # 'U': UCS-4 characters

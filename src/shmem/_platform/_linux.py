@@ -181,7 +181,41 @@ def open_existing(name: str, writable: bool = True) -> Opened:
     except BaseException:
         os.close(fd)
         raise
-    return Opened(fd, st.st_size, st.st_ino, st.st_mtime, st.st_uid, st.st_mode & 0o7777)
+    # tuple.__new__: positional, no keyword handling - this is on every attach's path.
+    return tuple.__new__(Opened, (fd, st.st_size, st.st_ino, st.st_mtime, st.st_uid, st.st_mode & 0o7777))
+
+
+def open_locked(name: str, offset: int, writable: bool = False) -> Opened:
+    """Open an existing block and take a shared lock on byte ``offset`` of it
+    (waiting while an exclusive holder has it), as ``open_existing`` would open
+    it; SegmentNotFound if the block was removed before we had the lock.
+
+    Three system calls: open, lock, fstat. The fstat after the lock tells a
+    removed block by its link count (0): a remover holds the exclusive lock
+    while it unlinks, and a block has one link, its name - so the count says
+    what a second lookup of the name would, without one.
+    """
+    try:
+        fd = os.open(path_of(name), _OPEN_EXISTING if writable else _OPEN_EXISTING_RO)
+    except OSError as err:
+        raise _translate(err, name) from err
+    try:
+        try:
+            _wait_for_lock(fd, fcntl.F_RDLCK, offset)
+        except OSError:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):  # a FIFO, directory, ...: say so, not the lock's error
+                raise UnsafeSegment(name, f"not a shared memory block but a {_kind_of(st.st_mode)}") from None
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeSegment(name, f"not a shared memory block but a {_kind_of(st.st_mode)}")
+        if st.st_nlink == 0:
+            raise SegmentNotFound(name, "the shared memory block was removed while attaching")
+    except BaseException:
+        os.close(fd)
+        raise
+    return tuple.__new__(Opened, (fd, st.st_size, st.st_ino, st.st_mtime, st.st_uid, st.st_mode & 0o7777))
 
 
 def still_published(name: str, inode: int) -> bool:
