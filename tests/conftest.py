@@ -3,8 +3,10 @@
 Every test runs under a unique name prefix (``SHMEM_NAME_PREFIX`` in the
 environment, inherited by subprocesses, so even generated names carry it).
 After the test, the guard waits briefly for reapers to finish, then *fails*
-the test if a block with its prefix is left in /dev/shm or still mapped in
-this process - and removes those blocks, which the test made by construction.
+the test if a block with its prefix is left in /dev/shm, still mapped in
+this process, or still open on a file descriptor of this process (an unnamed
+block being created included) - and removes those blocks, which the test
+made by construction.
 Nothing else in /dev/shm is ever touched: other programs use it.
 
 Tests that create blocks with the standard library must name them with
@@ -51,6 +53,20 @@ def mapped_with_prefix(prefix: str) -> List[str]:
         return [line.split(None, 5)[-1].strip() for line in f if f"{SHM_DIR}/{prefix}" in line]
 
 
+def shm_descriptors(prefix: str) -> Dict[int, str]:
+    """This process's descriptors open on a block with ``prefix``, or on an
+    unnamed file in /dev/shm (a block being created: O_TMPFILE shows as '#...')."""
+    found = {}
+    for entry in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{entry}")
+        except OSError:  # closed meanwhile (the listing's own descriptor, too)
+            continue
+        if target.startswith(f"{SHM_DIR}/{prefix}") or target.startswith(f"{SHM_DIR}/#"):
+            found[int(entry)] = target
+    return found
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = REAP_WAIT) -> bool:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -68,16 +84,18 @@ def shm_prefix(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     # Subprocesses a test starts get a reaper of their own, not the test runner's:
     # a test that kills "everything" of its programs kills their reaper too.
     monkeypatch.delenv("SHMEM_REAPER", raising=False)
+    open_before = shm_descriptors(prefix)
     yield prefix
     gc.collect()
     expected_failure = request.node.get_closest_marker("xfail") is not None
     wait_until(lambda: not blocks_with_prefix(prefix))
     leaked = blocks_with_prefix(prefix)
     mapped = mapped_with_prefix(prefix)
+    fds = {fd: target for fd, target in shm_descriptors(prefix).items() if open_before.get(fd) != target}
     for name in leaked:
         os.unlink(f"{SHM_DIR}/{name}")
-    if (leaked or mapped) and not expected_failure:
-        pytest.fail(f"test leaked blocks {leaked} / mappings {mapped}")
+    if (leaked or mapped or fds) and not expected_failure:
+        pytest.fail(f"test leaked blocks {leaked} / mappings {mapped} / file descriptors {fds}")
 
 
 @pytest.fixture
