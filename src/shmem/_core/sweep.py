@@ -51,8 +51,18 @@ def gc(*, dry_run: bool = False, prefix: str = "") -> GcReport:
     was left to clean up. Blocks made by other programs, blocks created with
     ``track=False`` and blocks still in use are never touched. Safe to run
     concurrently with itself and with running programs; idempotent.
-    With ``dry_run``, reports what would be removed and removes nothing; with
-    ``prefix``, looks only at blocks whose names start with it.
+
+    Args:
+        dry_run: Report what would be removed, and remove nothing.
+        prefix: Look only at blocks whose names start with it.
+
+    Returns:
+        A ``GcReport``: iterating it gives a ``RemovedBlock`` (name, size,
+        creator pid, creation time) for each block removed; ``in_use`` names
+        blocks of dead creators that a process still has open (left alone).
+
+    It raises nothing because of what is in /dev/shm: a block that vanishes
+    meanwhile, cannot be opened or does not validate is skipped.
     """
     removed = []
     in_use = []

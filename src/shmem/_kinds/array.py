@@ -58,7 +58,7 @@ from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Uni
 try:
     import numpy as np
 except ImportError as err:  # pragma: no cover - exercised without NumPy
-    raise ImportError("shmem's NumPy arrays need NumPy: pip install 'shmem[numpy]'") from err
+    raise ImportError("shmem's NumPy arrays need NumPy: pip install numpy") from err
 
 from .._core.block import Block, Repeat
 from .._core.header import KIND_ARRAY
@@ -90,8 +90,8 @@ def _plain(result: Any) -> Any:
 class SharedArray(np.ndarray[Any, np.dtype[Any]]):
     """A NumPy array in a shared memory block: usable anywhere an ndarray is.
 
-    Made by :func:`zeros`, :func:`empty`, :func:`full`, :func:`array` or
-    :func:`attach_array`. Slices and views are SharedArrays on the same
+    Made by ``shmem.zeros``, ``empty``, ``full``, ``array`` or
+    ``attach_array``. Slices and views are SharedArrays on the same
     block; results of arithmetic, ufuncs, reductions, copies and NumPy
     functions are plain ndarrays (private memory). Fancy indexing
     (``x[[0, 2]]``, ``x[x > 0]``) and ndarray's own methods called past this
@@ -388,10 +388,26 @@ def empty(
     """A new shared array of ``shape`` and ``dtype`` in a new block.
 
     Like ``numpy.empty``, but the memory is a new shared memory block, which
-    the kernel hands out zeroed. ``name=None`` picks a new name; ``track``
-    is ``SharedMemory``'s (True: removed once its creator and every process
-    using it are gone). Raises FileExistsError if ``name`` is taken, and
-    UnsupportedDtype (a TypeError) for object or other non-fixed-size dtypes.
+    the kernel hands out zeroed.
+
+    Args:
+        shape: An int or a sequence of ints, as for NumPy.
+        dtype: Any fixed-size NumPy dtype (numbers, datetimes, bytes/str,
+            structured).
+        order: 'C' (row-major) or 'F' (column-major) memory order.
+        name: The block's name; None picks a new one.
+        track: ``SharedMemory``'s: True removes the block once its creator
+            and every process using it are gone; False leaves it until
+            ``unlink()``.
+
+    Raises:
+        FileExistsError: ``shmem.SegmentExists``: ``name`` is taken.
+        TypeError: ``shmem.UnsupportedDtype`` for object and other
+            dtypes that are not fixed-size.
+        ValueError: A shape no array can have, or ``shmem.InvalidName``;
+            raised before anything is made.
+        OSError: ``shmem.NoSpace`` (errno ENOSPC): /dev/shm cannot hold the
+            array; nothing is left behind.
     """
     return create_array(shape, dtype, order, name, track)
 
@@ -399,7 +415,7 @@ def empty(
 def zeros(
     shape: ShapeLike, dtype: Any = float, *, order: str = "C", name: Optional[str] = None, track: bool = True
 ) -> SharedArray:
-    """A new shared array of zeros (see :func:`empty`; a new block reads as zeros)."""
+    """A new shared array of zeros: ``empty``'s arguments and errors (a new block reads as zeros)."""
     return create_array(shape, dtype, order, name, track)
 
 
@@ -412,8 +428,9 @@ def full(
     name: Optional[str] = None,
     track: bool = True,
 ) -> SharedArray:
-    """A new shared array filled with ``fill_value`` (see :func:`empty`; ``dtype``
-    defaults to ``fill_value``'s, as in ``numpy.full``)."""
+    """A new shared array filled with ``fill_value``: ``empty``'s arguments and
+    errors; ``dtype`` defaults to ``fill_value``'s, as in ``numpy.full``. The
+    contents are written into the block directly, never built in private memory."""
     return create_full(shape, fill_value, dtype, order, name, track)
 
 
@@ -433,7 +450,8 @@ def array(
 ) -> SharedArray:
     """A new shared array holding a copy of ``obj`` (an array or anything
     ``numpy.asarray`` takes). ``order`` 'K'/'A' keeps a Fortran-ordered
-    source's order, 'C'/'F' choose it; see :func:`empty` for the rest."""
+    source's order, 'C'/'F' choose it; the other arguments and the errors are
+    ``empty``'s."""
     return create_copy(obj, dtype, order, name, track)
 
 
@@ -452,8 +470,20 @@ def attach_array(name: str, *, readonly: bool = False, track: bool = True) -> Sh
     dtype, shape and memory order come from the block's header. With
     ``readonly=True`` the block is mapped read-only: writes raise ValueError.
     ``track=True`` counts this process as a user while it has arrays of the
-    block; attaching never removes the block. Raises FileNotFoundError if
-    there is no such block, CorruptSegment (a ValueError) if its array header
-    is damaged or missing (a block made with ``SharedMemory``).
+    block; attaching never removes the block.
+
+    Args:
+        name: The block's name (``SharedArray.name`` in the creating process).
+        readonly: Map the block read-only.
+        track: Count this process as a user of the block while it has arrays
+            of it (False: the cheapest attach).
+
+    Raises:
+        FileNotFoundError: ``shmem.SegmentNotFound``: there is no such block.
+        ValueError: ``shmem.CorruptSegment`` when the block's array header is
+            damaged or missing (a block made with ``SharedMemory``);
+            ``shmem.InvalidName`` for a bad name.
+        PermissionError: ``shmem.UnsafeSegment`` when the name is a symlink,
+            FIFO or other special file.
     """
     return _root(array_mappings.acquire(name, bool(readonly), bool(track)))

@@ -110,10 +110,32 @@ class ShareableList(_Core):
     As in the standard library, ``==`` and ``hash()`` are those of the object
     (two handles on one block are different objects); ``equals`` compares items.
 
-    Raises what creating a block raises (FileExistsError, ``shmem.NoSpace``,
-    ...), InvalidSize (a ValueError) for more items than any block can hold,
-    TypeError/OverflowError/ValueError for a value it cannot store, and
-    CorruptSegment for a block that holds no valid list.
+    Args:
+        sequence: The items of a new list. None (or leaving it out) with a
+            ``name`` attaches to that list instead.
+        name: The block's name: None picks a new one when creating; the
+            list to attach to when ``sequence`` is None.
+        track: ``SharedMemory``'s: whether shmem removes the block once its
+            creator and every process that has it open are gone.
+
+    Raises:
+        FileExistsError: ``shmem.SegmentExists``: creating under a taken name.
+        FileNotFoundError: ``shmem.SegmentNotFound``: attaching to a name no
+            block has.
+        OSError: ``shmem.NoSpace`` (errno ENOSPC): /dev/shm cannot hold the
+            list; raised before any item is encoded.
+        TypeError: An item of a type it cannot store.
+        OverflowError: An int beyond 64 bits, or more than ``sys.maxsize``
+            items.
+        ValueError: ``shmem.InvalidSize`` for more items than any block can
+            hold; ``shmem.CorruptSegment`` for a block that holds no valid
+            list (damaged, or not a list); ``shmem.InvalidName`` for a bad name.
+
+    Reading an item can raise ``shmem.WriterStalled`` (a TimeoutError) when a
+    writer stopped in the middle of writing it, and ``shmem.CorruptSegment``
+    when the item is damaged; writing one raises TypeError, OverflowError or
+    ValueError for a value that cannot be stored or does not fit its slot,
+    and leaves the list unchanged. A closed list raises ValueError.
     """
 
     # Class-level defaults: a half-built instance (its __init__ raised) can
@@ -457,7 +479,12 @@ class ShareableList(_Core):
             self.shm.close()
 
     def unlink(self) -> None:
-        """Remove the list's block; call it once, from any one process."""
+        """Remove the list's block; call it once, from any one process.
+
+        Raises:
+            FileNotFoundError: ``shmem.SegmentNotFound``: the block was
+                already removed.
+        """
         self.shm.unlink()
 
     def __enter__(self) -> ShareableList:

@@ -232,6 +232,25 @@ class SharedMemoryManager(managers.BaseManager):
     ``SharedMemory(size)``, ``ShareableList(sequence)``, ``zeros``, ``empty``,
     ``full`` and ``array`` belong to it: they live until it shuts down,
     whichever process made them.
+
+    Args:
+        address: Where the manager listens; None picks one. Give a running
+            manager's ``address`` (and ``authkey``) to ``connect()`` to it.
+        authkey: The key clients must present; None uses the current
+            process's ``authkey``.
+        serializer: ``BaseManager``'s: 'pickle' or 'xmlrpclib'.
+        ctx: The multiprocessing context that starts the manager process.
+        shutdown_timeout: Seconds ``shutdown()`` waits for the manager
+            process to exit after it removed its blocks, before terminating
+            it (the standard library's ``BaseManager`` argument of 3.13);
+            whatever a killed manager left is removed by ``shutdown()``.
+
+    Creating a block through it raises what creating the block directly
+    raises (``shmem.NoSpace``, ``shmem.UnsupportedDtype``, ...), and also
+    ``shmem.managers.ManagerUnavailable`` (a ConnectionRefusedError and a
+    FileNotFoundError) when the manager was shut down, was killed or does
+    not answer, and ``shmem.managers.ManagerNotStarted`` (a ValueError) when
+    it was never started nor connected to.
     """
 
     _Server = SharedMemoryServer
@@ -270,7 +289,12 @@ class SharedMemoryManager(managers.BaseManager):
         return self._Server(self._registry, self._address, self._authkey, self._serializer)
 
     def start(self, initializer: Optional[Callable[..., object]] = None, initargs: Iterable[Any] = ()) -> None:
-        """Start the manager process (ProcessError if it was started before)."""
+        """Start the manager process.
+
+        Raises:
+            multiprocessing.ProcessError: It was started before, or has shut down.
+            TypeError: ``initializer`` is not callable.
+        """
         if self._state.value != _State.INITIAL:
             super().start(initializer, initargs)  # raises the standard library's ProcessError
             return
@@ -344,7 +368,14 @@ class SharedMemoryManager(managers.BaseManager):
 
     def blocks(self) -> List[ManagedBlock]:
         """What the manager owns now, sorted by name: every block it would remove
-        if it shut down now (blocks someone unlinked are no longer its own)."""
+        if it shut down now (blocks someone unlinked are no longer its own).
+
+        Raises:
+            shmem.managers.ManagerUnavailable: The manager was shut down, was
+                killed or does not answer.
+            shmem.managers.ManagerNotStarted: It was never started nor
+                connected to.
+        """
         self._check_usable()
         return [ManagedBlock(*block) for block in self._call("shmem_blocks")]
 

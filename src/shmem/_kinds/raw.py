@@ -48,17 +48,32 @@ _S = TypeVar("_S", bound="SharedMemory")
 class SharedMemory:
     """Creates a new shared memory block or attaches to an existing one.
 
-    ``name`` is the block's unique name (None with ``create=True`` picks a new
-    one); ``create`` chooses between creating (True) and attaching (False);
-    ``size`` is the number of bytes to create and is ignored when attaching.
-    ``track`` decides whether shmem removes the block once every process using
-    it is gone (see the module documentation).
+    The standard library's class and signature (Python 3.13's, on every
+    Python); ``with`` closes the handle, never unlinks the block.
 
-    Raises FileExistsError (``shmem.SegmentExists``) when creating under a
-    taken name, FileNotFoundError (``shmem.SegmentNotFound``) when attaching
-    to a name nobody created, ValueError (``shmem.InvalidName``,
-    ``shmem.InvalidSize``) for a bad name or size, and OSError ENOSPC
-    (``shmem.NoSpace``) when /dev/shm cannot hold the block.
+    Args:
+        name: The block's unique name. None with ``create=True`` picks a new
+            one (``shmem_`` and 8 hex digits, or ``SHMEM_NAME_PREFIX``).
+        create: True creates a new block, False attaches to an existing one.
+        size: The number of bytes to create; ignored when attaching.
+        track: Whether shmem removes the block once its creator and every
+            process that has it open are gone (see the lifecycle contract).
+            False: only ``unlink()`` removes it, and an untracked attach does
+            not count the process as a user.
+
+    Raises:
+        FileExistsError: ``shmem.SegmentExists``: creating under a taken name.
+        FileNotFoundError: ``shmem.SegmentNotFound``: attaching to a name no
+            block has.
+        ValueError: ``shmem.InvalidName`` for a bad name, ``shmem.InvalidSize``
+            for a bad size, or ``name=None`` without ``create=True``.
+        OSError: ``shmem.NoSpace`` (errno ENOSPC): /dev/shm cannot hold the
+            block; nothing is left behind.
+        PermissionError: ``shmem.UnsafeSegment`` when the name is a symlink,
+            FIFO, directory or other special file; a plain PermissionError
+            when the block's permissions refuse this user.
+        shmem.CorruptSegment: A ``ValueError``: the block's shmem header is
+            damaged.
     """
 
     # Class-level defaults: a half-built instance (its __init__ raised) can
@@ -124,6 +139,11 @@ class SharedMemory:
         A second call raises FileNotFoundError, as in the standard library -
         also when a newer block was created under the same name meanwhile,
         which is left alone.
+
+        Raises:
+            FileNotFoundError: ``shmem.SegmentNotFound``: the block was
+                already removed.
+            ValueError: The handle was never created or attached.
         """
         if self._block is None:
             raise ValueError("this SharedMemory was never created or attached")
