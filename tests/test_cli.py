@@ -1,16 +1,22 @@
-"""The ``shmem`` command, run as a user runs it: the console script, in subprocesses,
-against blocks made by live, exited and SIGKILLed processes and by other programs."""
+"""The ``shmem`` command, run as a user runs it: ``python -m shmem`` and the console
+script, in subprocesses, against blocks made by live, exited and SIGKILLed processes
+and by other programs.
+
+Every test works under the unique name prefix of the ``shm_prefix`` fixture (inherited
+by the subprocesses) and removes what it made; the fixture fails it otherwise."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import multiprocessing.shared_memory
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 from conftest import PYTHON, SHM_DIR, wait_until
@@ -18,6 +24,8 @@ from conftest import PYTHON, SHM_DIR, wait_until
 import shmem
 
 SCRIPT = str(Path(sys.executable).parent / "shmem")
+MODULE = [PYTHON, "-m", "shmem"]
+GUIDE = Path(__file__).resolve().parent.parent / "docs" / "guides" / "cli.md"
 
 # Makes blocks of each kind, prints "ready <reaper pid>", waits on stdin.
 _MAKER = textwrap.dedent(
@@ -35,9 +43,16 @@ _MAKER = textwrap.dedent(
 )
 
 
-def run(*args: str, check_code: int = 0, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+def run(
+    *args: str, check_code: int = 0, env: Optional[Dict[str, str]] = None, script: bool = False
+) -> subprocess.CompletedProcess:
+    """``python -m shmem ARGS`` (the console script with ``script``), checked for its exit code."""
     done = subprocess.run(
-        [SCRIPT, *args], capture_output=True, text=True, timeout=60, env=None if env is None else {**os.environ, **env}
+        [*([SCRIPT] if script else MODULE), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=None if env is None else {**os.environ, **env},
     )
     assert done.returncode == check_code, (done.returncode, done.stdout, done.stderr)
     assert "Traceback" not in done.stderr
@@ -104,11 +119,20 @@ def test_blocks_of_a_killed_group_are_dead_and_collected(shm_prefix: str) -> Non
     assert again.stdout == "" and "nothing to collect" in again.stderr
 
 
-def test_untracked_blocks_of_a_dead_creator_are_dead_but_kept(shm_prefix: str) -> None:
+def test_untracked_blocks_are_untracked_whether_their_creator_lives_or_not(shm_prefix: str) -> None:
+    """track=False blocks were listed "dead" - the word for abandoned ones - once their
+    creator was gone. They have a state of their own: nobody removes them automatically."""
     maker = Maker(shm_prefix, track=False, new_group=True)
+    alive = listed(shm_prefix)
+    assert {r["state"] for r in alive.values()} == {"untracked"} and len(alive) == 2
+    table = run("ls").stdout.splitlines()
+    assert [line.split()[-3] for line in table if line.startswith(shm_prefix)] == ["untracked", "untracked"]
+    info = run("info", shm_prefix + "raw").stdout
+    assert "state                   untracked\n" in info and "no (track=False)" in info
     maker.kill_all()
     found = listed(shm_prefix)
-    assert {r["state"] for r in found.values()} == {"dead"} and {r["track"] for r in found.values()} == {False}
+    assert {r["state"] for r in found.values()} == {"untracked"} and {r["track"] for r in found.values()} == {False}
+    assert json.loads(run("gc", "--dry-run", "--json", "--prefix", shm_prefix).stdout)["removed"] == []
     run("gc", "--prefix", shm_prefix)
     assert len(listed(shm_prefix)) == 2
     run("rm", *found)  # nobody uses them: rm needs no --force
@@ -177,13 +201,13 @@ def test_corrupted_header_is_reported_not_raised(shm_name) -> None:
     run("rm", made.name)
 
 
-def test_python_dash_m_and_the_python_api_agree(shm_prefix: str) -> None:
+def test_the_console_script_python_dash_m_and_the_python_api_agree(shm_prefix: str) -> None:
     made = shmem.SharedMemory(shm_prefix + "x", create=True, size=10)
     try:
-        via_module = subprocess.run([PYTHON, "-m", "shmem", "ls", "--json"], capture_output=True, text=True)
-        names = [r["name"] for r in json.loads(via_module.stdout)]
+        via_script = [r["name"] for r in json.loads(run("ls", "--json", script=True).stdout)]
+        via_module = [r["name"] for r in json.loads(run("ls", "--json").stdout)]
         segments: List[shmem.Segment] = shmem.list_segments()
-        assert made.name in names and made.name in [s.name for s in segments]
+        assert made.name in via_module and made.name in via_script and made.name in [s.name for s in segments]
     finally:
         made.close()
         made.unlink()
@@ -310,3 +334,300 @@ def test_first_bytes_is_bounded_in_the_api_too(shm_name: Any) -> None:
     for count in (-1, MAX_FIRST_BYTES + 1, 2**64):
         with pytest.raises(ValueError):
             first_bytes(shm_name(), count)
+
+
+# ================================================================ one name rule for the command and the library
+#
+# The command took '/my_block' where the library refused it, and then reported fewer of
+# the processes using the block than for 'my_block'. Now a name is what the library
+# takes, and nothing else: a leading slash is refused with the library's own message
+# (exit 1, "refused"), before anything is touched.
+
+
+def _subcommands() -> Dict[str, argparse.ArgumentParser]:
+    from shmem._cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(commands.choices)
+
+
+def library_message(name: str) -> str:
+    """What every entry point of the library says to ``name``: one message."""
+    messages = set()
+    for call in (
+        lambda: shmem.SharedMemory(name),
+        lambda: shmem.SharedMemory(name, create=True, size=10),
+        lambda: shmem.ShareableList(name=name),
+        lambda: shmem.inspect_segment(name),
+        lambda: shmem.remove_segment(name),
+    ):
+        with pytest.raises(shmem.InvalidName) as refused:
+            call()
+        messages.add(str(refused.value))
+    assert len(messages) == 1, messages
+    return messages.pop()
+
+
+# Every way a subcommand takes a name or the start of one: the arguments before it.
+NAME_TAKERS = {
+    "info": ["info"],
+    "info-json": ["info", "--json"],
+    "info-bytes": ["info", "--bytes", "8"],
+    "rm": ["rm"],
+    "rm-force": ["rm", "--force"],
+    "gc-prefix": ["gc", "--prefix"],
+    "gc-dry-run-json-prefix": ["gc", "--dry-run", "--json", "--prefix"],
+}
+SLASHED = {"leading": "/{}", "two-leading": "//{}", "trailing": "{}/", "inside": "{}/x"}
+
+
+def test_every_subcommand_that_takes_a_name_is_covered() -> None:
+    taking = {
+        command
+        for command, sub in _subcommands().items()
+        for action in sub._actions
+        if action.metavar in ("NAME", "PREFIX")
+    }
+    assert taking == {words[0] for words in NAME_TAKERS.values()}
+
+
+@pytest.fixture
+def maker(shm_prefix: str) -> Iterator[Maker]:
+    """A live process holding a tracked raw block and a list, both under this test's prefix."""
+    made = Maker(shm_prefix)
+    try:
+        yield made
+    finally:
+        made.exit()
+
+
+@pytest.mark.parametrize("slashed", list(SLASHED))
+@pytest.mark.parametrize("taker", list(NAME_TAKERS))
+def test_a_slash_in_a_name_is_refused_with_the_library_message(
+    taker: str, slashed: str, maker: Maker, shm_prefix: str
+) -> None:
+    is_prefix = taker.startswith("gc")
+    name = shm_prefix if is_prefix else shm_prefix + "raw"
+    bad = SLASHED[slashed].format(name)
+    refused = run(*NAME_TAKERS[taker], bad, check_code=1)
+    assert refused.stdout == ""
+    assert refused.stderr == f"shmem: {library_message(bad)}\n"
+    assert os.path.exists(f"{SHM_DIR}/{shm_prefix}raw") and os.path.exists(f"{SHM_DIR}/{shm_prefix}list")
+
+
+def test_rm_refuses_a_slashed_name_and_goes_on_with_the_others(shm_name: Any) -> None:
+    """As after any refusal: `rm /a a` refuses '/a' (touching nothing), then removes 'a'."""
+    made = shmem.SharedMemory(shm_name(), create=True, size=10, track=False)
+    made.close()
+    refused = run("rm", "/" + made.name, made.name, check_code=1)
+    assert refused.stderr == f"shmem: {library_message('/' + made.name)}\n"
+    assert refused.stdout == f"removed {made.name}\n"
+    assert not os.path.exists(f"{SHM_DIR}/{made.name}")
+
+
+def test_names_as_ls_shows_them_are_what_info_and_rm_take(maker: Maker, shm_prefix: str) -> None:
+    """`ls` prints names as the library reports them (SharedMemory.name), without a
+    slash; `info` on such a name sees every process using the block, as the library does."""
+    loose = shmem.SharedMemory(create=True, size=10, track=False)
+    loose.close()
+    try:
+        records = listed(shm_prefix)
+        assert sorted(records) == sorted([shm_prefix + "raw", shm_prefix + "list", loose.name])
+        table = [line.split()[0] for line in run("ls").stdout.splitlines() if line.startswith(shm_prefix)]
+        assert sorted(table) == sorted(records)
+        assert not any("/" in name for name in records)
+        for name in (shm_prefix + "raw", shm_prefix + "list"):
+            info = json.loads(run("info", name, "--json").stdout)
+            assert info["name"] == name and info["used_by"] == [maker.proc.pid]
+            assert f"mapped or open by pids  {maker.proc.pid}\n" in run("info", name).stdout
+        with shmem.SharedMemory(loose.name, track=False) as attached:  # the test process too, now
+            assert json.loads(run("info", attached.name, "--json").stdout)["used_by"] == [os.getpid()]
+    finally:
+        assert run("rm", loose.name).stdout == f"removed {loose.name}\n"
+    assert sorted(listed(shm_prefix)) == [shm_prefix + "list", shm_prefix + "raw"]
+
+
+# ================================================================ --json: the fields of each kind
+
+# The fields every record has, and their JSON types (None: null). docs/guides/cli.md lists them.
+COMMON_FIELDS: Dict[str, Tuple[type, ...]] = {
+    "name": (str,),
+    "size": (int,),
+    "file_size": (int,),
+    "kind": (str,),
+    "detail": (str,),
+    "state": (str,),
+    "managed": (bool,),
+    "track": (bool, type(None)),
+    "ready": (bool,),
+    "in_use": (bool, type(None)),
+    "creator_pid": (int, type(None)),
+    "created": (float, type(None)),
+    "uid": (int,),
+    "mode": (int,),
+    "age": (float, type(None)),
+}
+LIST_FIELDS = {"length": (int,)}
+ARRAY_FIELDS: Dict[str, Tuple[type, ...]] = {
+    "dtype": (str,),
+    "shape": (list,),
+    "order": (str,),
+    "ndim": (int,),
+    "itemsize": (int,),
+    "nbytes": (int,),
+    "fields": (list, type(None)),
+}
+INFO_FIELDS = {"used_by": (list,), "first_bytes": (str,)}
+
+
+def check_schema(record: Dict[str, Any], *extra: Dict[str, Tuple[type, ...]]) -> None:
+    schema: Dict[str, Tuple[type, ...]] = dict(COMMON_FIELDS)
+    for fields in extra:
+        schema.update(fields)
+    assert set(record) == set(schema), set(record) ^ set(schema)
+    for key, types in schema.items():
+        assert type(record[key]) in types, (key, record[key])  # exact: a bool is no int here
+
+
+def test_json_fields_of_raw_and_list_blocks(maker: Maker, shm_prefix: str) -> None:
+    found = listed(shm_prefix)
+    raw, sl = found[shm_prefix + "raw"], found[shm_prefix + "list"]
+    check_schema(raw)
+    check_schema(sl, LIST_FIELDS)
+    assert sl["length"] == 7 and sl["detail"] == "7 items"
+    assert (raw["kind"], raw["detail"], raw["track"], raw["ready"], raw["managed"]) == ("raw", "", True, True, False)
+    info = json.loads(run("info", shm_prefix + "list", "--json").stdout)
+    check_schema(info, LIST_FIELDS, INFO_FIELDS)
+    assert info["length"] == 7
+
+
+def test_json_fields_of_foreign_and_standard_library_blocks(shm_name: Any, shm_prefix: str) -> None:
+    stdlib = multiprocessing.shared_memory.SharedMemory(shm_name(), create=True, size=100)
+    stdlib_list = multiprocessing.shared_memory.ShareableList([1, "two"], name=shm_name())
+    other = shm_name()
+    with open(f"{SHM_DIR}/{other}", "wb") as f:
+        f.write(b"x" * 300)
+    try:
+        assert listed(shm_prefix) == {}  # hidden without --all
+        found = listed(shm_prefix, "--all")
+        assert sorted(found) == sorted([stdlib.name, stdlib_list.shm.name, other])
+        for record in found.values():
+            check_schema(record)
+            assert (record["kind"], record["state"], record["track"], record["creator_pid"]) == (
+                "foreign",
+                "unknown",
+                None,
+                None,
+            )
+        assert (found[stdlib.name]["size"], found[other]["size"]) == (100, 300)
+        info = json.loads(run("info", stdlib.name, "--json", "--bytes", "4").stdout)
+        check_schema(info, INFO_FIELDS)
+        assert info["used_by"] == [os.getpid()] and info["first_bytes"] == "00000000"
+    finally:
+        os.unlink(f"{SHM_DIR}/{other}")
+        stdlib_list.shm.close()
+        stdlib_list.shm.unlink()
+        stdlib.close()
+        stdlib.unlink()
+
+
+# Makes arrays of several dtypes and orders, prints what NumPy says of each, waits on stdin.
+_ARRAY_MAKER = textwrap.dedent(
+    """
+    import json, sys
+    import shmem
+    made = {
+        "plain-f": shmem.zeros((3, 4), dtype="<f4", order="F"),
+        "plain-c": shmem.zeros((2, 3, 5), dtype=">i2"),
+        "scalar": shmem.zeros((), dtype="<c16"),
+        "empty": shmem.zeros((0, 7), dtype="<u8"),
+        "text": shmem.zeros(4, dtype="<U10"),
+        "datetime": shmem.zeros(3, dtype="<M8[ns]"),
+        "structured": shmem.zeros(5, dtype=[("x", "<f8"), ("y", "<i2")]),
+        "subarray": shmem.zeros(2, dtype=("<i4", (3,))),
+        "untracked": shmem.zeros(6, dtype="<f8", track=False),
+    }
+    print(json.dumps({case: {
+        "name": a.name, "dtype": a.dtype.str, "shape": list(a.shape), "ndim": a.ndim,
+        "order": "F" if a.ndim > 1 and a.flags.f_contiguous and not a.flags.c_contiguous else "C",
+        "itemsize": a.itemsize, "nbytes": a.nbytes,
+        "fields": list(a.dtype.names) if a.dtype.names else None,
+    } for case, a in made.items()}), flush=True)
+    sys.stdin.readline()
+    """
+)
+
+
+def test_json_fields_of_array_blocks(shm_prefix: str) -> None:
+    pytest.importorskip("numpy")
+    maker = subprocess.Popen([PYTHON, "-c", _ARRAY_MAKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    untracked = None
+    try:
+        assert maker.stdout is not None
+        expected = json.loads(maker.stdout.readline())
+        untracked = expected["untracked"]["name"]
+        found = listed(shm_prefix)
+        assert sorted(found) == sorted(e["name"] for e in expected.values())
+        for case, numpy_says in expected.items():
+            record = found[numpy_says["name"]]
+            check_schema(record, ARRAY_FIELDS)
+            assert {key: record[key] for key in numpy_says} == numpy_says, case
+            assert record["kind"] == "array" and record["state"] == ("untracked" if case == "untracked" else "alive")
+            kind_text = f"{'structured' if numpy_says['fields'] else numpy_says['dtype']} {tuple(record['shape'])}"
+            assert record["detail"] == f"{kind_text} {record['order']}", case  # the text says the same
+        info = json.loads(run("info", expected["structured"]["name"], "--json").stdout)
+        check_schema(info, ARRAY_FIELDS, INFO_FIELDS)
+        assert (info["dtype"], info["fields"], info["used_by"]) == ("|V10", ["x", "y"], [maker.pid])
+    finally:
+        maker.communicate("\n", timeout=30)
+        if untracked is not None:
+            run("rm", untracked)
+
+
+def test_the_guide_documents_every_json_field() -> None:
+    guide = GUIDE.read_text(encoding="utf-8")
+    for field in [*COMMON_FIELDS, *LIST_FIELDS, *ARRAY_FIELDS, *INFO_FIELDS, "name_hex", "dry_run", "removed"]:
+        assert f"| `{field}` |" in guide, field
+    for state in ("alive", "dead", "untracked", "unknown"):
+        assert f"`{state}`" in guide, state
+
+
+# ================================================================ help and version
+
+
+def test_every_option_and_argument_has_help() -> None:
+    for command, sub in _subcommands().items():
+        for action in sub._actions:
+            assert action.help and action.help != argparse.SUPPRESS, (command, action.dest)
+
+
+@pytest.mark.parametrize("command", list(_subcommands()))
+def test_help_of_every_subcommand(command: str) -> None:
+    sub = _subcommands()[command]
+    shown = run(command, "--help", env={"COLUMNS": "100"})
+    assert shown.stdout.startswith(f"usage: shmem {command}") and shown.stderr == ""
+    assert sub.description and " ".join(sub.description.split()[:4]) in " ".join(shown.stdout.split())
+    for action in sub._actions:
+        for word in action.option_strings or [action.metavar or action.dest]:
+            assert word in shown.stdout, (command, word)
+
+
+def test_help_lists_every_command_on_one_line() -> None:
+    from shmem._cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    summaries = {choice.dest: choice.help for choice in commands._choices_actions}
+    assert set(summaries) == set(commands.choices)
+    for args in (["--help"], ["-h"]):
+        lines = run(*args, env={"COLUMNS": "100"}).stdout.splitlines()
+        for command, summary in summaries.items():
+            assert sum(line.split() == [command, *str(summary).split()] for line in lines) == 1, command
+    for action in parser._actions:
+        assert action.help, action.dest
+
+
+def test_version() -> None:
+    expected = f"shmem {shmem.__version__}\n"
+    assert run("--version").stdout == expected
+    assert run("--version", script=True).stdout == expected

@@ -4,13 +4,17 @@ Everything here only reads, except ``remove_segment``. A block's header is
 hostile input like anywhere else: a block whose header does not parse is
 reported as ``corrupt``, never trusted.
 
-State of a block shmem made:
+State of a block (the lifecycle rule of ``_core.lifecycle``, read without acting):
 
 * ``alive``: its creator lives, or a process holds it open (the users lock);
-* ``dead``: its creator is gone and nobody holds it open - abandoned, and
-  ``gc()`` removes it unless it was created with ``track=False``;
+  it is removed once neither is true;
+* ``dead``: abandoned - its creator is gone and nobody holds it open; the
+  reaper or ``gc()`` removes it;
+* ``untracked``: created with ``track=False`` (and complete): nobody removes
+  it automatically, whoever lives or dies; ``remove_segment`` or ``unlink()``
+  does, when someone decides to;
 * ``unknown``: we cannot tell - a block another program made (no header, no
-  locks), or a creator in another pid namespace.
+  locks), a corrupt one, or a creator in another pid namespace.
 """
 
 from __future__ import annotations
@@ -24,18 +28,47 @@ from ._core import names
 from ._core.header import FLAG_MANAGED, KIND_NAMES, Header
 from ._core.lifecycle import USERS_LOCK
 from ._errors import CorruptSegment, SegmentInUse, SegmentNotFound
-from ._kinds import describe
+from ._kinds import Described, Fields, described
 
 
 class Segment(NamedTuple):
-    """One entry of the shared memory directory, as ``list_segments()`` reports it."""
+    """One entry of the shared memory directory, as ``list_segments()`` reports it.
+
+    ``shmem ls --json`` prints these fields (``kind_fields`` flattened into the
+    record); the command's guide describes each one.
+
+    Attributes:
+        name: The block's name, without a leading slash.
+        size: Bytes of data: the size it was created with (a foreign block's file size).
+        file_size: Bytes of the file in /dev/shm, shmem's header page included.
+        kind: ``"raw"``, ``"list"``, ``"array"``, ``"foreign"`` (not made by shmem)
+            or ``"corrupt"`` (a header that does not validate).
+        detail: The kind's short description (``"7 items"``, ``"<f8 (1000, 3) C"``),
+            a corrupt block's fault, or ``""``.
+        state: ``"alive"`` (its creator or a process holding it open lives),
+            ``"dead"`` (abandoned: the reaper or ``gc()`` removes it), ``"untracked"``
+            (made with ``track=False``: nobody removes it automatically) or
+            ``"unknown"`` (foreign, corrupt, or a creator in another pid namespace).
+        managed: Created through a ``SharedMemoryManager``.
+        track: Removed automatically once abandoned; None for foreign and corrupt blocks.
+        ready: Complete; False while being created, or if its creator died meanwhile.
+        in_use: A tracked handle holds it open; None when that cannot be told.
+        creator_pid: The creator's pid; None for foreign and corrupt blocks.
+        created: Seconds since the epoch (foreign and corrupt blocks: last modification).
+        uid: The file owner's user id.
+        mode: The file's permission bits.
+        kind_fields: What the kind's own header says, as (field, value) pairs: a
+            list's ``length``; an array's ``dtype``, ``shape``, ``order``, ``ndim``,
+            ``itemsize``, ``nbytes`` and ``fields``. Empty for other kinds;
+            ``dict(segment.kind_fields)`` makes it a mapping.
+    """
 
     name: str
     size: int  # bytes of data (the header's size; the file's size for foreign blocks)
     file_size: int
     kind: str  # "raw", "list", "array", "foreign" or "corrupt"
-    detail: str  # e.g. "2000 items", "float64 (1000, 3) C"; "" when there is nothing to add
-    state: str  # "alive", "dead" or "unknown"
+    detail: str  # e.g. "2000 items", "<f8 (1000, 3) C"; "" when there is nothing to add
+    state: str  # "alive", "dead", "untracked" or "unknown" (see the module's docstring)
     managed: bool  # created through a SharedMemoryManager
     track: Optional[bool]  # removed automatically once abandoned (None: foreign)
     ready: bool  # complete (False: being created, or its creator died while creating it)
@@ -44,6 +77,7 @@ class Segment(NamedTuple):
     created: Optional[float]  # seconds since the epoch (foreign: last modification)
     uid: int
     mode: int
+    kind_fields: Fields = ()  # (``shmem._kinds.described``): a tuple of pairs keeps a Segment hashable
 
     @property
     def age(self) -> Optional[float]:
@@ -73,7 +107,7 @@ def _inspect(name: str, opened: _platform.Opened) -> Segment:
     uid, mode = opened.uid, opened.mode
     try:
         header = Header.read(opened.fd, opened.size, name)
-        detail = "" if header is None else describe(header)
+        description = Described("", ()) if header is None else described(header)
     except CorruptSegment as err:
         return _corrupt(name, opened, str(err))
     if header is None:
@@ -94,19 +128,22 @@ def _inspect(name: str, opened: _platform.Opened) -> Segment:
             mode,
         )
     in_use = _platform.is_locked(opened.fd, USERS_LOCK)
-    creator_alive = _platform.process_alive(header.creator)
-    if creator_alive or in_use:
-        state = "alive"
-    elif creator_alive is None:
-        state = "unknown"
-    else:
-        state = "dead"
+    if not header.auto_remove and header.ready:
+        state = "untracked"  # as remove_if_abandoned keeps it: its creator's life says nothing
+    else:  # tracked, or never finished (then removed like a tracked one once its creator is gone)
+        creator_alive = _platform.process_alive(header.creator)
+        if creator_alive or in_use:
+            state = "alive"
+        elif creator_alive is None:
+            state = "unknown"
+        else:
+            state = "dead"
     return Segment(
         name,
         header.size,
         opened.size,
         KIND_NAMES[header.kind],
-        detail,
+        description.text,
         state,
         bool(header.flags & FLAG_MANAGED),
         header.auto_remove,
@@ -116,6 +153,7 @@ def _inspect(name: str, opened: _platform.Opened) -> Segment:
         header.created_ns / 1e9,
         uid,
         mode,
+        description.fields,
     )
 
 

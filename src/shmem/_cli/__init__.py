@@ -9,6 +9,20 @@ Data goes to stdout, diagnostics to stderr. Exit codes:
 A missing name, a permission error or a damaged header is a one-line
 message, never a traceback.
 
+Names follow the library's one rule (``shmem._core.names.validate``): a name
+is one entry of /dev/shm, as ``SharedMemory.name`` and ``shmem ls`` show it,
+without the POSIX leading slash. ``shmem info /x`` is refused exactly as
+``shmem.inspect_segment("/x")`` is - the library refuses it, with its message
+(exit 1), before anything is touched; ``rm`` goes on with its other names, as
+after any refusal. ``gc --prefix`` applies the same rule: a prefix holding
+``/`` could never match a name.
+
+``--json`` prints each block as an object: the fields of ``Segment`` (see
+``shmem._segments``), ``age``, and the fields its kind's header holds (a
+list's ``length``; an array's ``dtype``, ``shape``, ``order`` and more: see
+``shmem._kinds``), flattened into the same object. docs/guides/cli.md
+documents every field.
+
 Names are printed as ``_shown()`` makes them: a name whose bytes are not
 UTF-8 (Linux allows any bytes but ``/`` and NUL, and Python hands them over
 surrogate-escaped) shows those bytes as ``\\xNN``, unprintable characters
@@ -29,7 +43,8 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from .._errors import SegmentInUse
+from .._core import names as _names
+from .._errors import InvalidName, SegmentInUse
 from .._segments import MAX_FIRST_BYTES, Segment, first_bytes, inspect_segment, list_segments, remove_segment, users_of
 
 EXIT_OK, EXIT_NO_MATCH, EXIT_USAGE = 0, 1, 2
@@ -99,8 +114,10 @@ def _kind_label(s: Segment) -> str:
 
 def _as_json(s: Segment) -> Dict[str, Any]:
     record = s._asdict()
+    kind_fields = record.pop("kind_fields")
     record.update(_name_fields(s.name))
     record["age"] = s.age
+    record.update(kind_fields)  # a list's length, an array's dtype, shape, order...: per kind, never clashing
     return record
 
 
@@ -156,11 +173,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    try:
+    try:  # the library checks the name first: "/x" is refused with its message
         s = inspect_segment(args.name)
     except (OSError, ValueError) as err:
         return _fail(_describe_error(err))
-    pids = users_of([s.name])[s.name]
+    pids = sorted(users_of([s.name])[s.name])
     record = _as_json(s)
     record["used_by"] = pids
     try:
@@ -209,7 +226,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
     for name in args.names:
         report = f"removed {_shown(name)}"  # made before acting: nothing can fail once it is removed
         try:
-            remove_segment(name, force=args.force)
+            remove_segment(name, force=args.force)  # checks the name first: "/x" is refused, untouched
         except (OSError, ValueError) as err:
             _fail(_describe_error(err) + (" (--force removes it anyway)" if isinstance(err, SegmentInUse) else ""))
             status = EXIT_NO_MATCH
@@ -221,6 +238,13 @@ def cmd_rm(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
     from .._core.sweep import gc
 
+    # A prefix is the start of a name: one holding "/" (or NUL) could never match, and is
+    # refused as the name itself would be. Others ("", ".") are starts of valid names.
+    if "/" in args.prefix or "\0" in args.prefix:
+        try:
+            _names.validate(args.prefix)
+        except InvalidName as err:
+            return _fail(str(err))
     report = gc(dry_run=args.dry_run, prefix=args.prefix)
     if args.json:
         print(
@@ -295,47 +319,97 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
+def _version() -> str:
+    import shmem  # the package's single source of its version
+
+    return f"shmem {shmem.__version__}"
+
+
+_JSON_HELP = "print JSON instead of text (the command guide of the documentation lists every field)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="shmem",
-        description="List, inspect, remove and collect shared memory blocks.",
-        epilog="exit codes: 0 success, 1 nothing matched or refused, 2 usage error",
+        description="List, inspect, remove and collect shared memory blocks (those in /dev/shm).",
+        epilog="exit codes: 0 success, 1 nothing matched or refused, 2 usage error. "
+        "Names are as `shmem ls` shows them, without a leading slash.",
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    parser.add_argument("--version", action="version", version=_version(), help="print the version and exit")
+    commands = parser.add_subparsers(
+        title="commands",
+        dest="command",
+        metavar="COMMAND",
+        parser_class=_Parser,
+        help="one of these (`shmem COMMAND --help` tells more):",
+    )
 
-    ls = commands.add_parser("ls", help="list shmem's blocks (--all: every block)")
-    ls.add_argument("--all", action="store_true", help="also blocks other programs made")
-    ls.add_argument("--json", action="store_true", help="a JSON list of objects")
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=summary, description=description)
+
+    ls = command(
+        "ls",
+        "list shmem's blocks (--all: every block)",
+        "List the blocks in /dev/shm that shmem made: name, size, kind, state, creator, age. "
+        "States: alive (its creator or a user lives), dead (abandoned: gc removes it), "
+        "untracked (made with track=False: nobody removes it automatically), unknown.",
+    )
+    ls.add_argument("--all", action="store_true", help="also list blocks other programs made (kind foreign)")
+    ls.add_argument("--json", action="store_true", help=_JSON_HELP)
     ls.set_defaults(run=cmd_ls)
 
-    info = commands.add_parser("info", help="everything known about one block")
-    info.add_argument("name")
-    info.add_argument("--json", action="store_true")
+    info = command(
+        "info",
+        "everything known about one block",
+        "Show one block's header fields, state, the processes that have it mapped or open, "
+        "and a hexdump of its first bytes.",
+    )
+    info.add_argument("name", metavar="NAME", help="the block's name, as `shmem ls` shows it")
+    info.add_argument("--json", action="store_true", help=_JSON_HELP)
     info.add_argument(
         "--bytes",
         type=_bounded_int(0, MAX_FIRST_BYTES, "bytes"),
         default=64,
         metavar="N",
-        help=f"hexdump the first N bytes (64; at most {MAX_FIRST_BYTES})",
+        help=f"hexdump the first N bytes (default 64; at most {MAX_FIRST_BYTES})",
     )
     info.set_defaults(run=cmd_info)
 
-    rm = commands.add_parser("rm", help="remove blocks; refuses one in use unless --force")
-    rm.add_argument("names", nargs="+", metavar="NAME")
-    rm.add_argument("--force", action="store_true")
+    rm = command(
+        "rm",
+        "remove blocks; refuses one in use unless --force",
+        "Remove the named blocks. A block that a process has mapped or open is kept, "
+        "unless --force; processes that have it mapped keep their memory either way.",
+    )
+    rm.add_argument("names", nargs="+", metavar="NAME", help="a block's name, as `shmem ls` shows it")
+    rm.add_argument("--force", action="store_true", help="remove blocks even while processes use them")
     rm.set_defaults(run=cmd_rm)
 
-    gc = commands.add_parser("gc", help="remove abandoned shmem blocks")
+    gc = command(
+        "gc",
+        "remove abandoned shmem blocks",
+        "Remove the blocks shmem made whose creator is gone and that nobody holds open "
+        "(state dead). Never touches blocks in use, untracked ones, or other programs' blocks.",
+    )
     gc.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
-    gc.add_argument("--json", action="store_true")
-    gc.add_argument("--prefix", default="", help="only blocks whose names start with this")
+    gc.add_argument("--json", action="store_true", help=_JSON_HELP)
+    gc.add_argument("--prefix", default="", metavar="PREFIX", help="only blocks whose names start with PREFIX")
     gc.set_defaults(run=cmd_gc)
 
-    demo = commands.add_parser("demo", help="two processes share a block; what happened and how long it took")
+    demo = command(
+        "demo",
+        "two processes share a block; what happened and how long it took",
+        "Create a 64 MiB block, let a second Python process attach it by name and check it, "
+        "and print each step with its time.",
+    )
     demo.set_defaults(run=cmd_demo)
 
-    bench = commands.add_parser("bench", help="run the benchmarks (from a source checkout)")
-    bench.add_argument("--quick", action="store_true")
+    bench = command(
+        "bench",
+        "run the benchmarks (from a source checkout)",
+        "Run benchmarks/bench.py, which comes with the source repository, not with the installed package.",
+    )
+    bench.add_argument("--quick", action="store_true", help="a short smoke run of every suite, not figures to quote")
     bench.set_defaults(run=cmd_bench)
     return parser
 

@@ -14,12 +14,38 @@ managed    ``manager``,             a header flag on any of the above
 
 ``describe(header)`` is how the listing (``shmem ls``, ``list_segments``)
 talks about a block: each kind's codec describes its own header, without
-NumPy, and validates every field it reads.
+NumPy, and validates every field it reads. ``described(header)`` gives the
+same text and, beside it, the header's fields one by one (``shmem ls --json``):
+
+=========  ==============================================================
+kind       fields
+=========  ==============================================================
+raw        none
+list       ``length``: the number of items
+array      ``dtype`` (NumPy's type string of an element, ``"<f8"``;
+           ``"|V<itemsize>"`` for a structured dtype), ``shape``,
+           ``order`` (``"C"`` or ``"F"``), ``ndim``, ``itemsize``,
+           ``nbytes``, ``fields`` (a structured dtype's field names,
+           else None) - the array as ``attach_array`` returns it
+=========  ==============================================================
 """
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple, Tuple
+
 from .._core.header import KIND_ARRAY, KIND_LIST, Header
+
+#: (field, value) pairs, in a fixed order per kind; every value is a str, an int,
+#: None or a tuple of those, so a record holding them stays hashable.
+Fields = Tuple[Tuple[str, Any], ...]
+
+
+class Described(NamedTuple):
+    """A typed block's own header, as the listing shows it."""
+
+    text: str  # "7 items", "<f8 (1000, 3) C"; "" for raw blocks
+    fields: Fields  # what the text says, field by field (see the table above)
 
 
 def describe(header: Header) -> str:
@@ -28,12 +54,41 @@ def describe(header: Header) -> str:
     Raises CorruptSegment (a ValueError) when the kind's header does not
     validate; nothing else, whatever the block holds.
     """
+    return described(header).text
+
+
+def described(header: Header) -> Described:
+    """``describe(header)`` and the fields it is made of.
+
+    Raises CorruptSegment (a ValueError) when the kind's header does not
+    validate; nothing else, whatever the block holds.
+    """
     if header.kind == KIND_LIST:
         from .list_layout import describe as describe_list
 
-        return describe_list(header.extra)
+        text = describe_list(header.extra)  # validates the header: "1 item", "7 items"
+        return Described(text, (("length", int(text.split(" ", 1)[0])),))
     if header.kind == KIND_ARRAY:
+        from .array_layout import check_description, unfold, unpack
         from .array_layout import describe as describe_array
 
-        return describe_array(header.extra, header.size)
-    return ""
+        text = describe_array(header.extra, header.size)  # validates the header (CorruptSegment says so)
+        array = unpack(header.extra, header.size)
+        # As attach_array shows it: NumPy moves a subarray dtype's dimensions into the shape.
+        element, shape = unfold(array.dtype, array.shape)
+        itemsize = array.itemsize if element is array.dtype else check_description(element)
+        if isinstance(element, str):
+            dtype, names = element, None
+        else:  # structured: NumPy's type string says only "so many bytes of void"
+            dtype, names = f"|V{itemsize}", tuple(element["names"])
+        fields: Fields = (
+            ("dtype", dtype),
+            ("shape", shape),
+            ("order", array.order),
+            ("ndim", len(shape)),
+            ("itemsize", itemsize),
+            ("nbytes", array.nbytes),
+            ("fields", names),
+        )
+        return Described(text, fields)
+    return Described("", ())
