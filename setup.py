@@ -1,10 +1,11 @@
-"""Build configuration beyond pyproject.toml: the optional C fast path.
+"""Build configuration beyond pyproject.toml: the optional C fast paths.
 
 ``optional=True``: where no C compiler is available the package installs
-without ``shmem._speedups`` and ShareableList uses its pure-Python path, which
-behaves the same, only slower. ``SHMEM_REQUIRE_SPEEDUPS=1`` (CI sets it) makes
-a failed build fail the installation, and - at run time - a missing or stale
-build an ImportError (``shmem._kinds.list_layout``).
+without ``shmem._speedups`` (ShareableList) and ``shmem._sync`` (Lock, RLock),
+and they use their pure-Python paths, which behave the same, only slower.
+``SHMEM_REQUIRE_SPEEDUPS=1`` (CI sets it) makes a failed build fail the
+installation, and - at run time - a missing or stale build an ImportError
+(``shmem._kinds.list_layout``, ``shmem._kinds.lock_layout``).
 """
 
 import os
@@ -18,6 +19,12 @@ setup(
         Extension(
             "shmem._speedups",
             ["src/shmem/_speedups.c"],
+            optional=not REQUIRED,
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"],
+        ),
+        Extension(
+            "shmem._sync",
+            ["src/shmem/_sync.c"],
             optional=not REQUIRED,
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"],
         ),

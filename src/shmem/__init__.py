@@ -14,6 +14,7 @@ from ._errors import (
     InvalidName,
     InvalidSize,
     NoSpace,
+    OwnerDiedWarning,
     SegmentExists,
     SegmentInUse,
     SegmentNotFound,
@@ -28,8 +29,11 @@ from ._segments import Segment, inspect_segment, list_segments, remove_segment
 
 # Imported on first use. NumPy is optional: without it, the first use of an
 # array name raises an ImportError saying how to install it. The manager pulls
-# in multiprocessing.managers, which a program that does not use it need not pay.
+# in multiprocessing.managers, which a program that does not use it need not pay;
+# locks, their C extension (or ctypes).
 _LAZY = {
+    "Lock": "._kinds.lock",
+    "RLock": "._kinds.lock",
     "SharedMemoryManager": "._kinds.manager",
     "SharedArray": "._kinds.array",
     "array": "._kinds.array",
@@ -41,6 +45,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from ._kinds.array import SharedArray, array, attach_array, empty, full, zeros
+    from ._kinds.lock import Lock, RLock
     from ._kinds.manager import SharedMemoryManager
 
 
@@ -62,7 +67,10 @@ __all__ = [
     "GcReport",
     "InvalidName",
     "InvalidSize",
+    "Lock",
     "NoSpace",
+    "OwnerDiedWarning",
+    "RLock",
     "RemovedBlock",
     "Segment",
     "SegmentExists",

@@ -93,3 +93,11 @@ class WriterStalled(ShmemError, TimeoutError, _NamedOSError):
 
     def __init__(self, name: str, cause: str) -> None:
         super().__init__(_errno.ETIMEDOUT, cause, name)
+
+
+class OwnerDiedWarning(RuntimeWarning):
+    """Issued by an acquire of a ``shmem.Lock`` or ``shmem.RLock`` whose
+    previous owner died holding it (SIGKILL, a crash, a thread that ended
+    without releasing). The acquire still succeeds - the kernel handed the
+    lock over - and the lock's ``owner_died`` is True until its next release:
+    the state the lock protects may be half-updated; repair it first."""

@@ -27,11 +27,12 @@ def child(name: str, queue: multiprocessing.Queue) -> None:  # type: ignore[type
 
 def main() -> None:
     import shmem
-    import shmem._speedups  # noqa: F401 - the C fast path was built into the wheel
+    import shmem._speedups  # noqa: F401 - the C fast paths were built into the wheel
+    import shmem._sync  # noqa: F401
 
     package = pathlib.Path(shmem.__file__).parent
     assert "site-packages" in package.parts, f"shmem imported from {package}, not from the installed wheel"
-    for shipped in ("py.typed", "_speedups.pyi"):
+    for shipped in ("py.typed", "_speedups.pyi", "_sync.pyi"):
         assert (package / shipped).is_file(), f"the wheel lacks {shipped}"
     version = importlib.metadata.version("shmem")
     assert version == shmem.__version__, (version, shmem.__version__)
@@ -59,6 +60,9 @@ def main() -> None:
     assert list(sl) == ["héllo", 2**63 - 1, None]
     sl.shm.close()
     sl.shm.unlink()
+    with shmem.Lock() as lock:
+        assert lock.locked() and not lock.owner_died
+    lock.close()
     left = {n for n in set(os.listdir("/dev/shm")) - before if n.startswith("shmem_")}
     assert not left, f"the smoke test left {left} in /dev/shm"
     print(f"smoke test of the installed shmem {version} from {package}: ok")

@@ -16,7 +16,7 @@ The trailer, in the last 4096 bytes, all integers little-endian::
     off  len  field
       0    8  magic       b"\\x93SHMEM\\r\\n"  (a non-ASCII byte and CR LF, as in PNG)
       8    2  version     1
-     10    2  kind        0 raw block, 1 ShareableList, 2 NumPy array
+     10    2  kind        0 raw block, 1 ShareableList, 2 NumPy array, 3 Lock/RLock
      12    4  flags       bit 0: auto-remove (created with track=True); bit 1: manager-owned
      16    8  size        the size the creator asked for; size + 4096 <= file size
      24    8  block_id    random: tells apart two blocks that had the same name
@@ -67,7 +67,8 @@ VERSION = 1
 KIND_RAW = 0
 KIND_LIST = 1
 KIND_ARRAY = 2
-KIND_NAMES = {KIND_RAW: "raw", KIND_LIST: "list", KIND_ARRAY: "array"}
+KIND_LOCK = 3
+KIND_NAMES = {KIND_RAW: "raw", KIND_LIST: "list", KIND_ARRAY: "array", KIND_LOCK: "lock"}
 
 FLAG_AUTO_REMOVE = 1
 FLAG_MANAGED = 2  # created for a SharedMemoryManager

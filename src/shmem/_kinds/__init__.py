@@ -27,6 +27,7 @@ array      ``dtype`` (NumPy's type string of an element, ``"<f8"``;
            ``order`` (``"C"`` or ``"F"``), ``ndim``, ``itemsize``,
            ``nbytes``, ``fields`` (a structured dtype's field names,
            else None) - the array as ``attach_array`` returns it
+lock       ``type``: ``"Lock"`` or ``"RLock"``
 =========  ==============================================================
 """
 
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Tuple
 
-from .._core.header import KIND_ARRAY, KIND_LIST, Header
+from .._core.header import KIND_ARRAY, KIND_LIST, KIND_LOCK, Header
 
 #: (field, value) pairs, in a fixed order per kind; every value is a str, an int,
 #: None or a tuple of those, so a record holding them stays hashable.
@@ -91,4 +92,9 @@ def described(header: Header) -> Described:
             ("fields", names),
         )
         return Described(text, fields)
+    if header.kind == KIND_LOCK:
+        from .lock_layout import describe as describe_lock
+
+        text = describe_lock(header.extra)  # validates the header: "Lock", "RLock"
+        return Described(text, (("type", text),))
     return Described("", ())

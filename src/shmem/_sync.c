@@ -1,0 +1,550 @@
+/* shmem._sync: a robust, process-shared glibc mutex over a shared memory buffer.
+ *
+ * RobustMutex is the base class of shmem.Lock and shmem.RLock when this module
+ * builds (src/shmem/_kinds/lock.py has a pure-Python twin, over ctypes, with
+ * the same behaviour). The mutex lies at offset 0 of the buffer it is bound to
+ * (the block's mapping); _kinds/lock_layout.py draws the block and checks its
+ * header before anything here touches the memory.
+ *
+ * Holder death: the mutex is PTHREAD_MUTEX_ROBUST. glibc keeps every robust
+ * mutex a thread holds on that thread's robust list (registered with the
+ * kernel by glibc itself: this file never calls set_robust_list); when the
+ * thread dies, however it dies, the kernel marks the mutex's futex word
+ * OWNER_DIED and wakes a waiter, whose lock call returns EOWNERDEAD. We then
+ * call pthread_mutex_consistent, own the lock, return True and report
+ * owner_died (and an OwnerDiedWarning).
+ *
+ * The robust list is threaded through the mutexes themselves, by the virtual
+ * address the holder locked them at: a page holding a mutex this process
+ * holds must never be unmapped (the kernel would walk into nothing at thread
+ * exit, and stop releasing the rest). So the object keeps a Py_buffer export
+ * of the mapping - it cannot be closed or unmapped under us - and if it is
+ * deallocated while a thread of this process still holds the mutex through
+ * it, it leaks that export (and with it the mapping) on purpose.
+ *
+ * Waiting: pthread_mutex_trylock first, with the GIL held (the uncontended
+ * case costs no GIL round trip); then the GIL is released and we wait with
+ * pthread_mutex_clocklock(CLOCK_MONOTONIC) in slices of at most SLICE_NS,
+ * running Python's signal handlers (PyErr_CheckSignals) between slices: Ctrl-C
+ * and handlers run, and an exception from one propagates with the lock not
+ * held. The remaining time is recomputed from the monotonic clock each slice.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef __GLIBC__
+#error "shmem._sync needs glibc's robust process-shared mutex: this C library uses the pure-Python path"
+#endif
+
+#define LAYOUT_VERSION 1
+#define SLICE_NS 50000000LL          /* the longest wait between two looks for signals: 50 ms */
+#define NS 1000000000LL
+#define FUTEX_TID_MASK 0x3fffffff    /* the holder's thread id in glibc's futex word (linux/futex.h) */
+
+/* Waits longer than this (about 146 years) are waits without end. */
+#define FOREVER_NS ((long long)1 << 62)
+
+static PyObject *owner_died_warning;  /* shmem.OwnerDiedWarning, set by lock.py (_set_warning) */
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;
+    int bound;
+    pthread_mutex_t *mutex;
+    char owner_died;     /* the current holder's first acquire found the previous owner dead */
+    char recursive;      /* an RLock's mutex */
+    Py_ssize_t depth;    /* the current holder's acquisitions through this object (several only for
+                            RLock); stale after a holder dies or a fork: only a hint that this object's
+                            mapping is the one on a holder's robust list */
+} RobustMutex;
+
+static long long
+monotonic_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * NS + ts.tv_nsec;
+}
+
+static int
+futex_word(RobustMutex *self)
+{
+    /* glibc's __lock: the holder's tid, plus FUTEX_WAITERS / FUTEX_OWNER_DIED bits. */
+    return __atomic_load_n(&self->mutex->__data.__lock, __ATOMIC_RELAXED);
+}
+
+/* Whether thread `tid` is a live thread of this process. */
+static int
+thread_of_ours(int tid)
+{
+    return tid > 0 && syscall(SYS_tgkill, getpid(), tid, 0) == 0;
+}
+
+static int
+unbound_error(void)
+{
+    PyErr_SetString(PyExc_ValueError, "the lock is closed (not bound to a shared memory block)");
+    return -1;
+}
+
+static void
+rm_dealloc(RobustMutex *self)
+{
+    if (self->bound) {
+        self->bound = 0;
+        int tid = futex_word(self) & FUTEX_TID_MASK;
+        if (self->depth > 0 && thread_of_ours(tid)) {
+            /* A thread of ours holds the mutex through this mapping: its address is on that
+             * thread's robust list. Leak the export: the mapping stays for the process's life. */
+        } else {
+            PyBuffer_Release(&self->view);
+        }
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* glibc's __count: an RLock's recursion count while held (1 for the first acquisition). */
+static unsigned int
+recursion_count(RobustMutex *self)
+{
+    return __atomic_load_n(&self->mutex->__data.__count, __ATOMIC_RELAXED);
+}
+
+/* _bind(buffer, recursive): bind to the writable buffer whose first bytes are an initialised mutex. */
+static PyObject *
+rm_bind(RobustMutex *self, PyObject *args)
+{
+    PyObject *buf;
+    int recursive;
+    if (!PyArg_ParseTuple(args, "Op", &buf, &recursive))
+        return NULL;
+    if (self->bound) {
+        PyErr_SetString(PyExc_ValueError, "the lock is already bound");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(buf, &self->view, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (self->view.len < (Py_ssize_t)sizeof(pthread_mutex_t)
+        || ((uintptr_t)self->view.buf % _Alignof(pthread_mutex_t)) != 0) {
+        PyBuffer_Release(&self->view);
+        PyErr_SetString(PyExc_ValueError, "the buffer cannot hold an aligned pthread_mutex_t");
+        return NULL;
+    }
+    self->mutex = (pthread_mutex_t *)self->view.buf;
+    self->bound = 1;
+    self->recursive = (char)recursive;
+    self->owner_died = 0;
+    self->depth = 0;
+    Py_RETURN_NONE;
+}
+
+/* _unbind(): drop the buffer export, unless a thread of ours holds the mutex through it. */
+static PyObject *
+rm_unbind(RobustMutex *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->bound) {
+        int tid = futex_word(self) & FUTEX_TID_MASK;
+        if (self->depth > 0 && thread_of_ours(tid))
+            Py_RETURN_FALSE;
+        self->bound = 0;
+        self->mutex = NULL;
+        PyBuffer_Release(&self->view);
+    }
+    Py_RETURN_TRUE;
+}
+
+/* The lock call returned `rc` (0 or EOWNERDEAD: we hold it). 1 on success, -1 with an exception. */
+static int
+took(RobustMutex *self, int rc)
+{
+    if (rc == 0) {
+        /* The first acquisition by this holder resets what earlier (dead, forked) holders left. */
+        if (!self->recursive || recursion_count(self) == 1) {
+            self->depth = 1;
+            self->owner_died = 0;
+        } else {
+            self->depth++;
+        }
+        return 1;
+    }
+    /* EOWNERDEAD: the previous holder died holding it; we hold it now. */
+    int crc = pthread_mutex_consistent(self->mutex);
+    if (crc != 0) {
+        pthread_mutex_unlock(self->mutex);
+        errno = crc;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    self->owner_died = 1;
+    self->depth = 1;
+    if (owner_died_warning != NULL
+        && PyErr_WarnEx(owner_died_warning,
+                        "the previous owner of this shmem lock died holding it: the state it protects "
+                        "may be inconsistent (lock.owner_died is True until the next release)", 1) < 0) {
+        /* The warning is an error here (a warnings filter): release - the mutex is consistent
+         * again, usable by others - and let the exception say what happened. */
+        self->depth = 0;
+        self->owner_died = 0;
+        pthread_mutex_unlock(self->mutex);
+        return -1;
+    }
+    return 1;
+}
+
+static int
+lock_error(int rc)
+{
+    if (rc == ENOTRECOVERABLE)
+        PyErr_SetString(PyExc_RuntimeError,
+                        "the shmem lock is not recoverable: a holder died and the next owner released it "
+                        "without marking it consistent (not shmem); remove and recreate the lock");
+    else if (rc == EAGAIN)
+        PyErr_SetString(PyExc_OverflowError, "the RLock's maximum recursion depth is exceeded");
+    else if (rc == EDEADLK)
+        PyErr_SetString(PyExc_RuntimeError, "this thread already holds the lock: acquiring it would deadlock");
+    else if (rc == EINVAL)
+        PyErr_SetString(PyExc_ValueError, "the shared memory holds no valid robust mutex (overwritten?)");
+    else {
+        errno = rc;
+        PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return -1;
+}
+
+/* Parse (block=True, timeout=None) with `blocking` as a synonym of `block`.
+ * *wait_ns: -1 forever, else the nanoseconds to wait. 0 on success, -1 with an exception. */
+static int
+parse_acquire(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, int *block, long long *wait_ns)
+{
+    PyObject *block_obj = NULL, *timeout_obj = NULL;
+    if (nargs > 2) {
+        PyErr_Format(PyExc_TypeError, "acquire() takes at most 2 arguments (%zd given)", nargs);
+        return -1;
+    }
+    if (nargs >= 1)
+        block_obj = args[0];
+    if (nargs == 2)
+        timeout_obj = args[1];
+    if (kwnames != NULL) {
+        Py_ssize_t nkw = PyTuple_GET_SIZE(kwnames);
+        for (Py_ssize_t i = 0; i < nkw; i++) {
+            PyObject *key = PyTuple_GET_ITEM(kwnames, i), *value = args[nargs + i];
+            if (PyUnicode_CompareWithASCIIString(key, "block") == 0
+                || PyUnicode_CompareWithASCIIString(key, "blocking") == 0) {
+                if (block_obj != NULL) {
+                    PyErr_SetString(PyExc_TypeError, "acquire() got 'block' (or 'blocking') twice");
+                    return -1;
+                }
+                block_obj = value;
+            } else if (PyUnicode_CompareWithASCIIString(key, "timeout") == 0) {
+                if (timeout_obj != NULL) {
+                    PyErr_SetString(PyExc_TypeError, "acquire() got 'timeout' twice");
+                    return -1;
+                }
+                timeout_obj = value;
+            } else {
+                PyErr_Format(PyExc_TypeError, "acquire() got an unexpected keyword argument %R", key);
+                return -1;
+            }
+        }
+    }
+    *block = 1;
+    if (block_obj != NULL) {
+        int truth = PyObject_IsTrue(block_obj);
+        if (truth < 0)
+            return -1;
+        *block = truth;
+    }
+    *wait_ns = -1;
+    if (timeout_obj == NULL || timeout_obj == Py_None)
+        return 0;
+    if (!PyFloat_Check(timeout_obj) && !PyLong_Check(timeout_obj)) {
+        PyErr_Format(PyExc_TypeError, "timeout must be None or a number of seconds, not %.100s",
+                     Py_TYPE(timeout_obj)->tp_name);
+        return -1;
+    }
+    double seconds = PyFloat_AsDouble(timeout_obj);
+    if (seconds == -1.0 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return -1;
+        PyErr_Clear();  /* an int too large for a double: forever, or a negative one below */
+        PyObject *zero = PyLong_FromLong(0);
+        if (zero == NULL)
+            return -1;
+        int negative = PyObject_RichCompareBool(timeout_obj, zero, Py_LT);
+        Py_DECREF(zero);
+        if (negative < 0)
+            return -1;
+        seconds = negative ? -2.0 : 1e300;
+    }
+    if (seconds != seconds) {
+        PyErr_SetString(PyExc_ValueError, "timeout must not be NaN");
+        return -1;
+    }
+    if (!*block)
+        return 0;  /* as multiprocessing: a timeout means nothing to a non-blocking call */
+    if (seconds == -1.0)
+        return 0;  /* threading's "no timeout" */
+    if (seconds < 0) {
+        PyErr_SetString(PyExc_ValueError, "timeout must be a non-negative number of seconds (or None)");
+        return -1;
+    }
+    *wait_ns = seconds * 1e9 >= (double)FOREVER_NS ? -1 : (long long)(seconds * 1e9);
+    return 0;
+}
+
+/* 1: acquired, 0: not (timeout / non-blocking), -1: exception (the lock is not held). */
+static int
+do_acquire(RobustMutex *self, int block, long long wait_ns)
+{
+    if (!self->bound)
+        return unbound_error();
+    int rc = pthread_mutex_trylock(self->mutex);
+    if (rc == 0 || rc == EOWNERDEAD)
+        return took(self, rc);
+    if (rc != EBUSY)
+        return lock_error(rc);
+    if (!block || wait_ns == 0)
+        return 0;
+    long long deadline = wait_ns < 0 ? -1 : monotonic_ns() + wait_ns;
+    for (;;) {
+        long long now = monotonic_ns(), end = now + SLICE_NS;
+        if (deadline >= 0 && deadline < end)
+            end = deadline;
+        struct timespec ts = {(time_t)(end / NS), (long)(end % NS)};
+        Py_BEGIN_ALLOW_THREADS
+#if __GLIBC_PREREQ(2, 30)
+        rc = pthread_mutex_clocklock(self->mutex, CLOCK_MONOTONIC, &ts);
+#else
+        {   /* before glibc 2.30: the same slice, on the realtime clock */
+            struct timespec rt;
+            clock_gettime(CLOCK_REALTIME, &rt);
+            long long rend = (long long)rt.tv_sec * NS + rt.tv_nsec + (end - now);
+            rt.tv_sec = (time_t)(rend / NS);
+            rt.tv_nsec = (long)(rend % NS);
+            rc = pthread_mutex_timedlock(self->mutex, &rt);
+        }
+#endif
+        Py_END_ALLOW_THREADS
+        if (rc == 0 || rc == EOWNERDEAD)
+            return took(self, rc);
+        if (rc != ETIMEDOUT && rc != EINTR)
+            return lock_error(rc);
+        if (PyErr_CheckSignals() < 0)
+            return -1;
+        if (deadline >= 0 && monotonic_ns() >= deadline)
+            return 0;
+    }
+}
+
+static PyObject *
+rm_acquire(RobustMutex *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    int block;
+    long long wait_ns;
+    if (parse_acquire(args, nargs, kwnames, &block, &wait_ns) < 0)
+        return NULL;
+    int got = do_acquire(self, block, wait_ns);
+    if (got < 0)
+        return NULL;
+    return PyBool_FromLong(got);
+}
+
+static PyObject *
+rm_enter(RobustMutex *self, PyObject *Py_UNUSED(ignored))
+{
+    if (do_acquire(self, 1, -1) < 0)
+        return NULL;
+    Py_RETURN_TRUE;
+}
+
+static int
+do_release(RobustMutex *self)
+{
+    if (!self->bound)
+        return unbound_error();
+    /* Read before the unlock, while (if it succeeds) we own it: the last release of an RLock? */
+    int last = !self->recursive || recursion_count(self) <= 1;
+    int rc = pthread_mutex_unlock(self->mutex);
+    if (rc == 0) {
+        if (last) {
+            self->depth = 0;
+            self->owner_died = 0;
+        } else if (self->depth > 0) {
+            self->depth--;
+        }
+        return 0;
+    }
+    if (rc == EPERM) {
+        int tid = futex_word(self) & FUTEX_TID_MASK;
+        if (tid == 0)
+            PyErr_SetString(PyExc_RuntimeError, "release unlocked lock");
+        else
+            PyErr_Format(PyExc_RuntimeError,
+                         "cannot release a shmem lock held by another thread (tid %d): only its owner can",
+                         tid);
+        return -1;
+    }
+    return lock_error(rc);
+}
+
+static PyObject *
+rm_release(RobustMutex *self, PyObject *Py_UNUSED(ignored))
+{
+    if (do_release(self) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+rm_exit(RobustMutex *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (do_release(self) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* locked(): whether any thread of any process holds it now (a snapshot). */
+static PyObject *
+rm_locked(RobustMutex *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!self->bound) {
+        unbound_error();
+        return NULL;
+    }
+    return PyBool_FromLong((futex_word(self) & FUTEX_TID_MASK) != 0);
+}
+
+/* _holder(): the thread id of the holder (as the holder's pid namespace numbers it), 0 if none. */
+static PyObject *
+rm_holder(RobustMutex *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!self->bound) {
+        unbound_error();
+        return NULL;
+    }
+    return PyLong_FromLong(futex_word(self) & FUTEX_TID_MASK);
+}
+
+static PyObject *
+rm_is_owned(RobustMutex *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!self->bound) {
+        unbound_error();
+        return NULL;
+    }
+    return PyBool_FromLong((futex_word(self) & FUTEX_TID_MASK) == (int)syscall(SYS_gettid));
+}
+
+static PyMethodDef rm_methods[] = {
+    {"acquire", (PyCFunction)(void (*)(void))rm_acquire, METH_FASTCALL | METH_KEYWORDS,
+     "acquire(block=True, timeout=None) -> bool"},
+    {"release", (PyCFunction)rm_release, METH_NOARGS, "Release the lock (only its owner thread can)."},
+    {"__enter__", (PyCFunction)rm_enter, METH_NOARGS, "Acquire, waiting as long as it takes."},
+    {"__exit__", (PyCFunction)(void (*)(void))rm_exit, METH_FASTCALL, "Release."},
+    {"locked", (PyCFunction)rm_locked, METH_NOARGS, "Whether the lock is held now."},
+    {"_holder", (PyCFunction)rm_holder, METH_NOARGS, "The holder's thread id, 0 if none."},
+    {"_is_owned", (PyCFunction)rm_is_owned, METH_NOARGS, "Whether the calling thread holds it."},
+    {"_bind", (PyCFunction)rm_bind, METH_VARARGS, "Bind to a buffer holding an initialised mutex."},
+    {"_unbind", (PyCFunction)rm_unbind, METH_NOARGS, "Drop the buffer unless held; False if kept."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef rm_members[] = {
+    {"owner_died", T_BOOL, offsetof(RobustMutex, owner_died), READONLY,
+     "True from an acquire that found the previous owner dead, until the next (last) release."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject RobustMutexType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmem._sync.RobustMutex",
+    .tp_basicsize = sizeof(RobustMutex),
+    .tp_dealloc = (destructor)rm_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "A robust, process-shared pthread mutex at the start of a writable buffer.",
+    .tp_methods = rm_methods,
+    .tp_members = rm_members,
+    .tp_new = PyType_GenericNew,
+};
+
+/* new_mutex(recursive) -> bytes: an initialised robust, process-shared mutex, as bytes to
+ * copy into a new block before it is published. An unlocked glibc mutex holds no pointers
+ * (its robust-list links are NULL until it is locked), so it works at any address. */
+static PyObject *
+new_mutex(PyObject *module, PyObject *arg)
+{
+    int recursive = PyObject_IsTrue(arg);
+    if (recursive < 0)
+        return NULL;
+    pthread_mutexattr_t attr;
+    pthread_mutex_t mutex;
+    memset(&mutex, 0, sizeof mutex);
+    int rc = pthread_mutexattr_init(&attr);
+    if (rc == 0) {
+        if ((rc = pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED)) == 0
+            && (rc = pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST)) == 0
+            && (rc = pthread_mutexattr_settype(&attr, recursive ? PTHREAD_MUTEX_RECURSIVE
+                                                                : PTHREAD_MUTEX_NORMAL)) == 0)
+            rc = pthread_mutex_init(&mutex, &attr);
+        pthread_mutexattr_destroy(&attr);
+    }
+    if (rc != 0) {
+        errno = rc;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyBytes_FromStringAndSize((const char *)&mutex, sizeof mutex);
+}
+
+static PyObject *
+set_warning(PyObject *module, PyObject *category)
+{
+    Py_INCREF(category);
+    Py_XSETREF(owner_died_warning, category);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"new_mutex", (PyCFunction)new_mutex, METH_O, "An initialised robust process-shared mutex, as bytes."},
+    {"_set_warning", (PyCFunction)set_warning, METH_O, "The warning category of an owner-died acquire."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef sync_module = {
+    PyModuleDef_HEAD_INIT, "shmem._sync", "Robust process-shared locks for shmem.", -1, module_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__sync(void)
+{
+    if (PyType_Ready(&RobustMutexType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&sync_module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddIntConstant(m, "LAYOUT_VERSION", LAYOUT_VERSION) < 0
+        || PyModule_AddIntConstant(m, "MUTEX_SIZE", (long)sizeof(pthread_mutex_t)) < 0
+        || PyModule_AddIntConstant(m, "MUTEX_ALIGN", (long)_Alignof(pthread_mutex_t)) < 0
+        || PyModule_AddIntConstant(m, "KIND_OFFSET", (long)offsetof(pthread_mutex_t, __data.__kind)) < 0
+        || PyModule_AddIntConstant(m, "SLICE_NS", (long)SLICE_NS) < 0
+        || PyModule_AddStringConstant(m, "LIBC", "glibc") < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&RobustMutexType);
+    if (PyModule_AddObject(m, "RobustMutex", (PyObject *)&RobustMutexType) < 0) {
+        Py_DECREF(&RobustMutexType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
