@@ -66,9 +66,9 @@ def described(header: Header) -> Described:
     """
     if header.kind == KIND_LIST:
         from .list_layout import describe as describe_list
+        from .list_layout import length
 
-        text = describe_list(header.extra)  # validates the header: "1 item", "7 items"
-        return Described(text, (("length", int(text.split(" ", 1)[0])),))
+        return Described(describe_list(header.extra), (("length", length(header.extra)),))  # both validate
     if header.kind == KIND_ARRAY:
         from .array_layout import check_description, unfold, unpack
         from .array_layout import describe as describe_array

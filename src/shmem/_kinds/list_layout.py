@@ -264,12 +264,21 @@ def read_layout(buf: memoryview, name: str, extra: Optional[bytes]) -> Layout:
     return layout
 
 
+def length(extra: bytes) -> int:
+    """The number of items a list block's kind header announces.
+
+    Raises CorruptSegment when it does not validate, and nothing else.
+    """
+    n, _ = _parse_kind_header(extra)
+    return n
+
+
 def describe(extra: bytes) -> str:
     """The listing's description of a list block's kind header ("7 items").
 
     Raises CorruptSegment when it does not validate, and nothing else.
     """
-    n, _ = _parse_kind_header(extra)
+    n = length(extra)
     return f"{n} item" if n == 1 else f"{n} items"
 
 
