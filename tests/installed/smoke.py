@@ -60,7 +60,8 @@ def main() -> None:
     assert list(sl) == ["héllo", 2**63 - 1, None]
     sl.shm.close()
     sl.shm.unlink()
-    with shmem.Lock() as lock:
+    lock = shmem.Lock()
+    with lock:
         assert lock.locked() and not lock.owner_died
     lock.close()
     left = {n for n in set(os.listdir("/dev/shm")) - before if n.startswith("shmem_")}
