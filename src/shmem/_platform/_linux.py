@@ -201,7 +201,9 @@ def open_locked(name: str, offset: int, writable: bool = False) -> Opened:
         raise _translate(err, name) from err
     try:
         try:
-            _wait_for_lock(fd, fcntl.F_RDLCK, offset)
+            # fcntl directly, not lock_shared(): this is on every tracked attach's path. PEP 475
+            # retries the wait after a signal whose handler returns; one that raises ends it.
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, offset, 1, 0))
         except OSError:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):  # a FIFO, directory, ...: say so, not the lock's error
