@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Every shmem benchmark, one after the other: the README's benchmark command.
 
-    python benchmarks/bench.py [--quick] [--only core,list,arrays,manager]
+    python benchmarks/bench.py [--quick] [--only core,list,arrays,manager,locks]
 
 Each suite measures shmem and its baselines in the same run and prints ratios;
 see benchmarks/README.md. Suites whose optional requirements are missing
@@ -22,6 +22,7 @@ SUITES = {
     "list": ("bench_list.py", None),
     "arrays": ("bench_arrays.py", "numpy"),
     "manager": ("bench_manager.py", None),
+    "locks": ("bench_locks.py", None),
 }
 
 

@@ -13,6 +13,9 @@ Rows:
   each releasing only locks it holds (a mutex's rule); a round trip is two
   hand-offs, the row shows half of it. multiprocessing.Lock runs the same
   protocol; two os.pipe()s are the kernel's floor.
+* 8 processes x 100k acquire/release of one lock, each adding 1 to a shared
+  counter under it: the throughput of shmem.Lock against
+  multiprocessing.Lock's, and the counter's total (no lost updates).
 * holder SIGKILLed -> a waiter owns the lock: the waiter is blocked in
   acquire() when a thread of its process SIGKILLs the holder; the time from
   the kill to acquire() returning. multiprocessing.Lock never comes back:
@@ -20,24 +23,34 @@ Rows:
   sleeping process (its pidfd becomes readable once it has exited): on a
   small VM, waking an idle vCPU for the dying process dominates both.
 
-Ratios and the issue's goals are printed under the table. Standard library
-plus shmem only; Linux only (like shmem).
+Peers, when installed (``pip install filelock posix_ipc``, or the ``bench``
+extra): ``filelock.FileLock`` (uncontended, and holder killed: flock is
+released by the kernel, filelock notices by polling) and
+``posix_ipc.Semaphore`` (uncontended).
+
+Ratios and the issue's goals are printed under the table. ``--quick`` is a
+short run (fewer repeats, 8 x 10k contended); ``--smoke`` a run of seconds
+that only shows every row works (the tests use it): neither gives figures
+to quote. Linux only (like shmem).
 """
 
 from __future__ import annotations
 
 import argparse
 import fcntl
+import importlib
 import json
 import multiprocessing
 import os
 import secrets
 import select
+import shutil
 import signal
 import statistics
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import timeit
@@ -88,8 +101,59 @@ class OfdLock:
         os.unlink(self.path)
 
 
-def uncontended(quick: bool, pure_only: bool = False) -> Dict[str, List[float]]:
-    number, repeat = (100_000, 5) if quick else (1_000_000, 9)
+def optional(module: str) -> Any:
+    """A peer's module, or None when it is not installed (the row is skipped, and says so)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
+filelock, posix_ipc = optional("filelock"), optional("posix_ipc")
+
+
+class FileLockAdapter:
+    """filelock.FileLock behind the (block, timeout) signature the rows call."""
+
+    def __init__(self, directory: str) -> None:
+        self.path = os.path.join(directory, f"{secrets.token_hex(4)}.lock")
+        self.made_in, self.lock = os.getpid(), filelock.FileLock(self.path)
+
+    def acquire(self, block: bool = True, timeout: Optional[float] = None) -> bool:
+        if self.made_in != os.getpid():  # filelock refuses an instance inherited across fork: one per process
+            self.made_in, self.lock = os.getpid(), filelock.FileLock(self.path)
+        try:
+            self.lock.acquire(timeout=-1 if timeout is None else timeout, blocking=block)
+        except filelock.Timeout:
+            return False
+        return True
+
+    def release(self) -> None:
+        self.lock.release()
+
+
+def peer_rows(number: int, repeat: int) -> Dict[str, List[float]]:
+    """Uncontended rows of the peers that are installed."""
+    rows: Dict[str, List[float]] = {}
+    if filelock is not None:
+        directory = tempfile.mkdtemp(prefix=PREFIX)
+        try:
+            fl = FileLockAdapter(directory)
+            rows["filelock.FileLock"] = per_pair_ns(fl.acquire, fl.release, max(number // 100, 100), repeat)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+    if posix_ipc is not None:
+        sem = posix_ipc.Semaphore("/" + PREFIX + "sem", posix_ipc.O_CREX, initial_value=1)
+        try:
+            rows["posix_ipc.Semaphore"] = per_pair_ns(sem.acquire, sem.release, number, repeat)
+        finally:
+            sem.unlink()
+            sem.close()
+    return rows
+
+
+def uncontended(quick: bool, pure_only: bool = False, smoke: bool = False) -> Dict[str, List[float]]:
+    number, repeat = (2_000, 3) if smoke else (100_000, 5) if quick else (1_000_000, 9)
     rows: Dict[str, List[float]] = {}
     lock = shmem.Lock()
     label = "shmem.Lock (C)" if lock_layout.ACCELERATED else "shmem.Lock (pure)"
@@ -111,7 +175,49 @@ def uncontended(quick: bool, pure_only: bool = False) -> Dict[str, List[float]]:
         rows["OFD fcntl lock"] = per_pair_ns(ofd.acquire, ofd.release, number // 10, repeat)
     finally:
         ofd.close()
+    rows.update(peer_rows(number, repeat))
     return rows
+
+
+# ------------------------------------------------------------------ contended
+
+
+def _contender(lock: Any, counter: Any, n: int, go: Any) -> None:
+    """One of the contending processes: ``n`` times, take the lock and add 1 to the counter."""
+    c = counter.buf.cast("q")
+    go.wait(60)
+    for _ in range(n):
+        with lock:
+            c[0] += 1
+    c.release()
+
+
+def contended(make: Callable[[], Any], procs: int, n: int) -> Dict[str, float]:
+    """``procs`` forked processes, ``n`` locked increments each of one counter:
+    acquire/release pairs per second (from the start signal to the last exit)
+    and the counter's final value."""
+    lock = make()
+    counter = shmem.SharedMemory(create=True, size=64)
+    go = FORK.Event()
+    workers = [FORK.Process(target=_contender, args=(lock, counter, n, go)) for _ in range(procs)]
+    for p in workers:
+        p.start()
+    time.sleep(0.2)  # every worker is waiting for the signal
+    start = now()
+    go.set()
+    for p in workers:
+        p.join(600)
+    elapsed = now() - start
+    c = counter.buf.cast("q")  # type: ignore[union-attr]
+    total = c[0]
+    c.release()
+    counter.close()
+    counter.unlink()
+    getattr(lock, "close", lambda: None)()
+    failed = [p.exitcode for p in workers if p.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"contending workers failed: exit codes {failed}")
+    return {"per_second": procs * n / elapsed * 1e9, "total": total, "expected": procs * n, "seconds": elapsed / 1e9}
 
 
 # ------------------------------------------------------------------ hand-off
@@ -195,9 +301,12 @@ def kill_to_owner(make: Callable[[], Any], rounds: int, timeout: float) -> List[
                 time.sleep(60)
             finally:
                 os._exit(0)
-        os.read(r, 1)
-        os.close(r)
         os.close(w)
+        ready = select.select([r], [], [], 30)[0] and os.read(r, 1)
+        os.close(r)
+        if not ready:  # the holder failed (or hung) before it took the lock
+            kill_and_reap(pid)
+            raise RuntimeError(f"the holder of {make!r} never took it")
         killed: List[int] = []
 
         def kill(pid: int = pid, killed: List[int] = killed) -> None:
@@ -218,6 +327,14 @@ def kill_to_owner(make: Callable[[], Any], rounds: int, timeout: float) -> List[
             lock.release()
         getattr(lock, "close", lambda: None)()
     return samples
+
+
+def kill_and_reap(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    os.waitpid(pid, 0)
 
 
 def kill_to_exit(rounds: int) -> List[Optional[int]]:
@@ -244,10 +361,28 @@ def kill_to_exit(rounds: int) -> List[Optional[int]]:
 # ------------------------------------------------------------------ the run
 
 
-def pure_child(quick: bool) -> Dict[str, Any]:
+class Plan:
+    """How much of each row a run measures: full, ``--quick`` or ``--smoke``."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.quick, self.smoke = mode != "full", mode == "smoke"
+        self.handoff_rounds = {"full": 20_000, "quick": 2_000, "smoke": 200}[mode]
+        self.kill_rounds = {"full": 50, "quick": 10, "smoke": 2}[mode]
+        self.peer_kill_rounds = {"full": 20, "quick": 5, "smoke": 1}[mode]
+        self.mp_kill_rounds = {"full": 3, "quick": 2, "smoke": 1}[mode]
+        self.mp_timeout = {"full": 2.0, "quick": 0.5, "smoke": 0.2}[mode]
+        self.procs = 8
+        self.per_proc = {"full": 100_000, "quick": 10_000, "smoke": 500}[mode]
+
+    def flag(self) -> List[str]:
+        return [] if self.mode == "full" else [f"--{self.mode}"]
+
+
+def pure_child(plan: Plan) -> Dict[str, Any]:
     """The pure-Python path's rows, measured in a child with SHMEM_PURE_PYTHON=1."""
     env = {**os.environ, "SHMEM_PURE_PYTHON": "1", "SHMBENCH_PREFIX": PREFIX + "pure_"}
-    argv = [sys.executable, __file__, "--pure-child"] + (["--quick"] if quick else [])
+    argv = [sys.executable, __file__, "--pure-child"] + plan.flag()
     run = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
     if run.returncode != 0:
         raise RuntimeError(f"the pure-Python child failed:\n{run.stderr}")
@@ -257,34 +392,42 @@ def pure_child(quick: bool) -> Dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and rounds (a smoke run)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and rounds (a short run)")
+    parser.add_argument("--smoke", action="store_true", help="a few rounds of every row: that they run, no figures")
     parser.add_argument("--pure-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    quick = args.quick
-    handoff_rounds = 2_000 if quick else 20_000
-    kill_rounds = 10 if quick else 50
+    plan = Plan("smoke" if args.smoke else "quick" if args.quick else "full")
     try:
         if args.pure_child:
             out = {
-                "uncontended": uncontended(quick, pure_only=True),
-                "handoff": handoff(shmem.Lock, handoff_rounds // 4),
-                "kill": kill_to_owner(shmem.Lock, kill_rounds, 5.0),
+                "uncontended": uncontended(plan.quick, pure_only=True, smoke=plan.smoke),
+                "handoff": handoff(shmem.Lock, plan.handoff_rounds // 4),
+                "kill": kill_to_owner(shmem.Lock, plan.kill_rounds, 5.0),
+                "contended": contended(shmem.Lock, plan.procs, max(plan.per_proc // 10, 100)),
             }
             print(json.dumps(out))
             return
-        run(quick, handoff_rounds, kill_rounds)
+        run(plan)
     finally:
         remove_prefixed(PREFIX)
 
 
-def run(quick: bool, handoff_rounds: int, kill_rounds: int) -> None:
+def _verdict(met: bool) -> str:
+    return "met" if met else "NOT met"
+
+
+def run(plan: Plan) -> None:
     if not lock_layout.ACCELERATED:
         print("note: shmem._sync is not in use (not built, or SHMEM_PURE_PYTHON set): the C rows are pure Python")
-    pure = pure_child(quick)
-    quick_note = " (quick)" if quick else ""
-    print(f"shmem {shmem.__version__}, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs{quick_note}")
+    pure = pure_child(plan)
+    mode_note = {"full": "", "quick": " (quick)", "smoke": " (smoke: no figures to quote)"}[plan.mode]
+    print(f"shmem {shmem.__version__}, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs{mode_note}")
+    missing = [name for name, module in (("filelock", filelock), ("posix_ipc", posix_ipc)) if module is None]
+    if missing:
+        print(f"peers not installed, their rows are skipped: {', '.join(missing)} (pip install {' '.join(missing)})")
+    c_label = "shmem.Lock (C)" if lock_layout.ACCELERATED else "shmem.Lock (pure)"
 
-    rows = uncontended(quick)
+    rows = uncontended(plan.quick, smoke=plan.smoke)
     rows.update(pure["uncontended"])
     print(f"\n{'uncontended acquire + release':<40} {'min':>10} {'median':>10} {'/ mp.Lock':>10}")
     mp_min = min(rows["multiprocessing.Lock"])
@@ -295,43 +438,64 @@ def run(quick: bool, handoff_rounds: int, kill_rounds: int) -> None:
         )
 
     hand: Dict[str, List[int]] = {
-        "shmem.Lock (C)" if lock_layout.ACCELERATED else "shmem.Lock (pure)": handoff(shmem.Lock, handoff_rounds),
+        c_label: handoff(shmem.Lock, plan.handoff_rounds),
         "shmem.Lock (pure)": pure["handoff"],
-        "multiprocessing.Lock": handoff(FORK.Lock, handoff_rounds),
-        "os.pipe": pipe_handoff(handoff_rounds),
+        "multiprocessing.Lock": handoff(FORK.Lock, plan.handoff_rounds),
+        "os.pipe": pipe_handoff(plan.handoff_rounds),
     }
     print(f"\n{'hand-off between two processes':<40} {'median':>10} {'p25 - p75':>22}")
     for label, samples in hand.items():
         s = summarize([x // 2 for x in samples])  # a round trip is two hand-offs
         print(f"{label:<40} {fmt_ns(s['median']):>10} {fmt_ns(s['p25']):>10} - {fmt_ns(s['p75']):<10}")
 
-    mp_timeout = 0.5 if quick else 2.0
-    kills: Dict[str, List[Optional[int]]] = {
-        "shmem.Lock (C)" if lock_layout.ACCELERATED else "shmem.Lock (pure)": kill_to_owner(
-            shmem.Lock, kill_rounds, 5.0
-        ),
-        "shmem.Lock (pure)": pure["kill"],
-        "multiprocessing.Lock": kill_to_owner(FORK.Lock, 2 if quick else 3, mp_timeout),
-        "(floor: kill -> the holder's pidfd fires)": kill_to_exit(kill_rounds),
+    many: Dict[str, Dict[str, float]] = {
+        c_label: contended(shmem.Lock, plan.procs, plan.per_proc),
+        "multiprocessing.Lock": contended(FORK.Lock, plan.procs, plan.per_proc),
+        "shmem.Lock (pure)": pure["contended"],
     }
+    title = f"{plan.procs} processes x {plan.per_proc:,} on one lock"
+    print(f"\n{title:<40} {'pairs/s':>12} {'/ mp.Lock':>10} {'counter':>24}")
+    mp_rate = many["multiprocessing.Lock"]["per_second"]
+    for label, r in many.items():
+        counted = f"{int(r['total']):,} of {int(r['expected']):,}"
+        print(f"{label:<40} {r['per_second']:>12,.0f} {r['per_second'] / mp_rate:>10.2f} {counted:>24}")
+
+    kills: Dict[str, List[Optional[int]]] = {
+        c_label: kill_to_owner(shmem.Lock, plan.kill_rounds, 5.0),
+        "shmem.Lock (pure)": pure["kill"],
+        "multiprocessing.Lock": kill_to_owner(FORK.Lock, plan.mp_kill_rounds, plan.mp_timeout),
+    }
+    if filelock is not None:
+        directory = tempfile.mkdtemp(prefix=PREFIX)
+        try:
+            kills["filelock.FileLock"] = kill_to_owner(lambda: FileLockAdapter(directory), plan.peer_kill_rounds, 5.0)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+    kills["(floor: kill -> the holder's pidfd fires)"] = kill_to_exit(plan.kill_rounds)
     print(f"\n{'holder SIGKILLed -> a waiter owns it':<40} {'median':>10} {'max':>10}")
     for label, got in kills.items():
         if any(x is None for x in got):
-            print(f"{label:<40} {'never':>10} {'':>10}  (gave up after {fmt_ns(mp_timeout * 1e9)} timeouts)")
+            print(f"{label:<40} {'never':>10} {'':>10}  (gave up after {fmt_ns(plan.mp_timeout * 1e9)} timeouts)")
         else:
             print(f"{label:<40} {fmt_ns(statistics.median(got)):>10} {fmt_ns(max(got)):>10}")  # type: ignore
 
     print()
-    c_label = "shmem.Lock (C)"
-    if c_label in rows:
+    if lock_layout.ACCELERATED:
         ratio = min(rows[c_label]) / mp_min
-        print(f"goal: uncontended <= 2x multiprocessing.Lock: {ratio:.2f}x -> {'met' if ratio <= 2 else 'NOT met'}")
+        print(f"goal: uncontended <= 2x multiprocessing.Lock (C): {ratio:.2f}x -> {_verdict(ratio <= 2)}")
         med = statistics.median(hand[c_label]) / 2
-        print(f"goal: hand-off median <= 10 µs (C): {fmt_ns(med)} -> {'met' if med <= 10_000 else 'NOT met'}")
+        print(f"goal: hand-off median <= 10 µs (C): {fmt_ns(med)} -> {_verdict(med <= 10_000)}")
         kill_med = statistics.median(kills[c_label])  # type: ignore[type-var]
-        print(f"goal: kill -> owner <= 1 ms (C): {fmt_ns(kill_med)} -> {'met' if kill_med <= 1e6 else 'NOT met'}")
+        print(f"goal: kill -> owner <= 1 ms (C): {fmt_ns(kill_med)} -> {_verdict(kill_med <= 1e6)}")
+        mine = many[c_label]
+        rate = mine["per_second"] / mp_rate
+        exact = all(r["total"] == r["expected"] for r in many.values())
+        print(
+            f"goal: {plan.procs} processes contending >= 0.5x multiprocessing.Lock's throughput, no lost updates (C): "
+            f"{rate:.2f}x, {'no lost updates' if exact else 'LOST UPDATES'} -> {_verdict(rate >= 0.5 and exact)}"
+        )
     pure_med = statistics.median(kills["shmem.Lock (pure)"])  # type: ignore[type-var]
-    print(f"goal: kill -> owner <= 60 ms (pure): {fmt_ns(pure_med)} -> {'met' if pure_med <= 60e6 else 'NOT met'}")
+    print(f"goal: kill -> owner <= 60 ms (pure): {fmt_ns(pure_med)} -> {_verdict(pure_med <= 60e6)}")
     print("       multiprocessing.Lock: never (its waiter gave up at the timeout every time)")
 
 

@@ -37,3 +37,40 @@ def test_list_benchmark_quick_run_reports_its_goals() -> None:
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("goal:") == 6
+
+
+def test_lock_benchmark_smoke_run_reports_its_goals(shm_prefix: str) -> None:
+    prefix = shm_prefix + "bench_"
+    run = subprocess.run(
+        [sys.executable, str(BENCH.parent / "bench_locks.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "SHMBENCH_PREFIX": prefix},
+    )
+    assert run.returncode == 0, run.stderr
+    goals = [line for line in run.stdout.splitlines() if line.startswith("goal:")]
+    assert len(goals) == (5 if "shmem.Lock (C)" in run.stdout else 1), run.stdout
+    assert "no lost updates" in run.stdout or "shmem.Lock (C)" not in run.stdout
+    for row in ("multiprocessing.Lock", "8 processes x 500 on one lock", "holder SIGKILLed"):
+        assert row in run.stdout
+    assert "cleanup: removed leftover" not in run.stderr
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+
+
+def test_shmem_bench_runs_the_lock_suite() -> None:
+    """``shmem bench`` runs benchmarks/bench.py, whose suites include the locks."""
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    assert bench.SUITES["locks"] == ("bench_locks.py", None)
+    run = subprocess.run(
+        [sys.executable, str(BENCH.parent / "bench.py"), "--only", "locks", "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("=== locks") and "goal: kill -> owner <= 60 ms (pure)" in run.stdout

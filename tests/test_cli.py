@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -477,6 +478,14 @@ ARRAY_FIELDS: Dict[str, Tuple[type, ...]] = {
     "nbytes": (int,),
     "fields": (list, type(None)),
 }
+LOCK_FIELDS: Dict[str, Tuple[type, ...]] = {
+    "type": (str,),
+    "holder_tid": (int, type(None)),
+    "holder_pid": (int, type(None)),
+    "waiters": (bool, type(None)),
+    "owner_died": (bool, type(None)),
+    "recoverable": (bool, type(None)),
+}
 INFO_FIELDS = {"used_by": (list,), "first_bytes": (str,)}
 
 
@@ -529,6 +538,32 @@ def test_json_fields_of_foreign_and_standard_library_blocks(shm_name: Any, shm_p
         stdlib_list.shm.unlink()
         stdlib.close()
         stdlib.unlink()
+
+
+def test_json_fields_of_lock_blocks(shm_prefix: str) -> None:
+    free, held = shmem.Lock(), shmem.RLock()
+    assert free.name is not None and held.name is not None
+    with held:
+        found = listed(shm_prefix)
+        for record in (found[free.name], found[held.name]):
+            check_schema(record, LOCK_FIELDS)
+        assert (found[free.name]["type"], found[free.name]["holder_pid"], found[free.name]["waiters"]) == (
+            "Lock",
+            None,
+            False,
+        )
+        info = json.loads(run("info", held.name, "--json").stdout)
+        check_schema(info, LOCK_FIELDS, INFO_FIELDS)
+        assert (info["type"], info["holder_pid"], info["holder_tid"], info["owner_died"], info["recoverable"]) == (
+            "RLock",
+            os.getpid(),
+            threading.get_native_id(),
+            False,
+            True,
+        )
+        assert info["used_by"] == [os.getpid()]
+    free.close()
+    held.close()
 
 
 # Makes arrays of several dtypes and orders, prints what NumPy says of each, waits on stdin.
@@ -586,7 +621,8 @@ def test_json_fields_of_array_blocks(shm_prefix: str) -> None:
 
 def test_the_guide_documents_every_json_field() -> None:
     guide = GUIDE.read_text(encoding="utf-8")
-    for field in [*COMMON_FIELDS, *LIST_FIELDS, *ARRAY_FIELDS, *INFO_FIELDS, "name_hex", "dry_run", "removed"]:
+    fields = [*COMMON_FIELDS, *LIST_FIELDS, *ARRAY_FIELDS, *LOCK_FIELDS, *INFO_FIELDS, "value", "parties"]
+    for field in [*fields, "name_hex", "dry_run", "removed"]:
         assert f"| `{field}` |" in guide, field
     for state in ("alive", "dead", "untracked", "unknown"):
         assert f"`{state}`" in guide, state

@@ -25,10 +25,11 @@ from typing import Dict, List, NamedTuple, Optional
 
 from . import _platform
 from ._core import names
-from ._core.header import FLAG_MANAGED, KIND_NAMES, Header
+from ._core.header import FLAG_MANAGED, KIND_LOCK, KIND_NAMES, Header
 from ._core.lifecycle import USERS_LOCK
 from ._errors import CorruptSegment, SegmentInUse, SegmentNotFound
 from ._kinds import Described, Fields, described
+from ._kinds.lock_layout import LOCK_SIZE, lock_state
 
 
 class Segment(NamedTuple):
@@ -59,8 +60,10 @@ class Segment(NamedTuple):
         mode: The file's permission bits.
         kind_fields: What the kind's own header says, as (field, value) pairs: a
             list's ``length``; an array's ``dtype``, ``shape``, ``order``, ``ndim``,
-            ``itemsize``, ``nbytes`` and ``fields``. Empty for other kinds;
-            ``dict(segment.kind_fields)`` makes it a mapping.
+            ``itemsize``, ``nbytes`` and ``fields``; a lock's ``type`` and, read
+            from its mutex at that moment, ``holder_pid``, ``holder_tid``,
+            ``waiters``, ``owner_died`` and ``recoverable`` (see ``lock_fields``).
+            Empty for other kinds; ``dict(segment.kind_fields)`` makes it a mapping.
     """
 
     name: str
@@ -127,6 +130,8 @@ def _inspect(name: str, opened: _platform.Opened) -> Segment:
             uid,
             mode,
         )
+    if header.kind == KIND_LOCK:
+        description = Described(description.text, description.fields + lock_fields(opened, header))
     in_use = _platform.is_locked(opened.fd, USERS_LOCK)
     if not header.auto_remove and header.ready:
         state = "untracked"  # as remove_if_abandoned keeps it: its creator's life says nothing
@@ -155,6 +160,75 @@ def _inspect(name: str, opened: _platform.Opened) -> Segment:
         mode,
         description.fields,
     )
+
+
+def lock_fields(opened: _platform.Opened, header: Header) -> Fields:
+    """A lock block's state, read from its mutex: a snapshot, as (field, value) pairs.
+
+    * ``holder_tid``: the thread holding it, as the holder's pid namespace
+      numbers it (None: nobody holds it);
+    * ``holder_pid``: that thread's process, when a process of this pid
+      namespace that we may inspect has the block mapped and has that
+      thread (None otherwise: not held, or a holder we cannot see);
+    * ``waiters``: the kernel's FUTEX_WAITERS bit - some thread has waited
+      for it since its holder took it (whether, not how many);
+    * ``owner_died``: its holder died holding it and nobody has acquired it
+      since (the next acquirer gets ``owner_died``);
+    * ``recoverable``: False once a lock is unusable for ever (a holder died
+      and the next owner released it without repairing: not shmem).
+
+    The block's bytes are hostile input: a short block or one whose mutex
+    was overwritten gives None for every field, never an exception.
+    """
+    keys = ("holder_tid", "holder_pid", "waiters", "owner_died", "recoverable")
+    state = None
+    if header.size >= LOCK_SIZE:
+        try:
+            state = lock_state(header.extra, os.pread(opened.fd, LOCK_SIZE, 0))
+        except (OSError, ValueError):  # a file cut short meanwhile; a kind header described() accepted
+            state = None
+    if state is None:
+        return tuple((key, None) for key in keys)
+    tid = state.holder_tid or None
+    pid = None
+    if tid is not None:
+        try:
+            device = os.fstat(opened.fd).st_dev
+        except OSError:
+            device = None
+        if device is not None:
+            pid = _process_of_thread_mapping(tid, device, opened.inode)
+    return tuple(zip(keys, (tid, pid, state.waiters, state.owner_died, state.recoverable)))
+
+
+def _process_of_thread_mapping(tid: int, device: int, inode: int) -> Optional[int]:
+    """The pid of the process that has thread ``tid`` and has the file
+    (``device``, ``inode``) mapped; None when there is none we may see.
+
+    A lock's holder keeps its block mapped while it holds it (shmem never
+    unmaps a held lock), so the mapping confirms that the tid, read from
+    hostile memory and numbered in the holder's pid namespace, is the holder
+    here and not an unrelated thread that happens to bear the same number.
+
+    (This reads /proc and belongs in ``_platform``; it lives here while
+    another change owns that package.)
+    """
+    try:
+        with open(f"/proc/{tid}/status", "rb") as status:  # a thread's own entry: /proc/TID, though unlisted
+            tgid = [line.split()[1] for line in status if line.startswith(b"Tgid:")]
+        pid = int(tgid[0]) if len(tgid) == 1 and tgid[0].isdigit() else 0
+        if pid <= 0 or not os.path.exists(f"/proc/{pid}/task/{tid}"):
+            return None
+        dev = f"{os.major(device):02x}:{os.minor(device):02x}".encode()
+        ino = str(inode).encode()
+        with open(f"/proc/{pid}/maps", "rb") as maps:
+            for line in maps:
+                fields = line.split(None, 5)  # address, perms, offset, device, inode, path
+                if len(fields) >= 5 and fields[3] == dev and fields[4] == ino:
+                    return pid
+    except (OSError, ValueError):  # gone meanwhile, or not ours to inspect
+        return None
+    return None
 
 
 def _corrupt(name: str, opened: _platform.Opened, why: str) -> Segment:

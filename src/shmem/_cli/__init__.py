@@ -103,8 +103,26 @@ def _name_fields(name: str) -> Dict[str, Any]:
     return {"name": _shown(name), "name_hex": name.encode("utf-8", "surrogateescape").hex()}
 
 
+def _lock_summary(fields: Dict[str, Any]) -> str:
+    """A lock's holder in a few words, for the listing's KIND column ("" when free)."""
+    if fields.get("waiters") is None:
+        return "mutex unreadable"
+    if fields.get("recoverable") is False:
+        return "not recoverable"
+    if fields.get("owner_died"):
+        return "holder died"
+    if fields.get("holder_pid") is not None:
+        return f"held by pid {fields['holder_pid']}"
+    if fields.get("holder_tid") is not None:
+        return f"held by tid {fields['holder_tid']}"
+    return ""
+
+
 def _kind_label(s: Segment) -> str:
     label = s.kind + (f" {s.detail}" if s.detail and s.kind != "corrupt" else "")
+    if s.kind == "lock":
+        summary = _lock_summary(dict(s.kind_fields))
+        label += f" ({summary})" if summary else ""
     if s.managed:
         label += " (manager)"
     if not s.ready:
@@ -203,12 +221,35 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("mapped or open by pids", ", ".join(map(str, pids)) or "none seen"),
         ("owner uid, mode", f"{s.uid}, {s.mode:04o}"),
     ]
+    if s.kind == "lock":
+        fields += _lock_lines(dict(s.kind_fields))
     width = max(len(k) for k, _ in fields)
     for key, value in fields:
         print(f"{key:<{width}}  {value}")
     print(f"\nfirst {len(head)} bytes:")
     print(_hexdump(head))
     return EXIT_OK
+
+
+def _lock_lines(lock: Dict[str, Any]) -> List[Any]:
+    """``shmem info``'s lines about a lock's mutex: who holds it, who waits, whether its holder died."""
+    if lock.get("waiters") is None:
+        return [("holder", "- (the block holds no valid mutex: overwritten?)")]
+    tid, pid = lock.get("holder_tid"), lock.get("holder_pid")
+    if tid is None:
+        holder = "none"
+    elif pid is None:
+        holder = f"thread {tid} (no process here that we may inspect has the lock mapped with it)"
+    else:
+        holder = f"pid {pid} (thread {tid})"
+    lines = [
+        ("holder", holder),
+        ("waiters", "yes (some thread has waited since it was taken)" if lock["waiters"] else "no"),
+        ("owner died", "yes: the next acquire gets owner_died" if lock.get("owner_died") else "no"),
+    ]
+    if lock.get("recoverable") is False:
+        lines.append(("recoverable", "no: a holder died and the next owner released it unrepaired"))
+    return lines
 
 
 def _hexdump(data: bytes) -> str:

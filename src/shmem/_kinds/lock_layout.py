@@ -5,7 +5,9 @@ through this module's names; ``describe`` speaks for a lock block's kind
 header in listings. ``ACCELERATED`` says whether ``shmem._sync`` is in use
 (``SHMEM_PURE_PYTHON=1`` turns it off, for testing the pure-Python path;
 ``SHMEM_REQUIRE_SPEEDUPS=1`` makes its absence an ImportError, for CI);
-``RobustMutex`` is the class the public ones derive from, either way.
+``RobustMutex`` is the class the public ones derive from, either way;
+``lock_state`` reads a block's holder, waiters and owner-died flag for
+``shmem info`` (from a copy of its bytes, never through a lock call).
 
 A lock block's data (``LOCK_SIZE`` bytes, one cache line)::
 
@@ -441,6 +443,49 @@ def _mutex_kind(recursive: bool) -> bytes:
     if kind is None:
         kind = _KINDS[recursive] = new_mutex(recursive)[KIND_OFFSET : KIND_OFFSET + 4]
     return kind
+
+
+# The futex word's flag bits (linux/futex.h); the rest is the holder's thread id.
+FUTEX_WAITERS = 0x80000000
+FUTEX_OWNER_DIED = 0x40000000
+# glibc's __owner while a robust mutex cannot be used any more (its holder died and
+# the next owner unlocked it without pthread_mutex_consistent); __owner is at byte 8.
+_OWNER_OFFSET = 8
+_NOT_RECOVERABLE = 0x7FFFFFFE
+_WORD = struct.Struct("<i")
+
+
+class LockState(NamedTuple):
+    """What a lock's mutex says of its holder, read from a copy of its bytes (``lock_state``)."""
+
+    holder_tid: int  # the holder's thread id, as the holder's pid namespace numbers it; 0: not held
+    waiters: bool  # the kernel's FUTEX_WAITERS bit: some thread has waited since the holder took it
+    owner_died: bool  # its holder died holding it and nobody has acquired it since
+    recoverable: bool  # False: unusable for ever (a holder died and the next owner gave it up unrepaired)
+
+
+def lock_state(extra: bytes, data: bytes) -> Optional[LockState]:
+    """The state of a lock block's mutex: ``extra`` is its kind header, ``data`` a
+    copy of (at least) the first LOCK_SIZE bytes of its data - never the mapping.
+
+    Both are hostile input: CorruptSegment when the kind header does not
+    validate; None when ``data`` is short or holds no robust process-shared
+    mutex of the header's type (overwritten), whose words would mean nothing.
+    The answer is a snapshot: the holder may change as soon as it is read.
+    """
+    header = parse_kind_header(extra)
+    if header.type not in (TYPE_LOCK, TYPE_RLOCK) or len(data) < LOCK_SIZE:
+        return None
+    if data[KIND_OFFSET : KIND_OFFSET + 4] != _mutex_kind(header.type == TYPE_RLOCK):
+        return None
+    word = _WORD.unpack_from(data, 0)[0] & 0xFFFFFFFF
+    owner = _WORD.unpack_from(data, _OWNER_OFFSET)[0]
+    return LockState(
+        holder_tid=word & _FUTEX_TID_MASK,
+        waiters=bool(word & FUTEX_WAITERS),
+        owner_died=bool(word & FUTEX_OWNER_DIED),
+        recoverable=owner != _NOT_RECOVERABLE,
+    )
 
 
 def describe(extra: bytes) -> str:
