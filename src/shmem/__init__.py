@@ -30,10 +30,15 @@ from ._segments import Segment, inspect_segment, list_segments, remove_segment
 # Imported on first use. NumPy is optional: without it, the first use of an
 # array name raises an ImportError saying how to install it. The manager pulls
 # in multiprocessing.managers, which a program that does not use it need not pay;
-# locks, their C extension (or ctypes).
+# locks, events, semaphores, conditions and barriers, their C extension (or ctypes).
 _LAZY = {
+    "Barrier": "._kinds.barrier",
+    "BoundedSemaphore": "._kinds.semaphore",
+    "Condition": "._kinds.condition",
+    "Event": "._kinds.event",
     "Lock": "._kinds.lock",
     "RLock": "._kinds.lock",
+    "Semaphore": "._kinds.semaphore",
     "SharedMemoryManager": "._kinds.manager",
     "SharedArray": "._kinds.array",
     "array": "._kinds.array",
@@ -45,8 +50,12 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from ._kinds.array import SharedArray, array, attach_array, empty, full, zeros
+    from ._kinds.barrier import Barrier
+    from ._kinds.condition import Condition
+    from ._kinds.event import Event
     from ._kinds.lock import Lock, RLock
     from ._kinds.manager import SharedMemoryManager
+    from ._kinds.semaphore import BoundedSemaphore, Semaphore
 
 
 def __getattr__(name: str) -> object:
@@ -63,7 +72,11 @@ def __getattr__(name: str) -> object:
 __version__ = "0.1.0"
 
 __all__ = [
+    "Barrier",
+    "BoundedSemaphore",
+    "Condition",
     "CorruptSegment",
+    "Event",
     "GcReport",
     "InvalidName",
     "InvalidSize",
@@ -76,6 +89,7 @@ __all__ = [
     "SegmentExists",
     "SegmentInUse",
     "SegmentNotFound",
+    "Semaphore",
     "ShareableList",
     "SharedArray",
     "SharedMemory",

@@ -28,6 +28,8 @@
  * running Python's signal handlers (PyErr_CheckSignals) between slices: Ctrl-C
  * and handlers run, and an exception from one propagates with the lock not
  * held. The remaining time is recomputed from the monotonic clock each slice.
+ *
+ * Below RobustMutex: the futex layer of Event, Condition, Semaphore and Barrier.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -46,6 +48,7 @@
 #endif
 
 #define LAYOUT_VERSION 1
+#define SYNC_VERSION 1            /* the futex layer of the other primitives (sync_wait.py) */
 #define SLICE_NS 50000000LL          /* the longest wait between two looks for signals: 50 ms */
 #define NS 1000000000LL
 #define FUTEX_TID_MASK 0x3fffffff    /* the holder's thread id in glibc's futex word (linux/futex.h) */
@@ -505,6 +508,189 @@ new_mutex(PyObject *module, PyObject *arg)
     return PyBytes_FromStringAndSize((const char *)&mutex, sizeof mutex);
 }
 
+/* ------------------------------------------------------------------------------------------
+ * The futex layer of Event, Condition, Semaphore and Barrier (src/shmem/_kinds/sync_wait.py has
+ * the pure-Python twin over ctypes, and draws the protocol). Module functions on a writable
+ * buffer (the block's mapping) and a byte offset into it:
+ *
+ *   sync_lock(buf, off) -> bool       take the block's internal robust, process-shared,
+ *                                     error-checking mutex; True when its previous holder died
+ *                                     inside a state change (made consistent: the caller repairs)
+ *   sync_unlock(buf, off)
+ *   futex_wait(buf, off, expected, timeout_ns) -> bool
+ *                                     one wait on the 32-bit word while it holds `expected`, at
+ *                                     most min(timeout_ns, SLICE_NS) (timeout_ns < 0: a slice), with
+ *                                     the GIL released; then signal handlers run. True: woken or
+ *                                     the word differed; False: the slice ended (or EINTR)
+ *   futex_wake(buf, off, n) -> int    wake up to n waiters of the word
+ *   new_sync_mutex() -> bytes         the internal mutex, initialised
+ *
+ * Shared futexes (not FUTEX_PRIVATE): the waiters are in other processes. The buffer export is
+ * held across each call, so the mapping cannot go away while the GIL is released.
+ * ------------------------------------------------------------------------------------------ */
+
+#include <linux/futex.h>
+
+static int
+sync_buffer(PyObject *obj, Py_ssize_t off, Py_ssize_t need, Py_ssize_t align, Py_buffer *view)
+{
+    if (PyObject_GetBuffer(obj, view, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0)
+        return -1;
+    if (off < 0 || off > view->len - need || ((uintptr_t)view->buf + (uintptr_t)off) % (uintptr_t)align) {
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_ValueError, "the offset is outside the buffer or misaligned");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+sync_lock(PyObject *module, PyObject *args)
+{
+    PyObject *obj;
+    Py_ssize_t off;
+    Py_buffer view;
+    if (!PyArg_ParseTuple(args, "On", &obj, &off))
+        return NULL;
+    if (sync_buffer(obj, off, sizeof(pthread_mutex_t), _Alignof(pthread_mutex_t), &view) < 0)
+        return NULL;
+    pthread_mutex_t *mutex = (pthread_mutex_t *)((char *)view.buf + off);
+    int rc = pthread_mutex_trylock(mutex);
+    while (rc == EBUSY || rc == ETIMEDOUT || rc == EINTR) {
+        if (rc != EBUSY && PyErr_CheckSignals() < 0) {
+            PyBuffer_Release(&view);
+            return NULL;
+        }
+        long long end = monotonic_ns() + SLICE_NS;
+        Py_BEGIN_ALLOW_THREADS
+#if __GLIBC_PREREQ(2, 30)
+        struct timespec ts = {(time_t)(end / NS), (long)(end % NS)};
+        rc = pthread_mutex_clocklock(mutex, CLOCK_MONOTONIC, &ts);
+#else
+        struct timespec rt;
+        clock_gettime(CLOCK_REALTIME, &rt);
+        long long rend = (long long)rt.tv_sec * NS + rt.tv_nsec + SLICE_NS;
+        rt.tv_sec = (time_t)(rend / NS);
+        rt.tv_nsec = (long)(rend % NS);
+        rc = pthread_mutex_timedlock(mutex, &rt);
+#endif
+        Py_END_ALLOW_THREADS
+    }
+    int died = 0;
+    if (rc == EOWNERDEAD) {
+        died = 1;
+        rc = pthread_mutex_consistent(mutex);
+        if (rc != 0)
+            pthread_mutex_unlock(mutex);
+    }
+    PyBuffer_Release(&view);
+    if (rc == EDEADLK) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "this thread is inside a state change of this shmem primitive already "
+                        "(used from a signal handler that interrupted it?)");
+        return NULL;
+    }
+    if (rc != 0)
+    {
+        lock_error(rc);
+        return NULL;
+    }
+    return PyBool_FromLong(died);
+}
+
+static PyObject *
+sync_unlock(PyObject *module, PyObject *args)
+{
+    PyObject *obj;
+    Py_ssize_t off;
+    Py_buffer view;
+    if (!PyArg_ParseTuple(args, "On", &obj, &off))
+        return NULL;
+    if (sync_buffer(obj, off, sizeof(pthread_mutex_t), _Alignof(pthread_mutex_t), &view) < 0)
+        return NULL;
+    int rc = pthread_mutex_unlock((pthread_mutex_t *)((char *)view.buf + off));
+    PyBuffer_Release(&view);
+    if (rc != 0) {
+        errno = rc;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+futex_wait(PyObject *module, PyObject *args)
+{
+    PyObject *obj;
+    Py_ssize_t off;
+    unsigned int expected;
+    long long timeout_ns;
+    Py_buffer view;
+    if (!PyArg_ParseTuple(args, "OnIL", &obj, &off, &expected, &timeout_ns))
+        return NULL;
+    if (sync_buffer(obj, off, 4, 4, &view) < 0)
+        return NULL;
+    if (timeout_ns < 0 || timeout_ns > SLICE_NS)
+        timeout_ns = SLICE_NS;
+    struct timespec ts = {(time_t)(timeout_ns / NS), (long)(timeout_ns % NS)};
+    long rc;
+    int err;
+    Py_BEGIN_ALLOW_THREADS
+    rc = syscall(SYS_futex, (uint32_t *)((char *)view.buf + off), FUTEX_WAIT, expected, &ts, NULL, 0);
+    err = errno;
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    if (PyErr_CheckSignals() < 0)
+        return NULL;
+    if (rc == 0 || err == EAGAIN)
+        Py_RETURN_TRUE;
+    if (err == ETIMEDOUT || err == EINTR)
+        Py_RETURN_FALSE;
+    errno = err;
+    return PyErr_SetFromErrno(PyExc_OSError);
+}
+
+static PyObject *
+futex_wake(PyObject *module, PyObject *args)
+{
+    PyObject *obj;
+    Py_ssize_t off;
+    int n;
+    Py_buffer view;
+    if (!PyArg_ParseTuple(args, "Oni", &obj, &off, &n))
+        return NULL;
+    if (sync_buffer(obj, off, 4, 4, &view) < 0)
+        return NULL;
+    long rc = syscall(SYS_futex, (uint32_t *)((char *)view.buf + off), FUTEX_WAKE, n, NULL, NULL, 0);
+    int err = errno;
+    PyBuffer_Release(&view);
+    if (rc < 0) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromLong(rc);
+}
+
+static PyObject *
+new_sync_mutex(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    pthread_mutexattr_t attr;
+    pthread_mutex_t mutex;
+    memset(&mutex, 0, sizeof mutex);
+    int rc = pthread_mutexattr_init(&attr);
+    if (rc == 0) {
+        if ((rc = pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED)) == 0
+            && (rc = pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST)) == 0
+            && (rc = pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ERRORCHECK)) == 0)
+            rc = pthread_mutex_init(&mutex, &attr);
+        pthread_mutexattr_destroy(&attr);
+    }
+    if (rc != 0) {
+        errno = rc;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyBytes_FromStringAndSize((const char *)&mutex, sizeof mutex);
+}
+
 static PyObject *
 set_warning(PyObject *module, PyObject *category)
 {
@@ -516,6 +702,11 @@ set_warning(PyObject *module, PyObject *category)
 static PyMethodDef module_methods[] = {
     {"new_mutex", (PyCFunction)new_mutex, METH_O, "An initialised robust process-shared mutex, as bytes."},
     {"_set_warning", (PyCFunction)set_warning, METH_O, "The warning category of an owner-died acquire."},
+    {"sync_lock", (PyCFunction)sync_lock, METH_VARARGS, "Take a primitive's internal mutex; True if its holder died."},
+    {"sync_unlock", (PyCFunction)sync_unlock, METH_VARARGS, "Release a primitive's internal mutex."},
+    {"futex_wait", (PyCFunction)futex_wait, METH_VARARGS, "Wait one slice on a futex word; True if woken."},
+    {"futex_wake", (PyCFunction)futex_wake, METH_VARARGS, "Wake up to n waiters of a futex word."},
+    {"new_sync_mutex", (PyCFunction)new_sync_mutex, METH_NOARGS, "A primitive's internal mutex, as bytes."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -536,6 +727,7 @@ PyInit__sync(void)
         || PyModule_AddIntConstant(m, "MUTEX_ALIGN", (long)_Alignof(pthread_mutex_t)) < 0
         || PyModule_AddIntConstant(m, "KIND_OFFSET", (long)offsetof(pthread_mutex_t, __data.__kind)) < 0
         || PyModule_AddIntConstant(m, "SLICE_NS", (long)SLICE_NS) < 0
+        || PyModule_AddIntConstant(m, "SYNC_VERSION", SYNC_VERSION) < 0
         || PyModule_AddStringConstant(m, "LIBC", "glibc") < 0) {
         Py_DECREF(m);
         return NULL;

@@ -16,7 +16,8 @@ The trailer, in the last 4096 bytes, all integers little-endian::
     off  len  field
       0    8  magic       b"\\x93SHMEM\\r\\n"  (a non-ASCII byte and CR LF, as in PNG)
       8    2  version     1
-     10    2  kind        0 raw block, 1 ShareableList, 2 NumPy array, 3 Lock/RLock
+     10    2  kind        0 raw block, 1 ShareableList, 2 NumPy array, 3 Lock/RLock,
+                          4 Event, 5 Condition, 6 (Bounded)Semaphore, 7 Barrier
      12    4  flags       bit 0: auto-remove (created with track=True); bit 1: manager-owned
      16    8  size        the size the creator asked for; size + 4096 <= file size
      24    8  block_id    random: tells apart two blocks that had the same name
@@ -68,7 +69,20 @@ KIND_RAW = 0
 KIND_LIST = 1
 KIND_ARRAY = 2
 KIND_LOCK = 3
-KIND_NAMES = {KIND_RAW: "raw", KIND_LIST: "list", KIND_ARRAY: "array", KIND_LOCK: "lock"}
+KIND_EVENT = 4
+KIND_CONDITION = 5
+KIND_SEMAPHORE = 6
+KIND_BARRIER = 7
+KIND_NAMES = {
+    KIND_RAW: "raw",
+    KIND_LIST: "list",
+    KIND_ARRAY: "array",
+    KIND_LOCK: "lock",
+    KIND_EVENT: "event",
+    KIND_CONDITION: "condition",
+    KIND_SEMAPHORE: "semaphore",
+    KIND_BARRIER: "barrier",
+}
 
 FLAG_AUTO_REMOVE = 1
 FLAG_MANAGED = 2  # created for a SharedMemoryManager

@@ -27,7 +27,13 @@ array      ``dtype`` (NumPy's type string of an element, ``"<f8"``;
            ``order`` (``"C"`` or ``"F"``), ``ndim``, ``itemsize``,
            ``nbytes``, ``fields`` (a structured dtype's field names,
            else None) - the array as ``attach_array`` returns it
-lock       ``type``: ``"Lock"`` or ``"RLock"``
+lock       ``type``: ``"Lock"`` or ``"RLock"`` (``_segments`` adds the holder,
+           read from the block's data, not its header)
+event      ``type``: ``"Event"``
+condition  ``type``: ``"Condition"``
+semaphore  ``type``: ``"Semaphore"`` or ``"BoundedSemaphore"``; ``value``:
+           its initial value (a BoundedSemaphore's bound)
+barrier    ``type``: ``"Barrier"``; ``parties``
 =========  ==============================================================
 """
 
@@ -35,7 +41,16 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Tuple
 
-from .._core.header import KIND_ARRAY, KIND_LIST, KIND_LOCK, Header
+from .._core.header import (
+    KIND_ARRAY,
+    KIND_BARRIER,
+    KIND_CONDITION,
+    KIND_EVENT,
+    KIND_LIST,
+    KIND_LOCK,
+    KIND_SEMAPHORE,
+    Header,
+)
 
 #: (field, value) pairs, in a fixed order per kind; every value is a str, an int,
 #: None or a tuple of those, so a record holding them stays hashable.
@@ -97,4 +112,20 @@ def described(header: Header) -> Described:
 
         text = describe_lock(header.extra)  # validates the header: "Lock", "RLock"
         return Described(text, (("type", text),))
+    if header.kind in (KIND_EVENT, KIND_CONDITION, KIND_SEMAPHORE, KIND_BARRIER):
+        from .sync_layout import TYPE_BARRIER, TYPE_BOUNDED, TYPE_KINDS, TYPE_NAMES, TYPE_SEMAPHORE, parse_kind_header
+        from .sync_layout import describe as describe_sync
+
+        text = describe_sync(header.extra)  # validates the header
+        parsed = parse_kind_header(header.extra)
+        if TYPE_KINDS[parsed.type] != header.kind:
+            from .._errors import CorruptSegment
+
+            raise CorruptSegment(f"a {TYPE_NAMES[parsed.type]} header in a block of another kind")
+        sync_fields: Fields = (("type", TYPE_NAMES[parsed.type]),)
+        if parsed.type in (TYPE_SEMAPHORE, TYPE_BOUNDED):
+            sync_fields += (("value", parsed.value),)
+        elif parsed.type == TYPE_BARRIER:
+            sync_fields += (("parties", parsed.value),)
+        return Described(text, sync_fields)
     return Described("", ())

@@ -1,0 +1,387 @@
+"""The futex layer under Event, Condition, Semaphore and Barrier: C (``shmem._sync``) or ctypes.
+
+Every one of those primitives is a block whose data starts with an internal
+mutex (a glibc robust, process-shared, error-checking ``pthread_mutex_t``)
+followed by 32-bit words (``sync_layout`` draws them). The protocol:
+
+* A state change happens under the internal mutex, held only for a few
+  loads and stores (never across user code or a wait). If its holder dies
+  inside one, the kernel releases the mutex and the next taker hears so
+  (``Memory.lock()`` returns True) and repairs: each kind keeps its updates
+  such that a half-done one is harmless or redone from a journal.
+* Waiting happens on the block's sequence word (``W_SEQ``): a waiter reads
+  it (under the mutex, or before it looks at the state it waits for), and
+  calls ``futex(FUTEX_WAIT, seen)``; a waker changes the state, bumps the
+  word, and calls ``FUTEX_WAKE``. A wake between the read and the wait is
+  not lost: the kernel returns at once when the word differs. Shared
+  futexes (the waiters are in other processes), never pthread condition
+  variables (glibc bug 21422: they hang for good when a waiter dies).
+* A wait is one slice of at most ``SLICE_NS`` (50 ms, relative: the
+  monotonic clock) with the GIL released; between slices the caller's loop
+  recomputes the time left, runs signal handlers (Ctrl-C), and looks for
+  dead processes where the kind needs to.
+
+``Memory`` wraps a block's mapping with these calls, and ``Slots`` is the
+per-process liveness of Semaphore and Barrier: an OFD lock on one byte of
+the block's file per slot (``SLOT_LOCK_BASE + i``), taken on a descriptor
+the handle keeps open. The kernel drops it when the process dies, so a slot
+whose lock is free and whose words say "holding" or "waiting" belonged to a
+dead process. OFD locks follow the open file description, which ``fork()``
+shares: a child keeps its parent's slot alive until it exits, and takes a
+slot of its own (on a new description) for its own use.
+
+``SHMEM_PURE_PYTHON=1`` selects the ctypes twin (as ``lock_layout`` does);
+``SHMEM_REQUIRE_SPEEDUPS=1`` makes a missing C build an ImportError.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import platform
+import struct
+import threading
+import time
+from typing import Any, Callable, Optional
+
+from .. import _platform
+from .._core.block import Block
+from .._errors import SegmentNotFound
+from . import lock_layout
+
+SLICE_NS = lock_layout.SLICE_NS
+SYNC_VERSION = 1  # the C side's SYNC_VERSION: its calls and this module's agree
+MUTEX_OFFSET = 0
+WORDS_OFFSET = 64  # the words start on the second cache line
+W_SEQ = 0  # word index of the futex sequence word (relative to WORDS_OFFSET)
+
+#: Byte SLOT_LOCK_BASE + i of the block's file is slot i's liveness lock (OFD,
+#: past the end of any block; the users lock is at 1 << 62).
+SLOT_LOCK_BASE = 1 << 61
+
+_FUTEX_WAIT, _FUTEX_WAKE = 0, 1
+_SYS_FUTEX = {"x86_64": 202, "aarch64": 98}
+_MUTEX_ERRORCHECK = 2
+
+
+_Timespec = lock_layout._Timespec  # the type the pthread calls' argtypes name
+
+
+_syscall: Any = None
+
+
+def _futex_call() -> Any:
+    global _syscall
+    if _syscall is None:
+        number = _SYS_FUTEX.get(platform.machine())
+        if number is None:
+            raise ImportError(f"no futex system call number known for {platform.machine()}")
+        fn = ctypes.CDLL(None, use_errno=True).syscall
+        fn.restype = ctypes.c_long
+        _syscall = (fn, number)
+    return _syscall
+
+
+def new_sync_mutex_py() -> bytes:
+    """A robust, process-shared, error-checking mutex, as bytes (``_sync.new_sync_mutex``'s twin)."""
+    libc = lock_layout._libc()
+    attr = ctypes.create_string_buffer(64)
+    mutex = ctypes.create_string_buffer(lock_layout.MUTEX_SIZE)
+    lock_layout._check_rc(libc.attr_init(attr))
+    try:
+        lock_layout._check_rc(libc.setpshared(attr, 1))
+        lock_layout._check_rc(libc.setrobust(attr, 1))
+        lock_layout._check_rc(libc.settype(attr, _MUTEX_ERRORCHECK))
+        lock_layout._check_rc(libc.mutex_init(mutex, attr))
+    finally:
+        libc.attr_destroy(attr)
+    return mutex.raw
+
+
+_REENTERED = (
+    "this thread is inside a state change of this shmem primitive already "
+    "(used from a signal handler that interrupted it?)"
+)
+
+
+class _PyCalls:
+    """The four calls through ctypes, on the mapping's address."""
+
+    def __init__(self, mapping: Any) -> None:
+        self._anchor: Any = ctypes.c_char.from_buffer(mapping)  # an export: the mapping stays while we do
+        self._base = ctypes.addressof(self._anchor)
+        self._libc = lock_layout._libc()
+        self._futex = _futex_call()
+        self._ts = _Timespec()
+
+    def release(self) -> None:
+        self._anchor = None
+
+    def lock(self, offset: int) -> bool:
+        libc, address = self._libc, ctypes.c_void_p(self._base + offset)
+        rc = libc.trylock(address)
+        ts = _Timespec()
+        while rc in (errno.EBUSY, errno.ETIMEDOUT, errno.EINTR):
+            end = time.monotonic_ns() + SLICE_NS
+            if libc.clocklock is not None:
+                ts.tv_sec, ts.tv_nsec = divmod(end, 1_000_000_000)
+                rc = libc.clocklock(address, time.CLOCK_MONOTONIC, ctypes.byref(ts))
+            else:
+                ts.tv_sec, ts.tv_nsec = divmod(time.time_ns() + SLICE_NS, 1_000_000_000)
+                rc = libc.timedlock(address, ctypes.byref(ts))
+        if rc == errno.EOWNERDEAD:
+            crc = libc.consistent(address)
+            if crc:
+                libc.unlock(address)
+                raise lock_layout._lock_error(crc)
+            return True
+        if rc == errno.EDEADLK:
+            raise RuntimeError(_REENTERED)
+        if rc:
+            raise lock_layout._lock_error(rc)
+        return False
+
+    def unlock(self, offset: int) -> None:
+        lock_layout._check_rc(self._libc.unlock(ctypes.c_void_p(self._base + offset)))
+
+    def wait(self, offset: int, expected: int, timeout_ns: int) -> bool:
+        fn, number = self._futex
+        if timeout_ns < 0 or timeout_ns > SLICE_NS:
+            timeout_ns = SLICE_NS
+        ts = _Timespec(*divmod(timeout_ns, 1_000_000_000))
+        address = ctypes.c_void_p(self._base + offset)
+        rc = fn(
+            ctypes.c_long(number),
+            address,
+            ctypes.c_int(_FUTEX_WAIT),
+            ctypes.c_uint(expected),
+            ctypes.byref(ts),
+            None,
+            ctypes.c_int(0),
+        )
+        if rc == 0:
+            return True
+        err = ctypes.get_errno()
+        if err == errno.EAGAIN:
+            return True
+        if err in (errno.ETIMEDOUT, errno.EINTR):
+            return False
+        raise OSError(err, os.strerror(err))
+
+    def wake(self, offset: int, n: int) -> int:
+        fn, number = self._futex
+        address = ctypes.c_void_p(self._base + offset)
+        rc = fn(ctypes.c_long(number), address, ctypes.c_int(_FUTEX_WAKE), ctypes.c_int(n), None, None, ctypes.c_int(0))
+        if rc < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        return int(rc)
+
+
+class _CCalls:
+    """The four calls through ``shmem._sync``, on the mapping itself."""
+
+    def __init__(self, mapping: Any) -> None:
+        self._mapping = mapping
+
+    def release(self) -> None:
+        self._mapping = None
+
+    def lock(self, offset: int) -> bool:
+        return bool(_sync.sync_lock(self._mapping, offset))
+
+    def unlock(self, offset: int) -> None:
+        _sync.sync_unlock(self._mapping, offset)
+
+    def wait(self, offset: int, expected: int, timeout_ns: int) -> bool:
+        return bool(_sync.futex_wait(self._mapping, offset, expected, timeout_ns))
+
+    def wake(self, offset: int, n: int) -> int:
+        return int(_sync.futex_wake(self._mapping, offset, n))
+
+
+_sync: Any = None
+new_sync_mutex: Callable[[], bytes]
+_Calls: Any
+if lock_layout.ACCELERATED:
+    from .. import _sync
+
+    if getattr(_sync, "SYNC_VERSION", None) != SYNC_VERSION:  # pragma: no cover - a stale build
+        raise ImportError("shmem._sync is a stale build (no futex layer): reinstall shmem")
+    new_sync_mutex, _Calls = _sync.new_sync_mutex, _CCalls
+    ACCELERATED = True
+else:
+    new_sync_mutex, _Calls = new_sync_mutex_py, _PyCalls
+    ACCELERATED = False
+
+MUTEX_SIZE = lock_layout.MUTEX_SIZE
+KIND_OFFSET = lock_layout.KIND_OFFSET
+_MUTEX_KIND: Optional[bytes] = None
+
+
+def mutex_kind() -> bytes:
+    """The ``__kind`` word of the internal mutex this process initialises (checked on attach)."""
+    global _MUTEX_KIND
+    if _MUTEX_KIND is None:
+        _MUTEX_KIND = new_sync_mutex()[KIND_OFFSET : KIND_OFFSET + 4]
+    return _MUTEX_KIND
+
+
+def forever_or_ns(timeout: Any) -> int:
+    """A ``wait(timeout)`` argument as nanoseconds, -1 for forever (None).
+    Negative timeouts count as 0, as in threading."""
+    if timeout is None:
+        return -1
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be None or a number of seconds, not {type(timeout).__name__}")
+    try:
+        seconds = float(timeout)
+    except OverflowError:
+        return -1 if timeout > 0 else 0
+    if seconds != seconds:
+        raise ValueError("timeout must not be NaN")
+    if seconds <= 0:
+        return 0
+    return -1 if seconds * 1e9 >= 2**62 else int(seconds * 1e9)
+
+
+class Deadline:
+    """The end of a wait on the monotonic clock (``ns`` < 0: none)."""
+
+    __slots__ = ("end",)
+
+    def __init__(self, ns: int) -> None:
+        self.end = -1 if ns < 0 else time.monotonic_ns() + ns
+
+    def left(self) -> int:
+        """Nanoseconds left (-1: forever; 0: over)."""
+        if self.end < 0:
+            return -1
+        return max(0, self.end - time.monotonic_ns())
+
+
+class Memory:
+    """A primitive's mapping: its words, its internal mutex and futex calls on it."""
+
+    def __init__(self, mapping: Any, words: int) -> None:
+        self._calls = _Calls(mapping)
+        view = memoryview(mapping)
+        self._view = view
+        self.words = view[WORDS_OFFSET : WORDS_OFFSET + 4 * words].cast("I")
+
+    def release(self) -> None:
+        self.words.release()
+        self._view.release()
+        self._calls.release()
+
+    def lock(self) -> bool:
+        """Take the internal mutex; True when its holder died in a state change (repair now)."""
+        return bool(self._calls.lock(MUTEX_OFFSET))
+
+    def unlock(self) -> None:
+        self._calls.unlock(MUTEX_OFFSET)
+
+    def bump(self) -> None:
+        """Bump the sequence word (under the mutex)."""
+        self.words[W_SEQ] = (self.words[W_SEQ] + 1) & 0xFFFFFFFF
+
+    def wait(self, seen: int, timeout_ns: int) -> bool:
+        """One slice of waiting while the sequence word is ``seen`` (signal handlers run after)."""
+        return bool(self._calls.wait(WORDS_OFFSET + 4 * W_SEQ, seen, timeout_ns))
+
+    def wake(self, n: int = 0x7FFFFFFF) -> None:
+        self._calls.wake(WORDS_OFFSET + 4 * W_SEQ, n)
+
+
+# ------------------------------------------------------------------ liveness slots
+
+_FLOCK = struct.Struct("hhqqi4x")
+
+
+class Slots:
+    """This handle's slot among ``count`` (claimed on first use), and tests of
+    other slots' liveness. ``claimed`` is called under the internal mutex with
+    a slot just taken, to clear what a dead earlier owner left in it."""
+
+    def __init__(self, block: Block, count: int) -> None:
+        self._name, self._inode, self._count = block.name, block.inode, count
+        self._fd = -1
+        self._pid = 0
+        self.slot = -1
+        self._guard = threading.RLock()  # threads of this process share the handle
+
+    def fd(self) -> int:
+        """Our descriptor of the block (opened on first use; again in a forked child)."""
+        with self._guard:
+            return self._fd_locked()
+
+    def _fd_locked(self) -> int:
+        if self._fd >= 0 and self._pid != os.getpid():
+            # A forked child: the inherited description holds the parent's slot. Leave it to the parent.
+            os.close(self._fd)
+            self._fd, self.slot = -1, -1
+        if self._fd < 0:
+            opened = _platform.open_existing(self._name)
+            if opened.inode != self._inode:
+                os.close(opened.fd)
+                raise SegmentNotFound(self._name, "the primitive's block was removed and replaced")
+            self._fd, self._pid = opened.fd, os.getpid()
+        return self._fd
+
+    def claim(self, enter: Callable[[], object], leave: Callable[[], None], claimed: Callable[[int], None]) -> int:
+        """This handle's slot, taking a free one if it has none (OSError when all
+        are taken); ``claimed(i)`` runs between ``enter()`` and ``leave()`` (the
+        primitive's internal mutex, repairs included)."""
+        with self._guard:
+            return self._claim(enter, leave, claimed)
+
+    def _claim(self, enter: Callable[[], object], leave: Callable[[], None], claimed: Callable[[int], None]) -> int:
+        fd = self._fd_locked()
+        if self.slot >= 0:
+            return self.slot
+        start = os.getpid() % self._count
+        for k in range(self._count):
+            i = (start + k) % self._count
+            try:
+                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, SLOT_LOCK_BASE + i, 1, 0))
+            except OSError as err:
+                if err.errno in (errno.EAGAIN, errno.EACCES):
+                    continue
+                raise
+            try:
+                enter()
+                try:
+                    claimed(i)
+                finally:
+                    leave()
+            except BaseException:
+                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, SLOT_LOCK_BASE + i, 1, 0))
+                raise
+            self.slot = i
+            return i
+        raise OSError(errno.EAGAIN, f"all {self._count} process slots of this shmem primitive are taken", self._name)
+
+    def own(self) -> int:
+        """The slot this process claimed through this handle, -1 if none (or inherited across fork)."""
+        return self.slot if self.slot >= 0 and self._pid == os.getpid() else -1
+
+    def alive(self, i: int) -> bool:
+        """Whether slot ``i`` is held by a live process (ours counts as alive)."""
+        fd = self.fd()
+        if i == self.slot:
+            return True
+        raw = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, SLOT_LOCK_BASE + i, 1, 0))
+        kind: int = _FLOCK.unpack(raw)[0]
+        return kind != fcntl.F_UNLCK
+
+    def close(self) -> None:
+        with self._guard:
+            fd, self._fd, self.slot = self._fd, -1, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        if self._fd >= 0 and os is not None:
+            self.close()
