@@ -557,3 +557,36 @@ def test_pure_python_path_passes_the_core_tests() -> None:
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout
+
+
+CLOSERANGE = r"""
+import os, sys
+import shmem
+
+sem = shmem.Semaphore(2)
+assert sem.acquire(timeout=5)  # claims a slot: the handle now keeps a descriptor
+sem.release()
+log = sys.argv[1]
+os.closerange(3, 65536)  # daemonizing code: every descriptor above stderr goes
+with open(log, "w") as f:  # ... and the numbers are reused
+    f.write("precious")
+    f.flush()
+    assert sem.acquire(timeout=5) and sem.acquire(timeout=5)  # the slot is claimed afresh
+    assert not sem.acquire(block=False)
+    sem.release(2)
+    assert sem.get_value() == 2
+    sem.close()  # never closes the reused number
+    f.write(" log")
+with open(log) as f:
+    assert f.read() == "precious log"
+print("ok")
+"""
+
+
+def test_a_semaphore_survives_os_closerange(tmp_path: Path) -> None:
+    """After os.closerange() a handle never uses, locks or closes a descriptor number
+    that now belongs to another file; it opens the block again and works on."""
+    done = subprocess.run(
+        [PYTHON, "-c", CLOSERANGE, str(tmp_path / "app.log")], capture_output=True, text=True, timeout=60
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr

@@ -308,6 +308,7 @@ class Slots:
     def __init__(self, block: Block, count: int) -> None:
         self._name, self._inode, self._count = block.name, block.inode, count
         self._fd = -1
+        self._identity = (0, 0)  # (st_dev, st_ino) of the block, once opened
         self._pid = 0
         self.slot = -1
         self._guard = threading.RLock()  # threads of this process share the handle
@@ -317,16 +318,32 @@ class Slots:
         with self._guard:
             return self._fd_locked()
 
+    def _still_ours(self) -> bool:
+        """Whether our descriptor number still refers to the block: daemonizing code
+        calls os.closerange(), and the number may since belong to another file."""
+        try:
+            st = os.fstat(self._fd)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self._identity
+
     def _fd_locked(self) -> int:
         if self._fd >= 0 and self._pid != os.getpid():
             # A forked child: the inherited description holds the parent's slot. Leave it to the parent.
-            os.close(self._fd)
+            if self._still_ours():
+                os.close(self._fd)
+            self._fd, self.slot = -1, -1
+        elif self._fd >= 0 and not self._still_ours():
+            # Closed behind our back (os.closerange): our slot's lock went with it, so other
+            # processes may already have taken back what it held. Never close the number
+            # (it may be someone else's file now); claim a slot afresh.
             self._fd, self.slot = -1, -1
         if self._fd < 0:
             opened = _platform.open_existing(self._name)
             if opened.inode != self._inode:
                 os.close(opened.fd)
                 raise SegmentNotFound(self._name, "the primitive's block was removed and replaced")
+            self._identity = (os.fstat(opened.fd).st_dev, opened.inode)
             self._fd, self._pid = opened.fd, os.getpid()
         return self._fd
 
@@ -378,8 +395,9 @@ class Slots:
 
     def close(self) -> None:
         with self._guard:
+            ours = self._fd >= 0 and self._still_ours()
             fd, self._fd, self.slot = self._fd, -1, -1
-        if fd >= 0:
+        if ours:
             os.close(fd)
 
     def __del__(self) -> None:
