@@ -34,72 +34,26 @@ on the monotonic clock, between which Ctrl-C and signal handlers run.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional, Tuple, Type, TypeVar
 
-from .. import _platform
 from .._core.block import Block
 from .._core.header import KIND_LOCK, KIND_NAMES
-from .._core.lifecycle import USERS_LOCK
-from .._errors import CorruptSegment, SegmentExists, SegmentNotFound
+from .._errors import CorruptSegment
+from . import named_block
 from .lock_layout import LOCK_SIZE, RobustMutex, check_lock, kind_header, new_mutex
 
 _L = TypeVar("_L", bound="Lock")
 
-# A named lock removed between our failed create and our attach is created
-# again; this many rounds of that race in a row means something else is wrong.
-_RACE_ROUNDS = 1000
-
 
 def _open(name: Optional[str], recursive: bool, create: bool) -> Block:
     """The lock block ``name``: a new one (``name=None``), or created if there
-    is none and ``create``, else attached and checked."""
-    if name is not None and not isinstance(name, str):
-        raise TypeError(f"a lock's name must be a str or None, not {type(name).__name__}")
-    if name is None or create:
-        pieces = [(0, new_mutex(recursive))]
-        extra = kind_header(recursive)
-    for _ in range(_RACE_ROUNDS):
-        if name is None or create:
-            try:
-                return Block.create(name, LOCK_SIZE, kind=KIND_LOCK, extra=extra, initial=pieces)
-            except SegmentExists:
-                assert name is not None
-        assert name is not None
-        try:
-            block = Block.attach(name)
-        except SegmentNotFound:
-            if create:
-                continue  # removed after our create failed: create it ourselves
-            raise
-        try:
-            _check(block, recursive)
-        except BaseException:
-            block.release()
-            raise
-        return block
-    raise SegmentNotFound(str(name), "the lock kept vanishing between create and attach")
-
-
-def _remove_if_unused(block: Block) -> None:
-    """Remove the lock's block if no handle anywhere has it open any more (this
-    one's mapping is gone already): the lifecycle rule's own test - an
-    exclusive users lock - applied at once, so a program that makes and drops
-    many locks leaves none of them in /dev/shm while it runs. An attacher that
-    arrives meanwhile waits for our lock, then finds the name gone (and a named
-    lock is created afresh)."""
-    try:
-        opened = _platform.open_existing(block.name)  # writable: a write lock needs it
-    except OSError:
-        return  # removed already (or replaced by something we cannot open): not ours to judge
-    try:
-        if opened.inode == block.inode and _platform.try_lock_exclusive(opened.fd, USERS_LOCK):
-            try:
-                block.unlink()  # only while the name still leads to this block; the reaper forgets it
-            except OSError:
-                pass
-    finally:
-        os.close(opened.fd)
+    is none and ``create``, else attached and checked (``named_block``)."""
+    pieces = [(0, new_mutex(recursive))] if name is None or create else []
+    extra = kind_header(recursive)
+    block, _ = named_block.create_or_attach(
+        name, create, LOCK_SIZE, KIND_LOCK, extra, pieces, lambda attached: _check(attached, recursive)
+    )
+    return block
 
 
 def _check(block: Block, recursive: bool) -> None:
@@ -174,7 +128,7 @@ class Lock(RobustMutex):  # type: ignore[misc]
             raise RuntimeError(f"cannot close {self!r}: a thread of this process holds it; release it first")
         block, self._block = self._block, None
         block.release()
-        _remove_if_unused(block)
+        named_block.remove_if_unused(block)
 
     def __del__(self) -> None:
         try:

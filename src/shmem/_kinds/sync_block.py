@@ -3,8 +3,8 @@
 The rules are ``shmem.Lock``'s (``lock``): ``name=None`` makes a new block
 under a generated name, shared by passing the object (pickled by name); a
 name creates the block or attaches to it, race-free, whoever comes first;
-the last handle to close (or process to exit) removes it - ``lock``'s
-``_remove_if_unused`` applies the lifecycle rule at close.
+the last handle to close (or process to exit) removes it - ``named_block``
+draws these rules, for both.
 """
 
 from __future__ import annotations
@@ -13,12 +13,10 @@ import threading
 from typing import Callable, Dict, Optional, Tuple
 
 from .._core.block import Block
-from .._errors import SegmentExists, SegmentNotFound
-from .lock import _remove_if_unused
+from . import named_block
 from .sync_layout import SLOTS, TYPE_KINDS, SyncHeader, check, data_size, initial, kind_header, words
 from .sync_wait import Memory, Slots
 
-_RACE_ROUNDS = 1000
 _CHECKERS = threading.Lock()  # one Slots per handle, whichever thread makes it
 
 
@@ -26,34 +24,17 @@ def open_block(
     name: Optional[str], type_: int, value: int, create: bool, types: Dict[int, str]
 ) -> Tuple[Block, SyncHeader]:
     """The block ``name``: a new one (``name=None``), or created if there is none
-    and ``create``, else attached and checked to be one of ``types``."""
-    if name is not None and not isinstance(name, str):
-        raise TypeError(f"a name must be a str or None, not {type(name).__name__}")
-    size = data_size(type_)
-    extra = kind_header(type_, value)
+    and ``create``, else attached and checked to be one of ``types`` (``named_block``)."""
     pieces = [(0, initial(type_, value))]
-    for _ in range(_RACE_ROUNDS):
-        if name is None or create:
-            try:
-                block = Block.create(name, size, kind=TYPE_KINDS[type_], extra=extra, initial=pieces)
-                return block, SyncHeader(type_, 0, value)
-            except SegmentExists:
-                assert name is not None
-        assert name is not None
-        try:
-            block = Block.attach(name)
-        except SegmentNotFound:
-            if create:
-                continue  # removed after our create failed: create it ourselves
-            raise
-        try:
-            assert block.mapping is not None
-            parsed = check(block.header, block.mapping[:64], block.size, block.name, types)
-        except BaseException:
-            block.release()
-            raise
-        return block, parsed
-    raise SegmentNotFound(str(name), "the primitive kept vanishing between create and attach")
+
+    def check_attached(block: Block) -> SyncHeader:
+        assert block.mapping is not None
+        return check(block.header, block.mapping[:64], block.size, block.name, types)
+
+    block, parsed = named_block.create_or_attach(
+        name, create, data_size(type_), TYPE_KINDS[type_], kind_header(type_, value), pieces, check_attached
+    )
+    return block, parsed if parsed is not None else SyncHeader(type_, 0, value)
 
 
 class Primitive:
@@ -130,7 +111,7 @@ class Primitive:
         if mem is not None:
             mem.release()
         block.release()
-        _remove_if_unused(block)
+        named_block.remove_if_unused(block)
 
     def __del__(self) -> None:
         try:
