@@ -39,7 +39,7 @@ from typing import Any, Optional, Tuple, Type, TypeVar
 from .._core.block import Block
 from .._core.header import KIND_LOCK, KIND_NAMES
 from .._errors import CorruptSegment
-from . import named_block
+from . import named_block, sync_async
 from .lock_layout import LOCK_SIZE, RobustMutex, check_lock, kind_header, new_mutex
 
 _L = TypeVar("_L", bound="Lock")
@@ -139,6 +139,13 @@ class Lock(RobustMutex):  # type: ignore[misc]
         if finalize is not None:
             finalize(self)
 
+    async def __aenter__(self) -> None:
+        """``async with lock``: acquire it waiting in the event loop (``shmem.aio``)."""
+        await sync_async.poll(lambda: bool(self.acquire(False)), None, f"acquiring {self!r}")
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
     def __reduce__(self) -> Tuple[Any, ...]:
         # By name: the receiving process attaches to the same lock.
         if self._block is None:
@@ -163,6 +170,12 @@ class RLock(Lock):
     """
 
     _recursive = True
+
+    async def __aenter__(self) -> None:
+        raise TypeError(
+            "async with needs a shmem.Lock, not an RLock: an RLock belongs to a thread, "
+            "and every coroutine of an event loop runs in the same one"
+        )
 
 
 Lock.__module__ = RLock.__module__ = "shmem"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Tuple
 
+from . import sync_async
 from .sync_block import Primitive
 from .sync_layout import (
     SLOTS,
@@ -188,6 +189,13 @@ class Semaphore(Primitive):
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    async def __aenter__(self) -> None:
+        """``async with semaphore``: take a permit waiting in the event loop (``shmem.aio``)."""
+        await sync_async.poll(lambda: bool(self.acquire(False)), None, f"acquiring {self!r}")
+
+    async def __aexit__(self, *exc: object) -> None:
         self.release()
 
     def release(self, n: int = 1) -> None:
