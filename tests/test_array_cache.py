@@ -165,3 +165,38 @@ def test_an_unchanged_block_is_reused_not_mapped_again(shm_prefix: str) -> None:
     with open("/proc/self/maps") as f:
         assert sum(arr.name in line for line in f) == 1
     arr.unlink()
+
+
+CLOSERANGE_ARRAY = r"""
+import os, sys
+import shmem
+
+arr = shmem.attach_array(sys.argv[1])  # tracked: a lease descriptor holds the users lock
+log = sys.argv[2]
+os.closerange(3, 65536)  # daemonizing code: every descriptor above stderr goes
+with open(log, "w") as f:  # ... and the numbers are reused
+    f.write("precious")
+    f.flush()
+    del arr  # the lease goes: it must not close the log's descriptor
+    f.write(" log")
+with open(log) as f:
+    assert f.read() == "precious log"
+again = shmem.attach_array(sys.argv[1])  # attaching works on
+assert again[3] == 7
+print("ok")
+"""
+
+
+def test_dropping_an_array_after_os_closerange_never_closes_another_file(tmp_path: os.PathLike[str]) -> None:
+    arr = shmem.zeros((10,))
+    arr[3] = 7
+    try:
+        done = subprocess.run(
+            [PYTHON, "-c", CLOSERANGE_ARRAY, arr.name, str(tmp_path / "app.log")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr
+    finally:
+        arr.unlink()

@@ -311,9 +311,11 @@ class UsersLease:
         return self._fd
 
     def release(self) -> None:
-        """Drop the lease (idempotent)."""
+        """Drop the lease (idempotent). Never closes a descriptor number that
+        no longer refers to the block: after os.closerange() it may belong to
+        any other file (the lease's lock went with the closed descriptor)."""
         fd, self._fd = self._fd, -1
-        if fd >= 0:
+        if fd >= 0 and _platform.still_open(fd, self.inode):
             os.close(fd)
 
     def __del__(self) -> None:

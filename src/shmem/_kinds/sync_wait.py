@@ -308,7 +308,6 @@ class Slots:
     def __init__(self, block: Block, count: int) -> None:
         self._name, self._inode, self._count = block.name, block.inode, count
         self._fd = -1
-        self._identity = (0, 0)  # (st_dev, st_ino) of the block, once opened
         self._pid = 0
         self.slot = -1
         self._guard = threading.RLock()  # threads of this process share the handle
@@ -319,13 +318,8 @@ class Slots:
             return self._fd_locked()
 
     def _still_ours(self) -> bool:
-        """Whether our descriptor number still refers to the block: daemonizing code
-        calls os.closerange(), and the number may since belong to another file."""
-        try:
-            st = os.fstat(self._fd)
-        except OSError:
-            return False
-        return (st.st_dev, st.st_ino) == self._identity
+        """Whether our descriptor number still refers to the block (os.closerange)."""
+        return _platform.still_open(self._fd, self._inode)
 
     def _fd_locked(self) -> int:
         if self._fd >= 0 and self._pid != os.getpid():
@@ -343,7 +337,6 @@ class Slots:
             if opened.inode != self._inode:
                 os.close(opened.fd)
                 raise SegmentNotFound(self._name, "the primitive's block was removed and replaced")
-            self._identity = (os.fstat(opened.fd).st_dev, opened.inode)
             self._fd, self._pid = opened.fd, os.getpid()
         return self._fd
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import select
 import socket
@@ -218,6 +219,23 @@ def open_locked(name: str, offset: int, writable: bool = False) -> Opened:
         os.close(fd)
         raise
     return tuple.__new__(Opened, (fd, st.st_size, st.st_ino, st.st_mtime, st.st_uid, st.st_mode & 0o7777))
+
+
+def still_open(fd: int, inode: int) -> bool:
+    """Whether descriptor ``fd`` still refers to the block file with this inode.
+    Daemonizing code calls os.closerange(): a number we opened may since have
+    been closed and reused for any other file, which must never be locked,
+    read or closed in the block's name."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return False
+    return st.st_ino == inode and st.st_dev == _shm_device() and stat.S_ISREG(st.st_mode)
+
+
+@functools.lru_cache(maxsize=1)
+def _shm_device() -> int:
+    return os.stat(SHM_DIR).st_dev
 
 
 def still_published(name: str, inode: int) -> bool:
