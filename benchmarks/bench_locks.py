@@ -23,6 +23,19 @@ Rows:
   sleeping process (its pidfd becomes readable once it has exited): on a
   small VM, waking an idle vCPU for the dying process dominates both.
 
+Rows of the other primitives (issue 12 sets no goal for them: ratios only):
+
+* Event ping-pong: two processes pass the turn through two events (P sets
+  A and waits for B, Q waits for A, clears it and sets B; P clears B); the
+  row shows half a round trip, shmem.Event against multiprocessing.Event.
+* Semaphore uncontended acquire + release, against multiprocessing.Semaphore.
+* semaphore holder SIGKILLed -> a waiter gets the permit (as the lock's row;
+  a semaphore has no owner the kernel hands it to: the waiter finds the dead
+  holder's slot after a wait slice, 50 ms). multiprocessing.Semaphore never
+  gives it back: shown as its timeout.
+* Barrier round trip: two processes pass a Barrier(2) over and over; the
+  time per wait() in one of them, against multiprocessing.Barrier.
+
 Peers, when installed (``pip install filelock posix_ipc``, or the ``bench``
 extra): ``filelock.FileLock`` (uncontended, and holder killed: flock is
 released by the kernel, filelock notices by polling) and
@@ -358,6 +371,103 @@ def kill_to_exit(rounds: int) -> List[Optional[int]]:
     return samples
 
 
+# ------------------------------------------------------------------ events, semaphores, barriers
+
+
+def _event_partner(a: Any, b: Any, rounds: int) -> None:
+    for _ in range(rounds):
+        a.wait()
+        a.clear()
+        b.set()
+
+
+def event_pingpong(make: Callable[[], Any], rounds: int) -> List[int]:
+    """Round trips (ns) of the turn between this process and a forked partner through two events."""
+    a, b = make(), make()
+    q = FORK.Process(target=_event_partner, args=(a, b, rounds))
+    q.start()
+    samples = []
+    for _ in range(rounds):
+        start = now()
+        a.set()
+        b.wait()
+        b.clear()
+        samples.append(now() - start)
+    q.join(30)
+    for e in (a, b):
+        getattr(e, "close", lambda: None)()
+    return samples
+
+
+def _barrier_partner(barrier: Any, rounds: int) -> None:
+    for _ in range(rounds):
+        barrier.wait()
+
+
+def barrier_rounds(make: Callable[[], Any], rounds: int) -> List[int]:
+    """ns per wait() of a Barrier(2) passed by this process and a forked partner, ``rounds`` times."""
+    barrier = make()
+    q = FORK.Process(target=_barrier_partner, args=(barrier, rounds + 1))
+    q.start()
+    barrier.wait()  # both are running
+    samples = []
+    for _ in range(rounds):
+        start = now()
+        barrier.wait()
+        samples.append(now() - start)
+    q.join(30)
+    getattr(barrier, "close", lambda: None)()
+    return samples
+
+
+def sync_rows(plan: Plan) -> None:
+    """The rows of Event, Semaphore and Barrier (no goals: ratios to multiprocessing's)."""
+    impl = "C" if lock_layout.ACCELERATED else "pure"
+    number, repeat = (2_000, 3) if plan.smoke else (100_000, 5) if plan.quick else (1_000_000, 9)
+    print(f"\n{'events, semaphores, barriers (no goal)':<40} {'median':>10} {'p25 - p75':>22} {'/ mp':>8}")
+
+    def show(label: str, samples: List[int], base: Optional[float]) -> float:
+        s = summarize(samples)
+        ratio = f"{s['median'] / base:>8.2f}" if base else f"{'':>8}"
+        print(f"{label:<40} {fmt_ns(s['median']):>10} {fmt_ns(s['p25']):>10} - {fmt_ns(s['p75']):<10} {ratio}")
+        return float(s["median"])
+
+    mp_ping = [x // 2 for x in event_pingpong(FORK.Event, plan.handoff_rounds)]
+    ping = [x // 2 for x in event_pingpong(shmem.Event, plan.handoff_rounds)]
+    base = show("multiprocessing.Event ping-pong", mp_ping, None)
+    show(f"shmem.Event ping-pong ({impl})", ping, base)
+
+    mp_sem = FORK.Semaphore(1)
+    mp_pairs = per_pair_ns(mp_sem.acquire, mp_sem.release, number, repeat)
+    sem = shmem.Semaphore(1)
+    pairs = per_pair_ns(sem.acquire, sem.release, number // (1 if lock_layout.ACCELERATED else 10), repeat)
+    sem.close()
+    print(f"{'multiprocessing.Semaphore acq + rel':<40} {fmt_ns(min(mp_pairs)):>10} {'(min)':>22}")
+    ratio = min(pairs) / min(mp_pairs)
+    print(f"{'shmem.Semaphore acq + rel (' + impl + ')':<40} {fmt_ns(min(pairs)):>10} {'(min)':>22} {ratio:>8.2f}")
+
+    mp_bar = barrier_rounds(lambda: FORK.Barrier(2), plan.handoff_rounds // 2)
+    bar = barrier_rounds(lambda: shmem.Barrier(2), plan.handoff_rounds // 2)
+    base = show("multiprocessing.Barrier(2) wait", mp_bar, None)
+    show(f"shmem.Barrier(2) wait ({impl})", bar, base)
+
+    kills = kill_to_owner(lambda: shmem.Semaphore(1), plan.sem_kill_rounds, 5.0)
+    mp_kills = kill_to_owner(lambda: FORK.Semaphore(1), plan.mp_kill_rounds, plan.mp_timeout)
+    print(f"{'sem holder SIGKILLed -> a waiter has it':<40} {'median':>10} {'max':>10}")
+    got = [x for x in kills if x is not None]
+    if len(got) == len(kills):
+        print(f"{'shmem.Semaphore (' + impl + ')':<40} {fmt_ns(statistics.median(got)):>10} {fmt_ns(max(got)):>10}")
+    else:
+        print(
+            f"{'shmem.Semaphore (' + impl + ')':<40} {'never':>10}  ({len(kills) - len(got)} of {len(kills)} timed out)"
+        )
+    never = all(x is None for x in mp_kills)
+    shown = (
+        f"{'never':>10} {'':>10}  (gave up after {fmt_ns(plan.mp_timeout * 1e9)} timeouts)" if never else "came back"
+    )
+    print(f"{'multiprocessing.Semaphore':<40} {shown}")
+
+
 # ------------------------------------------------------------------ the run
 
 
@@ -371,6 +481,7 @@ class Plan:
         self.kill_rounds = {"full": 50, "quick": 10, "smoke": 2}[mode]
         self.peer_kill_rounds = {"full": 20, "quick": 5, "smoke": 1}[mode]
         self.mp_kill_rounds = {"full": 3, "quick": 2, "smoke": 1}[mode]
+        self.sem_kill_rounds = {"full": 20, "quick": 5, "smoke": 2}[mode]
         self.mp_timeout = {"full": 2.0, "quick": 0.5, "smoke": 0.2}[mode]
         self.procs = 8
         self.per_proc = {"full": 100_000, "quick": 10_000, "smoke": 500}[mode]
@@ -478,6 +589,8 @@ def run(plan: Plan) -> None:
             print(f"{label:<40} {'never':>10} {'':>10}  (gave up after {fmt_ns(plan.mp_timeout * 1e9)} timeouts)")
         else:
             print(f"{label:<40} {fmt_ns(statistics.median(got)):>10} {fmt_ns(max(got)):>10}")  # type: ignore
+
+    sync_rows(plan)
 
     print()
     if lock_layout.ACCELERATED:

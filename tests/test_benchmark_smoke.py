@@ -54,6 +54,11 @@ def test_lock_benchmark_smoke_run_reports_its_goals(shm_prefix: str) -> None:
     assert "no lost updates" in run.stdout or "shmem.Lock (C)" not in run.stdout
     for row in ("multiprocessing.Lock", "8 processes x 500 on one lock", "holder SIGKILLed"):
         assert row in run.stdout
+    for row in ("shmem.Event ping-pong", "shmem.Semaphore acq + rel", "shmem.Barrier(2) wait", "sem holder SIGKILLed"):
+        assert row in run.stdout
+    assert "events, semaphores, barriers (no goal)" in run.stdout
+    shmem_sem_kill = next(line for line in run.stdout.splitlines() if line.startswith("shmem.Semaphore ("))
+    assert "never" not in shmem_sem_kill, shmem_sem_kill  # a dead holder's permit always came back
     assert "cleanup: removed leftover" not in run.stderr
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
 

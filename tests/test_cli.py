@@ -486,6 +486,24 @@ LOCK_FIELDS: Dict[str, Tuple[type, ...]] = {
     "owner_died": (bool, type(None)),
     "recoverable": (bool, type(None)),
 }
+NULLABLE_INT, NULLABLE_BOOL = (int, type(None)), (bool, type(None))
+EVENT_FIELDS: Dict[str, Tuple[type, ...]] = {"type": (str,), "is_set": NULLABLE_BOOL}
+CONDITION_FIELDS: Dict[str, Tuple[type, ...]] = {"type": (str,), "n_waiting": NULLABLE_INT}
+SEMAPHORE_FIELDS: Dict[str, Tuple[type, ...]] = {
+    "type": (str,),
+    "value": (int,),
+    "available": NULLABLE_INT,
+    "held": NULLABLE_INT,
+    "held_by_dead": NULLABLE_INT,
+    "holders": (list, type(None)),
+}
+BARRIER_FIELDS: Dict[str, Tuple[type, ...]] = {
+    "type": (str,),
+    "parties": (int,),
+    "n_waiting": NULLABLE_INT,
+    "broken": NULLABLE_BOOL,
+    "waiting_pids": (list, type(None)),
+}
 INFO_FIELDS = {"used_by": (list,), "first_bytes": (str,)}
 
 
@@ -566,6 +584,118 @@ def test_json_fields_of_lock_blocks(shm_prefix: str) -> None:
     held.close()
 
 
+# Two processes (this one and a forked child) each hold a permit of a BoundedSemaphore(3)
+# and wait at a Barrier(3); a third child took a permit and exited; an event is set and
+# a thread waits on a condition. Prints the names and pids, waits on stdin.
+_SYNC_MAKER = textwrap.dedent(
+    """
+    import json, os, sys, threading, time
+    import shmem
+    sem, barrier = shmem.BoundedSemaphore(3), shmem.Barrier(3)
+    event, cond = shmem.Event(), shmem.Condition()
+    event.set()
+    def party():
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:
+            pass
+    pid = os.fork()
+    if pid == 0:
+        sem.acquire()
+        party()
+        os._exit(0)
+    gone = os.fork()
+    if gone == 0:
+        sem.acquire()
+        os._exit(0)  # without releasing: its permit is held by a dead process
+    os.waitpid(gone, 0)
+    sem.acquire()
+    threading.Thread(target=party, daemon=True).start()
+    def waiter():
+        with cond:
+            cond.wait()
+    threading.Thread(target=waiter, daemon=True).start()
+    while barrier.n_waiting < 2:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    names = {k: o.name for k, o in dict(sem=sem, barrier=barrier, event=event, cond=cond).items()}
+    print(json.dumps({"names": names, "pids": [os.getpid(), pid]}), flush=True)
+    sys.stdin.readline()
+    barrier.abort()
+    os.waitpid(pid, 0)
+    """
+)
+
+
+def test_live_state_of_events_conditions_semaphores_and_barriers(shm_prefix: str) -> None:
+    maker = subprocess.Popen([PYTHON, "-c", _SYNC_MAKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert maker.stdout is not None
+        made = json.loads(maker.stdout.readline())
+        names, pids = made["names"], made["pids"]
+        found = listed(shm_prefix)
+        sem, barrier, event, cond = (found[names[k]] for k in ("sem", "barrier", "event", "cond"))
+        check_schema(sem, SEMAPHORE_FIELDS)
+        check_schema(barrier, BARRIER_FIELDS)
+        check_schema(event, EVENT_FIELDS)
+        check_schema(cond, CONDITION_FIELDS)
+        assert (sem["type"], sem["value"], sem["available"], sem["held"], sem["held_by_dead"]) == (
+            "BoundedSemaphore",
+            3,
+            0,
+            2,
+            1,
+        )
+        assert sorted(pid for h in sem["holders"] for pid in h["pids"]) == sorted(pids)
+        assert all(set(h) == {"slot", "permits", "pids"} and h["permits"] == 1 for h in sem["holders"])
+        assert (barrier["parties"], barrier["n_waiting"], barrier["broken"]) == (3, 2, False)
+        assert sorted(barrier["waiting_pids"]) == sorted(pids)
+        assert event["is_set"] is True and cond["n_waiting"] == 1
+        kinds = {line.split()[0]: line for line in run("ls").stdout.splitlines()[1:]}
+        assert "semaphore BoundedSemaphore(3) (0 available; held by pids " in kinds[names["sem"]]
+        assert "; 1 permit of dead holders)" in kinds[names["sem"]]
+        assert "barrier Barrier(3) (2 waiting)" in kinds[names["barrier"]]
+        assert "event Event (set)" in kinds[names["event"]]
+        assert "condition Condition (1 waiting)" in kinds[names["cond"]]
+        info = run("info", names["sem"]).stdout
+        assert "\nbound                   3\n" in info and "\navailable               0 permits\n" in info
+        assert f"pid {pids[0]}: 1" in info and f"pid {pids[1]}: 1" in info
+        assert "held by dead processes  1 permit, given back" in info
+        info = run("info", names["barrier"]).stdout
+        assert "\nwaiting                 2 of 3 (pids " in info and "\nbroken                  no\n" in info
+        record = json.loads(run("info", names["sem"], "--json").stdout)
+        check_schema(record, SEMAPHORE_FIELDS, INFO_FIELDS)
+    finally:
+        maker.communicate("\n", timeout=30)
+    assert maker.returncode == 0
+
+
+def test_an_overwritten_primitive_shows_null_state(shm_prefix: str) -> None:
+    objs = [shmem.Event(), shmem.Condition(), shmem.Semaphore(2), shmem.Barrier(2)]
+    for obj in objs:
+        fd = os.open(f"{SHM_DIR}/{obj.name}", os.O_RDWR)
+        try:
+            os.pwrite(fd, b"\xff" * 512, 64)  # the words, not the mutex: garbage where the state is
+        finally:
+            os.close(fd)
+    try:
+        found = listed(shm_prefix)
+        records = [found[str(o.name)] for o in objs]
+        for record, schema, live in zip(
+            records,
+            (EVENT_FIELDS, CONDITION_FIELDS, SEMAPHORE_FIELDS, BARRIER_FIELDS),
+            ("is_set", "n_waiting", "available", "broken"),
+        ):
+            check_schema(record, schema)
+            assert record[live] is None, record
+        assert "(state unreadable)" in run("ls").stdout
+        for obj in objs:
+            assert "overwritten?" in run("info", str(obj.name)).stdout
+    finally:
+        for obj in objs:
+            obj.close()
+
+
 # Makes arrays of several dtypes and orders, prints what NumPy says of each, waits on stdin.
 _ARRAY_MAKER = textwrap.dedent(
     """
@@ -621,7 +751,8 @@ def test_json_fields_of_array_blocks(shm_prefix: str) -> None:
 
 def test_the_guide_documents_every_json_field() -> None:
     guide = GUIDE.read_text(encoding="utf-8")
-    fields = [*COMMON_FIELDS, *LIST_FIELDS, *ARRAY_FIELDS, *LOCK_FIELDS, *INFO_FIELDS, "value", "parties"]
+    fields = [*COMMON_FIELDS, *LIST_FIELDS, *ARRAY_FIELDS, *LOCK_FIELDS, *INFO_FIELDS]
+    fields += [*EVENT_FIELDS, *CONDITION_FIELDS, *SEMAPHORE_FIELDS, *BARRIER_FIELDS]
     for field in [*fields, "name_hex", "dry_run", "removed"]:
         assert f"| `{field}` |" in guide, field
     for state in ("alive", "dead", "untracked", "unknown"):

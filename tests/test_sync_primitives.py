@@ -4,6 +4,7 @@ threading's semantics across real processes, death of a party, signals, forged h
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import pickle
@@ -13,18 +14,29 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional
 
 import pytest
 from _forge import forge_kind_header
-from _sync_workers import barrier_party, barrier_party_exit, consume, hold_and_die, set_event, wait_event
+from _sync_workers import (
+    DEAD_HELD,
+    HUNG,
+    MISSING,
+    STATE_SIZE,
+    barrier_party,
+    barrier_party_exit,
+    consume,
+    hold_and_die,
+    set_event,
+    wait_event,
+)
 from conftest import PYTHON, mapped_with_prefix, wait_until
 
 import shmem
-from shmem._kinds import sync_wait
+from shmem._kinds import sync_layout, sync_wait
 
 SHM_DIR = "/dev/shm"
-METHODS = ["spawn", "fork"]
+METHODS = ["spawn", "fork", "forkserver"]
 
 
 def forked(body: Callable[[], None]) -> int:
@@ -506,10 +518,149 @@ def test_listing_shows_the_kinds(shm_name: Callable[[], str]) -> None:
     ]
     by_name = {s.name: s for s in shmem.list_segments()}
     assert [by_name[n].kind for n in names] == ["event", "semaphore", "barrier", "condition"]
-    assert dict(by_name[names[1]].kind_fields) == {"type": "BoundedSemaphore", "value": 3}
-    assert dict(by_name[names[2]].kind_fields) == {"type": "Barrier", "parties": 4}
+    assert dict(by_name[names[0]].kind_fields) == {"type": "Event", "is_set": False}
+    assert dict(by_name[names[1]].kind_fields) == {
+        "type": "BoundedSemaphore",
+        "value": 3,
+        "available": 3,
+        "held": 0,
+        "held_by_dead": 0,
+        "holders": (),
+    }
+    assert dict(by_name[names[2]].kind_fields) == {
+        "type": "Barrier",
+        "parties": 4,
+        "n_waiting": 0,
+        "broken": False,
+        "waiting_pids": (),
+    }
+    assert dict(by_name[names[3]].kind_fields) == {"type": "Condition", "n_waiting": 0}
     for o in objs:
         o.close()
+
+
+def _fields(obj: Any) -> dict:
+    return dict(shmem.inspect_segment(obj.name).kind_fields)
+
+
+def test_live_state_of_holders_waiters_and_the_dead() -> None:
+    """What ``inspect_segment`` reads from the block at that moment: the processes holding
+    permits, a dead holder's permits until they are given back, the parties waiting at a
+    barrier and a party's death, the event's flag, the condition's waiters."""
+    sem, barrier, event, cond = shmem.Semaphore(4), shmem.Barrier(3), shmem.Event(), shmem.Condition()
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    holder = ctx.Process(target=hold_and_die, args=(sem, ready, 60))
+    holder.start()
+    assert ready.wait(30)
+    assert sem.acquire() and sem.acquire()
+    fields = _fields(sem)
+    assert (fields["available"], fields["held"], fields["held_by_dead"]) == (1, 3, 0)
+    by_pid = {pid: h.permits for h in fields["holders"] for pid in h.pids}
+    assert by_pid == {os.getpid(): 2, holder.pid: 1}
+    kill_and_reap(holder.pid)  # type: ignore[arg-type]
+    holder.join()
+    fields = _fields(sem)
+    assert (fields["available"], fields["held"], fields["held_by_dead"]) == (1, 2, 1)
+    assert sem.get_value() == 2  # given back now
+    assert _fields(sem)["held_by_dead"] == 0
+    sem.release(2)
+    assert _fields(sem)["holders"] == ()
+
+    party = forked(lambda: (barrier.wait(60), None)[1])
+    t = threading.Thread(target=lambda: pytest.raises(threading.BrokenBarrierError, barrier.wait, 60))
+    t.start()
+    assert wait_until(lambda: _fields(barrier)["n_waiting"] == 2, 10)
+    assert sorted(_fields(barrier)["waiting_pids"]) == sorted([os.getpid(), party])
+    kill_and_reap(party)
+    t.join(30)
+    assert _fields(barrier)["broken"] is True and _fields(barrier)["n_waiting"] == 0
+
+    assert _fields(event)["is_set"] is False
+    event.set()
+    assert _fields(event)["is_set"] is True
+
+    def waiting() -> None:
+        with cond:
+            cond.wait(30)
+
+    waiter = forked(waiting)
+    assert wait_until(lambda: _fields(cond)["n_waiting"] == 1, 10)
+    with cond:
+        cond.notify()
+    os.waitpid(waiter, 0)
+    assert _fields(cond)["n_waiting"] == 0
+    for o in (sem, barrier, event, cond):
+        o.close()
+
+
+def test_state_readers_refuse_what_cannot_be_a_live_primitive() -> None:
+    """The readers of sync_layout take a copy of hostile bytes: short, an overwritten
+    mutex, words out of range give None; a pending journal entry is applied."""
+    sem = shmem.BoundedSemaphore(3)
+    extra = sem._block.header.extra  # type: ignore[union-attr]
+    size = sync_layout.data_size(sync_layout.TYPE_BOUNDED)
+    good = bytes(sem._block.mapping[:size])  # type: ignore[union-attr,index]
+    state = sync_layout.semaphore_state(extra, good)
+    assert state == sync_layout.SemaphoreState(3, 3, ())
+    assert sync_layout.sync_state(extra, good) == state
+    assert sync_layout.event_state(extra, good) is None  # not an event
+    assert sync_layout.semaphore_state(extra, good[: size - 1]) is None
+    assert sync_layout.semaphore_state(extra, b"\xff" * 64 + good[64:]) is None
+
+    def with_words(**changes: int) -> Optional[sync_layout.SemaphoreState]:
+        data = bytearray(good)
+        for word, value in changes.items():
+            index = getattr(sync_layout, word)
+            data[64 + 4 * index : 68 + 4 * index] = value.to_bytes(4, "little")
+        return sync_layout.semaphore_state(extra, bytes(data))
+
+    assert with_words(W_VALUE=2**31) is None
+    assert with_words(W_J_VALID=7) is None
+    assert with_words(W_J_VALID=1, W_J_SLOT=sync_layout.SLOTS) is None
+    assert with_words(W_J_VALID=1, W_J_SLOT=5, W_J_VALUE=1, W_J_COUNT=2) == sync_layout.SemaphoreState(3, 1, ((5, 2),))
+    with pytest.raises(shmem.CorruptSegment):
+        sync_layout.semaphore_state(b"garbage", good)
+    sem.close()
+
+
+def test_semaphore_holders_sigkilled_at_random_points(shm_name: Callable[[], str]) -> None:
+    """1,000 holders, each SIGKILLed after a random 0-3 ms - before its first acquire,
+    holding permits, inside a state change (journal), waiting - while a long-lived
+    waiter competes: the waiter never hangs, every permit is back after each kill,
+    and nothing is left behind.
+
+    Each round costs milliseconds: the holders are forked from a prepared parent
+    (``_sync_workers.sem_kill_rounds``), not started as programs."""
+    permits = 3
+    sem = shmem.Semaphore(permits, name=shm_name())
+    state = shmem.SharedMemory(shm_name(), create=True, size=STATE_SIZE)
+    assert state.buf is not None and sem.name is not None
+    rounds = 1000
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from _sync_workers import sem_kill_rounds; "
+    )
+    code += f"sem_kill_rounds({sem.name!r}, {state.name!r}, {permits}, {rounds}, 12)"
+    start = time.monotonic()
+    run = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=240)
+    took = time.monotonic() - start
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(run.stdout)
+    v = state.buf.cast("q")
+    try:
+        assert (v[HUNG], v[MISSING]) == (0, 0), summary
+        assert summary["waiter_exit"] == 0 and summary["value"] == permits, summary
+        assert summary["worst_ns"] < 3e9, summary
+        assert v[DEAD_HELD] >= rounds // 20, v[DEAD_HELD]  # many kills catch a holder holding permits
+        assert sem.get_value() == permits
+        fields = dict(shmem.inspect_segment(sem.name).kind_fields)
+        assert (fields["available"], fields["held"], fields["held_by_dead"]) == (permits, 0, 0)
+    finally:
+        v.release()
+        state.close()
+        state.unlink()
+        sem.close()
+    assert took < 60, took
 
 
 def test_nothing_is_mapped_or_open_after_close(shm_prefix: str) -> None:

@@ -118,10 +118,49 @@ def _lock_summary(fields: Dict[str, Any]) -> str:
     return ""
 
 
+def _pids(pids: Sequence[int]) -> str:
+    return ("pid " if len(pids) == 1 else "pids ") + ", ".join(map(str, pids))
+
+
+def _permits(n: int) -> str:
+    return f"{n} permit{'' if n == 1 else 's'}"
+
+
+def _sync_summary(kind: str, fields: Dict[str, Any]) -> str:
+    """An event's, condition's, semaphore's or barrier's live state in a few words (KIND column)."""
+    if kind == "event":
+        is_set = fields.get("is_set")
+        return "state unreadable" if is_set is None else "set" if is_set else "not set"
+    if kind == "condition":
+        waiting = fields.get("n_waiting")
+        return "state unreadable" if waiting is None else f"{waiting} waiting" if waiting else ""
+    if kind == "barrier":
+        if fields.get("broken") is None:
+            return "state unreadable"
+        return "broken" if fields["broken"] else f"{fields['n_waiting']} waiting" if fields["n_waiting"] else ""
+    if fields.get("available") is None:
+        return "state unreadable"
+    words = [f"{fields['available']} available"]
+    pids = sorted({pid for holder in fields["holders"] for pid in holder.pids})
+    if pids:
+        words.append(f"held by {_pids(pids)}")
+    elif fields["held"]:
+        words.append(f"{_permits(fields['held'])} held")
+    if fields["held_by_dead"]:
+        words.append(f"{_permits(fields['held_by_dead'])} of dead holders")
+    return "; ".join(words)
+
+
+_SYNC_KINDS = ("event", "condition", "semaphore", "barrier")
+
+
 def _kind_label(s: Segment) -> str:
     label = s.kind + (f" {s.detail}" if s.detail and s.kind != "corrupt" else "")
     if s.kind == "lock":
         summary = _lock_summary(dict(s.kind_fields))
+        label += f" ({summary})" if summary else ""
+    elif s.kind in _SYNC_KINDS and s.kind_fields:
+        summary = _sync_summary(s.kind, dict(s.kind_fields))
         label += f" ({summary})" if summary else ""
     if s.managed:
         label += " (manager)"
@@ -136,6 +175,8 @@ def _as_json(s: Segment) -> Dict[str, Any]:
     record.update(_name_fields(s.name))
     record["age"] = s.age
     record.update(kind_fields)  # a list's length, an array's dtype, shape, order...: per kind, never clashing
+    if record.get("holders") is not None:  # a semaphore's: (slot, permits, pids) records, as objects
+        record["holders"] = [holder._asdict() for holder in record["holders"]]
     return record
 
 
@@ -223,6 +264,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     ]
     if s.kind == "lock":
         fields += _lock_lines(dict(s.kind_fields))
+    elif s.kind in _SYNC_KINDS and s.kind_fields:
+        fields += _sync_lines(s.kind, dict(s.kind_fields))
     width = max(len(k) for k, _ in fields)
     for key, value in fields:
         print(f"{key:<{width}}  {value}")
@@ -249,6 +292,40 @@ def _lock_lines(lock: Dict[str, Any]) -> List[Any]:
     ]
     if lock.get("recoverable") is False:
         lines.append(("recoverable", "no: a holder died and the next owner released it unrepaired"))
+    return lines
+
+
+def _sync_lines(kind: str, sync: Dict[str, Any]) -> List[Any]:
+    """``shmem info``'s lines about an event's, condition's, semaphore's or barrier's live state."""
+    unreadable = "- (the block's words are not a live primitive's: overwritten?)"
+    if kind == "event":
+        is_set = sync.get("is_set")
+        return [("set", unreadable if is_set is None else "yes" if is_set else "no")]
+    if kind == "condition":
+        waiting = sync.get("n_waiting")
+        shown = unreadable if waiting is None else f"{waiting} (registered; one that died stays counted)"
+        return [("waiting", shown)]
+    if kind == "barrier":
+        if sync.get("broken") is None:
+            return [("waiting", unreadable)]
+        pids = sync["waiting_pids"]
+        waiting = f"{sync['n_waiting']} of {sync['parties']}" + (f" ({_pids(pids)})" if pids else "")
+        return [("waiting", waiting), ("broken", "yes (until reset())" if sync["broken"] else "no")]
+    bounded = sync.get("type") == "BoundedSemaphore"
+    lines = [("bound" if bounded else "initial value", str(sync.get("value")))]
+    if sync.get("available") is None:
+        return lines + [("available", unreadable)]
+    holders = []
+    for holder in sync["holders"]:
+        who = _pids(holder.pids) if holder.pids else f"slot {holder.slot} (a process not visible here)"
+        holders.append(f"{who}: {holder.permits}")
+    lines += [
+        ("available", _permits(sync["available"])),
+        ("held", _permits(sync["held"]) + (f" ({'; '.join(holders)})" if holders else "")),
+    ]
+    if sync["held_by_dead"]:
+        dead = _permits(sync["held_by_dead"]) + ", given back at the next acquire that finds none free"
+        lines.append(("held by dead processes", dead))
     return lines
 
 

@@ -236,7 +236,7 @@ class PyRobustMutex:
                 raise TypeError("acquire() got 'block' (or 'blocking') twice")
             block = blocking
         wait = True if block is _UNSET else bool(block)
-        return self._acquire(wait, _wait_ns(wait, timeout), 2)
+        return self._acquire(wait, wait_ns(wait, timeout), 2)
 
     def _acquire(self, block: bool, wait_ns: int, stacklevel: int) -> bool:
         mutex, libc = self._mutex(), self._libc
@@ -307,7 +307,7 @@ OWNER_DIED_MESSAGE = (
 )
 
 
-def _wait_ns(block: bool, timeout: Any) -> int:
+def wait_ns(block: bool, timeout: Any) -> int:
     """How long to wait: -1 forever, else nanoseconds (the C side's rules)."""
     if timeout is None:
         return -1

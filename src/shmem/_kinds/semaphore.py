@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Tuple
 
-from . import sync_async
+from . import lock_layout, sync_async
 from .sync_block import Primitive
 from .sync_layout import (
     SLOTS,
@@ -56,9 +56,7 @@ def _commit(mem: Memory, value: int, slot: int, count: int) -> None:
 
 
 def _wait_ns(block: bool, timeout: Any) -> int:
-    from .lock_layout import _wait_ns as lock_wait_ns
-
-    return lock_wait_ns(block, timeout)
+    return lock_layout.wait_ns(block, timeout)
 
 
 class Semaphore(Primitive):

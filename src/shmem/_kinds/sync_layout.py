@@ -30,12 +30,21 @@ Everything read back is hostile input: the header is checked on attach (and
 the mutex's kind word, the block's size), and words are only ever read
 through bounds-checked views, so garbage in them costs wrong answers or a
 clear error, never a crash.
+
+``event_state``, ``condition_state``, ``semaphore_state`` and
+``barrier_state`` (or ``sync_state``, whichever the header says) read a
+block's live state for ``shmem ls``/``info``, as ``lock_layout.lock_state``
+does a lock's: from a *copy* of its data, never the mapping, without the
+internal mutex (a snapshot: it may change as soon as it is read), and with
+every word checked - None when the words cannot be a live primitive's. Which
+process slots are alive, and whose they are, takes the block's file (its
+OFD locks): ``_segments`` adds that.
 """
 
 from __future__ import annotations
 
 import struct
-from typing import Dict, NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 from .._core.header import KIND_BARRIER, KIND_CONDITION, KIND_EVENT, KIND_NAMES, KIND_SEMAPHORE, Header
 from .._errors import CorruptSegment
@@ -172,3 +181,129 @@ def describe(extra: bytes) -> str:
     if parsed.type in (TYPE_SEMAPHORE, TYPE_BOUNDED, TYPE_BARRIER):
         return f"{name}({parsed.value})"
     return name
+
+
+# ------------------------------------------------------------------ live state, for listings
+
+
+class EventState(NamedTuple):
+    """An Event's flag (``event_state``)."""
+
+    is_set: bool
+
+
+class ConditionState(NamedTuple):
+    """A Condition's waiters (``condition_state``)."""
+
+    waiters: int  # registered waiters; one that died stays counted (until a notify's token is taken for it)
+    to_wake: int  # wake tokens not yet taken (notified, not yet returned)
+
+
+class SemaphoreState(NamedTuple):
+    """A semaphore's permits (``semaphore_state``)."""
+
+    initial: int  # the header's value: the initial value (a BoundedSemaphore's bound)
+    available: int  # permits free now (those of dead holders come back at the next acquire that finds none)
+    held: Tuple[Tuple[int, int], ...]  # (slot, permits) of each process slot holding permits, by slot
+
+
+class BarrierState(NamedTuple):
+    """A barrier's generation (``barrier_state``)."""
+
+    parties: int
+    n_waiting: int  # parties waiting now (0 when broken), as ``Barrier.n_waiting``
+    broken: bool
+    waiting: Tuple[Tuple[int, int], ...]  # (slot, parties) of each process slot with parties waiting now
+
+
+SyncState = Union[EventState, ConditionState, SemaphoreState, BarrierState]
+
+
+def _words(extra: bytes, data: bytes, wanted: Tuple[int, ...]) -> Optional[Tuple[SyncHeader, Tuple[int, ...]]]:
+    """The kind header (CorruptSegment if it does not validate) and the words of
+    ``data`` (a copy of the block's data), or None when the header is not one of
+    ``wanted``, ``data`` is short, or its mutex is not one this shmem makes."""
+    parsed = parse_kind_header(extra)
+    if parsed.type not in wanted or len(data) < data_size(parsed.type):
+        return None
+    if data[KIND_OFFSET : KIND_OFFSET + 4] != mutex_kind():
+        return None
+    n = words(parsed.type)
+    return parsed, struct.unpack_from(f"<{n}I", data, WORDS_OFFSET)
+
+
+def event_state(extra: bytes, data: bytes) -> Optional[EventState]:
+    """An Event block's flag: ``extra`` is its kind header, ``data`` a copy of its
+    data (``data_size(TYPE_EVENT)`` bytes). CorruptSegment when the header does
+    not validate; None when the data cannot be an event's."""
+    got = _words(extra, data, (TYPE_EVENT,))
+    if got is None or got[1][W_FLAG] > 1:
+        return None
+    return EventState(bool(got[1][W_FLAG]))
+
+
+def condition_state(extra: bytes, data: bytes) -> Optional[ConditionState]:
+    """A Condition block's waiters (as ``event_state``)."""
+    got = _words(extra, data, (TYPE_CONDITION,))
+    if got is None:
+        return None
+    waiters, to_wake = got[1][W_WAITERS], got[1][W_TO_WAKE]
+    if waiters > VALUE_MAX or to_wake > VALUE_MAX:
+        return None
+    return ConditionState(waiters, min(to_wake, waiters))  # read unlocked: a waiter may be between two stores
+
+
+def semaphore_state(extra: bytes, data: bytes) -> Optional[SemaphoreState]:
+    """A Semaphore or BoundedSemaphore block's permits (as ``event_state``).
+
+    A pending journal entry (a change in progress, or one whose writer died)
+    is applied to the copy, as the next taker of the mutex would.
+    """
+    got = _words(extra, data, (TYPE_SEMAPHORE, TYPE_BOUNDED))
+    if got is None:
+        return None
+    parsed, w = got
+    table = list(w[W_TABLE : W_TABLE + SLOTS])
+    value = w[W_VALUE]
+    if w[W_J_VALID] > 1:
+        return None
+    if w[W_J_VALID]:
+        if w[W_J_SLOT] >= SLOTS:
+            return None
+        value, table[w[W_J_SLOT]] = w[W_J_VALUE], w[W_J_COUNT]
+    if value > VALUE_MAX or any(count > VALUE_MAX for count in table):
+        return None
+    held = tuple((i, count) for i, count in enumerate(table) if count)
+    return SemaphoreState(parsed.value, value, held)
+
+
+def barrier_state(extra: bytes, data: bytes) -> Optional[BarrierState]:
+    """A Barrier block's waiting parties and broken flag (as ``event_state``)."""
+    got = _words(extra, data, (TYPE_BARRIER,))
+    if got is None:
+        return None
+    parsed, w = got
+    gen, count, broken = w[W_GEN], w[W_COUNT], w[W_BROKEN]
+    if broken > 1 or count > parsed.value:
+        return None
+    waiting = []
+    if not broken:
+        for i in range(SLOTS):
+            at = W_BARRIER_SLOTS + 2 * i
+            if w[at + 1] and w[at] == gen:
+                if w[at + 1] > parsed.value:
+                    return None
+                waiting.append((i, w[at + 1]))
+    return BarrierState(parsed.value, 0 if broken else count, bool(broken), tuple(waiting))
+
+
+def sync_state(extra: bytes, data: bytes) -> Optional[SyncState]:
+    """The live state of whichever primitive the kind header names (as ``event_state``)."""
+    type_ = parse_kind_header(extra).type
+    if type_ == TYPE_EVENT:
+        return event_state(extra, data)
+    if type_ == TYPE_CONDITION:
+        return condition_state(extra, data)
+    if type_ == TYPE_BARRIER:
+        return barrier_state(extra, data)
+    return semaphore_state(extra, data)
