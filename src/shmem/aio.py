@@ -1,34 +1,50 @@
 """asyncio for shmem's synchronisation primitives: wait in a coroutine, not a thread.
 
-``async with lock:`` works on ``shmem.Lock``, ``shmem.Semaphore`` and
-``shmem.BoundedSemaphore`` themselves; these functions add timeouts and
-events::
+``async with`` works on ``shmem.Lock``, ``shmem.Semaphore``,
+``shmem.BoundedSemaphore`` and a ``shmem.Condition`` over a ``shmem.Lock``
+themselves; these functions add timeouts, events, conditions and barriers::
 
     import shmem, shmem.aio
 
-    async def worker(lock, ready):
+    async def worker(lock, ready, cond, barrier):
         if await shmem.aio.wait(ready, timeout=5):
             async with lock:
                 ...
         got = await shmem.aio.acquire(lock, timeout=0.5)
+        async with cond:
+            await shmem.aio.wait_condition_for(cond, lambda: ..., timeout=5)
+        index = await shmem.aio.wait_barrier(barrier, timeout=5)
 
 Waiting does not park a thread: the coroutine tries, then sleeps in the event
 loop between tries (at most 5 ms apart), so a release is noticed up to 5 ms
-late. ``shmem.RLock`` is refused: it belongs to a thread, and every coroutine
-of one event loop runs in the same thread, so they would all "own" it.
-Condition and Barrier waits are not available here yet.
+late. ``shmem.RLock`` is refused (so is a Condition over one): it belongs to
+a thread, and every coroutine of one event loop runs in the same thread, so
+they would all "own" it.
+
+Cancellation: a cancelled ``acquire`` takes nothing; a cancelled condition
+wait counts itself out and takes the lock back before ``CancelledError``
+propagates (as ``asyncio.Condition``); a cancelled barrier wait breaks the
+barrier, as a timeout does (``asyncio.Barrier`` would let the task leave
+instead; here the other parties are processes that must not wait for it).
+Timeouts here must be None or non-negative (ValueError otherwise).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
+from ._kinds import barrier as _barrier
+from ._kinds import condition as _condition
+from ._kinds.barrier import Barrier
+from ._kinds.condition import Condition
 from ._kinds.event import Event
 from ._kinds.lock import Lock, RLock
 from ._kinds.semaphore import Semaphore
 from ._kinds.sync_async import MAX_DELAY, poll
 
-__all__ = ["MAX_DELAY", "acquire", "wait"]
+__all__ = ["MAX_DELAY", "acquire", "wait", "wait_barrier", "wait_condition", "wait_condition_for"]
+
+_T = TypeVar("_T")
 
 
 async def acquire(primitive: Any, timeout: Optional[float] = None) -> bool:
@@ -71,3 +87,83 @@ async def wait(event: Event, timeout: Optional[float] = None) -> bool:
     if not isinstance(event, Event):
         raise TypeError(f"shmem.aio.wait takes a shmem.Event, not {type(event).__name__}")
     return await poll(event.is_set, timeout, f"waiting for {event!r}")
+
+
+def _condition_only(cond: Any, function: str) -> None:
+    if not isinstance(cond, Condition):
+        raise TypeError(f"shmem.aio.{function} takes a shmem.Condition, not {type(cond).__name__}")
+
+
+async def wait_condition(cond: Condition, timeout: Optional[float] = None) -> bool:
+    """``cond.wait(timeout)`` in the event loop: use it inside ``async with cond:``.
+
+    Releases the condition's lock, waits for a ``notify`` (from any process)
+    or the timeout, and takes the lock back, polling in the event loop for
+    both. Wake-ups may be spurious, as with ``Condition.wait``: check the
+    state, or use ``wait_condition_for``.
+
+    If the task is cancelled, the wait counts itself out and takes the lock
+    back before ``asyncio.CancelledError`` propagates (a notify it already
+    took goes on to another waiter), as ``asyncio.Condition.wait`` does.
+
+    Args:
+        cond: A ``shmem.Condition`` whose lock is a ``shmem.Lock``, held.
+        timeout: The longest wait in seconds; None waits as long as it takes.
+
+    Returns:
+        True when notified, False when the timeout passed first.
+
+    Raises:
+        TypeError: ``cond`` is not a ``shmem.Condition``, or its lock is an
+            ``RLock`` (it belongs to a thread, and an event loop's
+            coroutines share one).
+        RuntimeError: the lock is not held.
+        ValueError: a negative or NaN timeout.
+    """
+    _condition_only(cond, "wait_condition")
+    return await _condition.wait_async(cond, timeout)
+
+
+async def wait_condition_for(cond: Condition, predicate: Callable[[], _T], timeout: Optional[float] = None) -> _T:
+    """``cond.wait_for(predicate, timeout)`` in the event loop: ``wait_condition``
+    until ``predicate()`` (called with the lock held) is true, or the timeout.
+
+    Returns:
+        The last value of ``predicate()``.
+
+    Raises:
+        TypeError: as ``wait_condition``.
+        RuntimeError: the lock is not held.
+        ValueError: a negative or NaN timeout.
+    """
+    _condition_only(cond, "wait_condition_for")
+    return await _condition.wait_for_async(cond, predicate, timeout)
+
+
+async def wait_barrier(barrier: Barrier, timeout: Optional[float] = None) -> int:
+    """``barrier.wait(timeout)`` in the event loop: count this party in, then
+    wait until all parties (in any process) have arrived.
+
+    The last party to arrive runs the barrier's action, in the event loop's
+    thread. A party that dies breaks the barrier (noticed within about 50 ms).
+    The timeout breaks it too, as in ``threading``; so does cancelling the task
+    once it is counted in (``asyncio.Barrier`` lets a cancelled task leave
+    instead: here the others would wait for it in vain).
+
+    Args:
+        barrier: A ``shmem.Barrier``.
+        timeout: Seconds; None: the barrier's default timeout.
+
+    Returns:
+        This party's arrival index, 0 to ``parties - 1``.
+
+    Raises:
+        threading.BrokenBarrierError: the barrier is or gets broken
+            (``abort()``, ``reset()``, a timeout, a party's death or
+            cancellation, an action that raised).
+        TypeError: ``barrier`` is not a ``shmem.Barrier``.
+        ValueError: a negative or NaN timeout.
+    """
+    if not isinstance(barrier, Barrier):
+        raise TypeError(f"shmem.aio.wait_barrier takes a shmem.Barrier, not {type(barrier).__name__}")
+    return await _barrier.wait_async(barrier, timeout)

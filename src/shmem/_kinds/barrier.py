@@ -20,9 +20,11 @@ mutex reports it) is a dead party: the barrier is broken.
 
 from __future__ import annotations
 
+import asyncio
 from threading import BrokenBarrierError
 from typing import Any, Callable, Optional, Tuple
 
+from . import sync_async
 from .sync_block import Primitive
 from .sync_layout import (
     BROKEN,
@@ -39,7 +41,7 @@ from .sync_layout import (
     W_SEQ,
     W_TABLE,
 )
-from .sync_wait import Deadline, Memory, forever_or_ns
+from .sync_wait import SLICE_NS, Deadline, Memory, forever_or_ns
 
 
 class Barrier(Primitive):
@@ -171,67 +173,30 @@ class Barrier(Primitive):
         """
         deadline = Deadline(forever_or_ns(self._timeout if timeout is None else timeout))
         mem = self._memory()
-        words = mem.words
         slot = self._slot(self._claimed)
         gen = index = -1
         try:
             while gen < 0:  # wait while the last arriver runs the action
-                self._enter()
-                try:
-                    if words[W_BROKEN]:
-                        raise BrokenBarrierError
-                    count = words[W_COUNT]
-                    seen = words[W_SEQ]
-                    if count < self._parties:
-                        gen, index = words[W_GEN], count
-                        at = W_BARRIER_SLOTS + 2 * slot
-                        if words[at] != gen:
-                            words[at + 1] = 0
-                            words[at] = gen
-                        words[at + 1] = words[at + 1] + 1
-                        words[W_COUNT] = count + 1
-                finally:
-                    self._leave()
+                gen, index, seen = self._arrive(mem, slot)
                 if gen < 0:
                     self._sleep(mem, seen, deadline)
             if index == self._parties - 1:
                 if self._action is not None:
                     self._action()
-                self._enter()
-                try:
-                    if words[W_GEN] == gen and not words[W_BROKEN]:
-                        self._leave_slot(mem, slot, gen)
-                        self._pass(mem)
-                        gen = -1
-                finally:
-                    self._leave()
-                mem.wake()
-                if gen < 0:
+                if self._let_pass(mem, slot, gen):
+                    gen = -1
                     return index
             while True:
-                self._enter()
-                try:
-                    if words[W_GEN] != gen:
-                        self._leave_slot(mem, slot, gen)
-                        outcome = words[W_TABLE + gen % OUTCOMES]
-                        gen = -1
-                        if outcome != PASSED:
-                            raise BrokenBarrierError
-                        return index
-                    seen = words[W_SEQ]
-                finally:
-                    self._leave()
+                outcome, seen = self._outcome(mem, slot, gen)
+                if outcome is not None:
+                    gen = -1
+                    if outcome != PASSED:
+                        raise BrokenBarrierError
+                    return index
                 self._sleep(mem, seen, deadline)
         except BaseException:
-            if gen >= 0 and self._mem is not None:
-                self._enter()
-                try:
-                    self._leave_slot(mem, slot, gen)
-                    if words[W_GEN] == gen:
-                        self._break(mem)
-                finally:
-                    self._leave()
-                mem.wake()
+            if gen >= 0:
+                self._give_up(mem, slot, gen)
             raise
 
     def _sleep(self, mem: Memory, seen: int, deadline: Deadline) -> None:
@@ -241,6 +206,76 @@ class Barrier(Primitive):
             raise BrokenBarrierError  # the caller breaks the barrier
         if mem.wait(seen, left):
             return
+        self._look_for_the_dead(mem)
+
+    # The steps of a wait, shared by wait() and shmem.aio.wait_barrier(): _arrive() until it counts
+    # this party in; the last one runs the action and calls _let_pass(); the others call _outcome() after
+    # each wake-up (or poll), and _look_for_the_dead() after each quiet slice; _give_up() when a
+    # counted-in party leaves early (timeout, exception, cancellation): that breaks the barrier.
+
+    def _arrive(self, mem: Memory, slot: int) -> Tuple[int, int, int]:
+        """Try once to count this party in (in process slot ``slot``).
+
+        Returns:
+            (generation, arrival index, sequence word); generation -1 while the
+            last party of the previous round runs the action: try again.
+
+        Raises:
+            BrokenBarrierError: the barrier is broken.
+        """
+        words = mem.words
+        self._enter()
+        try:
+            if words[W_BROKEN]:
+                raise BrokenBarrierError
+            count = words[W_COUNT]
+            seen = int(words[W_SEQ])
+            if count >= self._parties:
+                return -1, -1, seen
+            gen = int(words[W_GEN])
+            at = W_BARRIER_SLOTS + 2 * slot
+            if words[at] != gen:
+                words[at + 1] = 0
+                words[at] = gen
+            words[at + 1] = words[at + 1] + 1
+            words[W_COUNT] = count + 1
+            return gen, int(count), seen
+        finally:
+            self._leave()
+
+    def _let_pass(self, mem: Memory, slot: int, gen: int) -> bool:
+        """The last party, after the action: let generation ``gen`` pass. False if it broke meanwhile."""
+        words = mem.words
+        self._enter()
+        try:
+            passed = words[W_GEN] == gen and not words[W_BROKEN]
+            if passed:
+                self._leave_slot(mem, slot, gen)
+                self._pass(mem)
+        finally:
+            self._leave()
+        mem.wake()
+        return passed
+
+    def _outcome(self, mem: Memory, slot: int, gen: int) -> Tuple[Optional[int], int]:
+        """Check once, without waiting, whether generation ``gen`` is over.
+
+        Returns:
+            (PASSED or BROKEN, _) once it is (this party has left its slot);
+            (None, the sequence word to wait on) while it is not.
+        """
+        words = mem.words
+        self._enter()
+        try:
+            if words[W_GEN] != gen:
+                self._leave_slot(mem, slot, gen)
+                return int(words[W_TABLE + gen % OUTCOMES]), 0
+            return None, int(words[W_SEQ])
+        finally:
+            self._leave()
+
+    def _look_for_the_dead(self, mem: Memory) -> None:
+        """Break the barrier if a party of the current generation died."""
         self._enter()
         try:
             dead = self._dead_party(mem)
@@ -250,6 +285,20 @@ class Barrier(Primitive):
             self._leave()
         if dead:
             mem.wake()
+
+    def _give_up(self, mem: Memory, slot: int, gen: int) -> None:
+        """A party counted in to ``gen`` leaves before it is over: it breaks the barrier."""
+        if self._mem is None:
+            return  # closed meanwhile
+        words = mem.words
+        self._enter()
+        try:
+            self._leave_slot(mem, slot, gen)
+            if words[W_GEN] == gen:
+                self._break(mem)
+        finally:
+            self._leave()
+        mem.wake()
 
     def reset(self) -> None:
         """Return the barrier to its empty, unbroken state; parties waiting get BrokenBarrierError."""
@@ -277,6 +326,74 @@ class Barrier(Primitive):
 
     def _state(self) -> str:
         return f"parties={self._parties} waiting={self.n_waiting}{' broken' if self.broken else ''}"
+
+
+# ------------------------------------------------------------------ asyncio (shmem.aio)
+
+
+async def wait_async(barrier: Barrier, timeout: Any = None) -> int:
+    """``Barrier.wait`` in a coroutine: the same steps, polled in the event loop.
+
+    Dead parties are looked for every ``SLICE_NS`` (50 ms), as a blocking
+    waiter does after each quiet slice. The last party runs the action in the
+    event loop's thread. Timed out or cancelled once counted in, the party
+    breaks the barrier (as a timeout or Ctrl-C in ``wait()`` does), then raises.
+
+    Raises:
+        threading.BrokenBarrierError: as ``Barrier.wait``.
+        TypeError, ValueError: a timeout that is not a non-negative number or None.
+    """
+    if timeout is None and barrier._timeout is not None:
+        timeout = max(0.0, barrier._timeout)  # the default, as wait() reads it (negative: no wait)
+    end = sync_async.deadline(timeout, f"waiting at {barrier!r}")
+    mem = barrier._memory()
+    slot = barrier._slot(barrier._claimed)
+    loop = asyncio.get_running_loop()
+    look_every = SLICE_NS / 1e9
+    next_look = loop.time() + look_every
+    gen = index = -1
+    outcome: Optional[int] = None
+
+    def look() -> None:
+        nonlocal next_look
+        now = loop.time()
+        if now >= next_look:
+            next_look = now + look_every
+            barrier._look_for_the_dead(mem)
+
+    def arrive() -> bool:
+        nonlocal gen, index
+        gen, index, _ = barrier._arrive(mem, slot)
+        if gen < 0:
+            look()
+        return gen >= 0
+
+    def over() -> bool:
+        nonlocal outcome
+        outcome, _ = barrier._outcome(mem, slot, gen)
+        if outcome is None:
+            look()
+        return outcome is not None
+
+    try:
+        if not await sync_async.poll_until(arrive, end):
+            raise BrokenBarrierError  # not counted in yet: the barrier stays as it is, as in wait()
+        if index == barrier._parties - 1:
+            if barrier._action is not None:
+                barrier._action()
+            if barrier._let_pass(mem, slot, gen):
+                gen = -1
+                return index
+        if not await sync_async.poll_until(over, end):
+            raise BrokenBarrierError  # the timeout: the handler below breaks the barrier
+        gen = -1
+        if outcome != PASSED:
+            raise BrokenBarrierError
+        return index
+    except BaseException:
+        if gen >= 0:
+            barrier._give_up(mem, slot, gen)
+        raise
 
 
 Barrier.__module__ = "shmem"

@@ -20,9 +20,11 @@ their timeout.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Callable, Optional, Tuple, TypeVar
 
-from .lock import Lock
+from . import sync_async
+from .lock import Lock, RLock
 from .sync_block import Primitive
 from .sync_layout import TYPE_CONDITION, TYPE_NAMES, W_SEQ, W_TO_WAKE, W_WAITERS
 from .sync_wait import Deadline, forever_or_ns
@@ -55,8 +57,6 @@ class Condition(Primitive):
     def __init__(self, lock: Optional[Lock] = None, *, name: Optional[str] = None) -> None:
         owned = lock is None
         if lock is None:
-            from .lock import RLock
-
             lock = RLock()
         elif not isinstance(lock, Lock):
             raise TypeError(f"a shmem.Condition needs a shmem.Lock or shmem.RLock, not {type(lock).__name__}")
@@ -96,6 +96,13 @@ class Condition(Primitive):
     def __exit__(self, *exc: object) -> None:
         self._lock.__exit__(*exc)
 
+    async def __aenter__(self) -> None:
+        """``async with cond``: take its lock waiting in the event loop (a ``shmem.Lock``; an RLock is refused)."""
+        await self._lock.__aenter__()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._lock.release()
+
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Release the lock, wait for a notify or ``timeout`` seconds, take the lock again.
 
@@ -114,16 +121,12 @@ class Condition(Primitive):
         lock = self._lock
         if not lock._is_owned():
             raise RuntimeError("cannot wait on un-acquired lock")
-        mem = self._enter()
-        try:
-            words = mem.words
-            words[W_WAITERS] = words[W_WAITERS] + 1
-            seen = words[W_SEQ]
-        finally:
-            self._leave()
+        mem = self._memory()
+        words = mem.words
+        seen = self._register()
         deadline = Deadline(wait_ns)
         depth = 0
-        registered = True
+        notified = False
         try:
             while lock._is_owned():
                 lock.release()
@@ -135,29 +138,64 @@ class Condition(Primitive):
                 woken = mem.wait(seen, left)
                 if not woken and words[W_SEQ] == seen and not words[W_TO_WAKE]:
                     continue
-                self._enter()
-                try:
-                    if words[W_TO_WAKE]:
-                        words[W_TO_WAKE] = words[W_TO_WAKE] - 1
-                        words[W_WAITERS] = max(0, words[W_WAITERS] - 1)
-                        registered = False
-                        return True
-                    seen = words[W_SEQ]
-                finally:
-                    self._leave()
+                notified, seen = self._take_token()
+                if notified:
+                    return True
         finally:
             try:
-                if registered and self._mem is not None:
-                    self._enter()
-                    try:
-                        waiters = max(0, words[W_WAITERS] - 1)
-                        words[W_WAITERS] = waiters
-                        words[W_TO_WAKE] = min(words[W_TO_WAKE], waiters)
-                    finally:
-                        self._leave()
+                if not notified:
+                    self._unregister()
             finally:
                 for _ in range(depth):
                     lock.acquire()
+
+    # The steps of a wait, shared by wait() and shmem.aio.wait_condition(): register, then
+    # _take_token() after each wake-up (or poll), then _unregister() unless a token was taken.
+
+    def _register(self) -> int:
+        """Count this waiter in (before the user's lock is released: a notify after the release sees it).
+
+        Returns:
+            The sequence word, to wait on.
+        """
+        mem = self._enter()
+        try:
+            words = mem.words
+            words[W_WAITERS] = words[W_WAITERS] + 1
+            return int(words[W_SEQ])
+        finally:
+            self._leave()
+
+    def _take_token(self) -> Tuple[bool, int]:
+        """Check once, without waiting: take a wake token if a notify left one.
+
+        Returns:
+            (True, _) when taken: this waiter is notified and counted out;
+            (False, the sequence word to wait on next) otherwise.
+        """
+        mem = self._enter()
+        try:
+            words = mem.words
+            if words[W_TO_WAKE]:
+                words[W_TO_WAKE] = words[W_TO_WAKE] - 1
+                words[W_WAITERS] = max(0, words[W_WAITERS] - 1)
+                return True, 0
+            return False, int(words[W_SEQ])
+        finally:
+            self._leave()
+
+    def _unregister(self) -> None:
+        """Count out a waiter that took no token (timeout, exception, cancellation)."""
+        if self._mem is None:
+            return  # closed meanwhile (by another thread): nothing to count out
+        mem = self._enter()
+        try:
+            words = mem.words
+            waiters = max(0, words[W_WAITERS] - 1)
+            words[W_WAITERS] = waiters
+            words[W_TO_WAKE] = min(words[W_TO_WAKE], waiters)
+        finally:
+            self._leave()
 
     def wait_for(self, predicate: Callable[[], _T], timeout: Optional[float] = None) -> _T:
         """Wait until ``predicate()`` is true (it is called with the lock held), or the timeout.
@@ -216,6 +254,75 @@ class Condition(Primitive):
 
     def _state(self) -> str:
         return f"waiters={self._memory().words[W_WAITERS]}"
+
+
+# ------------------------------------------------------------------ asyncio (shmem.aio)
+
+
+async def wait_async(cond: Condition, timeout: Any = None) -> bool:
+    """``Condition.wait`` in a coroutine: register, release the lock, poll for a
+    wake token in the event loop, take the lock back (polling) - the same steps.
+
+    Cancelled, it counts itself out, takes the lock back (even when cancelled
+    again meanwhile) and then raises ``CancelledError``; a notify it had
+    already taken goes on to another waiter (``notify(1)``), as in
+    ``asyncio.Condition``.
+
+    Raises:
+        TypeError: the condition's lock is an RLock; a timeout not a number.
+        ValueError: a negative or NaN timeout; the condition is closed.
+        RuntimeError: the lock is not held (by this thread: by any coroutine of this loop).
+    """
+    lock = cond._lock
+    what = f"waiting on {cond!r}"
+    if isinstance(lock, RLock):
+        raise TypeError(
+            "shmem.aio needs a Condition over a shmem.Lock, not an RLock: an RLock belongs to a thread, "
+            "and every coroutine of an event loop runs in the same one (they would all own it)"
+        )
+    end = sync_async.deadline(timeout, what)
+    if not lock._is_owned():
+        raise RuntimeError("cannot wait on un-acquired lock")
+    cond._register()
+    notified = False
+
+    def attempt() -> bool:
+        nonlocal notified
+        notified = cond._take_token()[0]
+        return notified
+
+    try:
+        lock.release()
+        return await sync_async.poll_until(attempt, end)
+    finally:
+        try:
+            if not notified:
+                cond._unregister()
+        finally:
+            cancelled: Optional[BaseException] = None
+            while True:  # the lock comes back whatever happens, as with asyncio.Condition
+                try:
+                    await sync_async.poll_until(lambda: bool(lock.acquire(False)), None)
+                    break
+                except asyncio.CancelledError as err:
+                    cancelled = err
+            if cancelled is not None:
+                if notified:
+                    cond.notify(1)  # a notify this waiter took and will not act on: pass it on
+                raise cancelled
+
+
+async def wait_for_async(cond: Condition, predicate: Callable[[], _T], timeout: Any = None) -> _T:
+    """``Condition.wait_for`` in a coroutine (``wait_async`` until ``predicate()`` is true, or the timeout)."""
+    end = sync_async.deadline(timeout, f"waiting on {cond!r}")
+    result = predicate()
+    while not result:
+        left = sync_async.left(end)
+        if left == 0:
+            break
+        await wait_async(cond, left)
+        result = predicate()
+    return result
 
 
 Condition.__module__ = "shmem"
