@@ -155,8 +155,8 @@ def test_bad_arguments_are_refused_clearly() -> None:
     assert not lock.locked()
     with pytest.raises(TypeError, match="name"):
         shmem.Lock(name=b"jobs")  # type: ignore[arg-type]
-    with pytest.raises(TypeError):
-        shmem.Lock("jobs")  # type: ignore[misc]
+    with pytest.raises(TypeError, match="name"):
+        shmem.Lock(b"jobs")  # type: ignore[arg-type]
     with pytest.raises(shmem.InvalidName):
         shmem.Lock(name="a/b")
     lock.close()
@@ -788,3 +788,20 @@ def test_shmem_ls_shows_a_lock_and_its_type(shm_name: Callable[[], str]) -> None
     finally:
         lock.close()
     assert wait_until(lambda: not os.path.exists(f"/dev/shm/{name}"))
+
+
+def test_the_name_may_be_given_by_position_as_in_the_issue(shm_name: Callable[[], str]) -> None:
+    """``shmem.Lock("jobs")`` and ``shmem.Lock(name="jobs")`` are the same lock (Event too)."""
+    name = shm_name()
+    first, second = shmem.Lock(name), shmem.Lock(name=name)
+    event_name = shm_name()
+    ready, same = shmem.Event(event_name), shmem.Event(name=event_name)
+    try:
+        assert first.name == second.name == name
+        assert first.acquire() and not second.acquire(block=False)
+        first.release()
+        ready.set()
+        assert same.is_set()
+    finally:
+        for primitive in (first, second, ready, same):
+            primitive.close()

@@ -37,7 +37,7 @@ class Event(Primitive):
 
     _TYPES = {TYPE_EVENT: TYPE_NAMES[TYPE_EVENT]}
 
-    def __init__(self, *, name: Optional[str] = None) -> None:
+    def __init__(self, name: Optional[str] = None) -> None:
         self._open(name, TYPE_EVENT, 0, create=True)
 
     @classmethod

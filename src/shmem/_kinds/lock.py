@@ -4,7 +4,7 @@ API: ``threading.Lock`` / ``multiprocessing.Lock`` (and their ``RLock``) -
 ``acquire(block=True, timeout=None)`` (``blocking=`` too, as in threading),
 ``release()``, use as a context manager, ``locked()`` - plus:
 
-* ``name=None`` (keyword): without it, a new lock under a generated name,
+* ``name=None`` (``Lock("jobs")`` or ``Lock(name="jobs")``): without it, a new lock under a generated name,
   shared with other processes by passing the object to them
   (``multiprocessing.Process``, ``Pool``, any pickle: it travels by name);
   with it, every program that asks for that name gets the same lock,
@@ -90,7 +90,7 @@ class Lock(RobustMutex):  # type: ignore[misc]
     _recursive = False
     _block: Optional[Block] = None  # class default: a half-built lock can still be shown and collected
 
-    def __init__(self, *, name: Optional[str] = None) -> None:
+    def __init__(self, name: Optional[str] = None) -> None:
         self._set(_open(name, self._recursive, create=True))
 
     @classmethod
