@@ -741,3 +741,46 @@ def test_a_semaphore_survives_os_closerange(tmp_path: Path) -> None:
         [PYTHON, "-c", CLOSERANGE, str(tmp_path / "app.log")], capture_output=True, text=True, timeout=60
     )
     assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr
+
+
+def test_the_semaphores_c_fast_path_is_taken_and_agrees_with_the_python_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same sequence, with the whole-in-C acquire/release and without: the same values."""
+    from shmem._kinds import semaphore
+
+    if semaphore._FAST is None:
+        pytest.skip("pure-Python path: no C fast path to compare")
+
+    class Counting:
+        def __init__(self, real: Any) -> None:
+            self.real, self.calls = real, 0
+
+        def sem_take(self, *args: Any) -> bool:
+            self.calls += 1
+            return bool(self.real.sem_take(*args))
+
+        def sem_give(self, *args: Any) -> bool:
+            self.calls += 1
+            return bool(self.real.sem_give(*args))
+
+    def run() -> List[Any]:
+        sem, seen = shmem.BoundedSemaphore(3), []
+        try:
+            for _ in range(3):
+                seen.append(sem.acquire(timeout=1))
+            seen += [sem.acquire(block=False), sem.get_value()]
+            sem.release(2)
+            seen.append(sem.get_value())
+            with pytest.raises(ValueError):
+                sem.release(2)  # past the bound: refused, nothing changes
+            sem.release()
+            seen.append(sem.get_value())
+        finally:
+            sem.close()
+        return seen
+
+    counting = Counting(semaphore._FAST)
+    monkeypatch.setattr(semaphore, "_FAST", counting)
+    fast = run()
+    assert counting.calls >= 4
+    monkeypatch.setattr(semaphore, "_FAST", None)
+    assert run() == fast == [True, True, True, False, 0, 2, 3]

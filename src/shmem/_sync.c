@@ -35,6 +35,7 @@
 #include <Python.h>
 #include <structmember.h>
 #include <errno.h>
+#include <limits.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
@@ -670,6 +671,150 @@ futex_wake(PyObject *module, PyObject *args)
     return PyLong_FromLong(rc);
 }
 
+/* ------------------------------------------------------------------
+ * A Semaphore's uncontended acquire and release, whole in C.
+ *
+ * The Python code in shmem/_kinds/semaphore.py is the protocol; these two
+ * calls do exactly its simplest case - a permit free / this handle's own slot
+ * holding the permits it gives back - and report "not done" for anything
+ * else (busy mutex, no permit, a release that needs another slot), which
+ * the caller then does in Python. The word layout is handed over once by
+ * sync_wait (sem_layout), so it is defined in one place, sync_layout.py.
+ * ------------------------------------------------------------------ */
+
+static struct {
+    int set;
+    Py_ssize_t mutex_off, words_off;
+    Py_ssize_t w_seq, w_value, w_jvalid, w_jslot, w_jvalue, w_jcount, w_table, slots;
+    unsigned int value_max;
+} sem;
+
+static PyObject *
+sem_layout(PyObject *module, PyObject *args)
+{
+    if (!PyArg_ParseTuple(args, "nnnnnnnnnnI", &sem.mutex_off, &sem.words_off, &sem.w_seq, &sem.w_value,
+                          &sem.w_jvalid, &sem.w_jslot, &sem.w_jvalue, &sem.w_jcount, &sem.w_table, &sem.slots,
+                          &sem.value_max))
+        return NULL;
+    sem.set = 1;
+    Py_RETURN_NONE;
+}
+
+/* The semaphore's words in `obj` (writable), or NULL with an exception. */
+static uint32_t *
+sem_words(PyObject *obj, Py_ssize_t slot, Py_buffer *view)
+{
+    if (!sem.set) {
+        PyErr_SetString(PyExc_RuntimeError, "sem_layout() was not called");
+        return NULL;
+    }
+    if (slot < 0 || slot >= sem.slots) {
+        PyErr_SetString(PyExc_ValueError, "slot out of range");
+        return NULL;
+    }
+    if (sync_buffer(obj, sem.words_off, 4 * (sem.w_table + sem.slots), 4, view) < 0)
+        return NULL;
+    if ((size_t)view->len < (size_t)sem.mutex_off + sizeof(pthread_mutex_t)) {
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_ValueError, "the buffer is too small for a semaphore");
+        return NULL;
+    }
+    return (uint32_t *)((char *)view->buf + sem.words_off);
+}
+
+/* semaphore.py's _commit: the value and one slot's count as one step, through the journal. */
+static void
+sem_commit(volatile uint32_t *w, uint32_t value, Py_ssize_t slot, uint32_t count)
+{
+    w[sem.w_jvalue] = value;
+    w[sem.w_jslot] = (uint32_t)slot;
+    w[sem.w_jcount] = count;
+    __atomic_store_n(&w[sem.w_jvalid], 1, __ATOMIC_SEQ_CST);
+    w[sem.w_value] = value;
+    w[sem.w_table + slot] = count;
+    __atomic_store_n(&w[sem.w_jvalid], 0, __ATOMIC_SEQ_CST);
+}
+
+/* Take the mutex without waiting: 1 taken, 0 not (busy: the caller goes the Python way, which
+   waits). A holder that died inside a state change is repaired as semaphore.py's _repair does:
+   the journal, if valid, is replayed. */
+static int
+sem_enter(pthread_mutex_t *mutex, volatile uint32_t *w)
+{
+    int rc = pthread_mutex_trylock(mutex);
+    if (rc == EOWNERDEAD) {  /* we hold it now, marked inconsistent */
+        if (pthread_mutex_consistent(mutex) != 0) {
+            pthread_mutex_unlock(mutex);
+            return 0;
+        }
+        if (w[sem.w_jvalid]) {
+            uint32_t slot = w[sem.w_jslot];
+            if ((Py_ssize_t)slot < sem.slots) {
+                w[sem.w_value] = w[sem.w_jvalue];
+                w[sem.w_table + slot] = w[sem.w_jcount];
+            }
+            w[sem.w_jvalid] = 0;
+        }
+        return 1;
+    }
+    return rc == 0;
+}
+
+static PyObject *
+sem_take(PyObject *module, PyObject *args)
+{
+    PyObject *obj;
+    Py_ssize_t slot;
+    Py_buffer view;
+    if (!PyArg_ParseTuple(args, "On", &obj, &slot))
+        return NULL;
+    volatile uint32_t *w = sem_words(obj, slot, &view);
+    if (w == NULL)
+        return NULL;
+    pthread_mutex_t *mutex = (pthread_mutex_t *)((char *)view.buf + sem.mutex_off);
+    int taken = 0;
+    if (sem_enter(mutex, w)) {
+        uint32_t value = w[sem.w_value];
+        if (value > 0 && value <= sem.value_max) {
+            uint32_t count = w[sem.w_table + slot];
+            sem_commit(w, value - 1, slot, count < sem.value_max ? count + 1 : sem.value_max);
+            taken = 1;
+        }
+        pthread_mutex_unlock(mutex);
+    }
+    PyBuffer_Release(&view);
+    return PyBool_FromLong(taken);
+}
+
+static PyObject *
+sem_give(PyObject *module, PyObject *args)
+{
+    PyObject *obj;
+    Py_ssize_t slot;
+    unsigned int n, limit;
+    Py_buffer view;
+    if (!PyArg_ParseTuple(args, "OnII", &obj, &slot, &n, &limit))
+        return NULL;
+    volatile uint32_t *w = sem_words(obj, slot, &view);
+    if (w == NULL)
+        return NULL;
+    pthread_mutex_t *mutex = (pthread_mutex_t *)((char *)view.buf + sem.mutex_off);
+    int given = 0;
+    if (n > 0 && sem_enter(mutex, w)) {
+        uint32_t value = w[sem.w_value], count = w[sem.w_table + slot];
+        if (count >= n && value <= limit && n <= limit - value) {
+            sem_commit(w, value + n, slot, count - n);
+            w[sem.w_seq] = w[sem.w_seq] + 1;
+            given = 1;
+        }
+        pthread_mutex_unlock(mutex);
+        if (given)
+            syscall(SYS_futex, (uint32_t *)&w[sem.w_seq], FUTEX_WAKE, (int)(n > INT_MAX ? INT_MAX : n), NULL, NULL, 0);
+    }
+    PyBuffer_Release(&view);
+    return PyBool_FromLong(given);
+}
+
 static PyObject *
 new_sync_mutex(PyObject *module, PyObject *Py_UNUSED(ignored))
 {
@@ -707,6 +852,9 @@ static PyMethodDef module_methods[] = {
     {"futex_wait", (PyCFunction)futex_wait, METH_VARARGS, "Wait one slice on a futex word; True if woken."},
     {"futex_wake", (PyCFunction)futex_wake, METH_VARARGS, "Wake up to n waiters of a futex word."},
     {"new_sync_mutex", (PyCFunction)new_sync_mutex, METH_NOARGS, "A primitive's internal mutex, as bytes."},
+    {"sem_layout", (PyCFunction)sem_layout, METH_VARARGS, "Hand over a Semaphore's word layout (once)."},
+    {"sem_take", (PyCFunction)sem_take, METH_VARARGS, "A Semaphore's uncontended acquire; False: do it in Python."},
+    {"sem_give", (PyCFunction)sem_give, METH_VARARGS, "A Semaphore's release from its own slot; False: do it in Python."},
     {NULL, NULL, 0, NULL},
 };
 

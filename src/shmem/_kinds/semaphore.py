@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Tuple
 
-from . import lock_layout, sync_async
+from . import lock_layout, sync_async, sync_wait
 from .sync_block import Primitive
 from .sync_layout import (
     SLOTS,
@@ -41,7 +41,15 @@ from .sync_layout import (
     W_TABLE,
     W_VALUE,
 )
-from .sync_wait import Deadline, Memory
+from .sync_wait import MUTEX_OFFSET, WORDS_OFFSET, Deadline, Memory
+
+# The C extension's whole-in-C uncontended acquire and own-slot release (None on the
+# pure-Python path, which does the same in the methods below): told the layout once.
+_FAST: Any = sync_wait._sync
+if _FAST is not None:
+    _FAST.sem_layout(
+        MUTEX_OFFSET, WORDS_OFFSET, W_SEQ, W_VALUE, W_J_VALID, W_J_SLOT, W_J_VALUE, W_J_COUNT, W_TABLE, SLOTS, VALUE_MAX
+    )
 
 _UNSET: Any = object()
 
@@ -163,6 +171,12 @@ class Semaphore(Primitive):
             OSError: all of the block's process slots are taken.
             KeyboardInterrupt: Ctrl-C (or what a signal handler raises) while waiting.
         """
+        if _FAST is not None and timeout is None and blocking is _UNSET and self._slots is not None:
+            # A permit free and this handle's slot claimed: all in one C call (the same
+            # steps as below, under the same mutex); anything else goes the long way.
+            own, block_ = self._slots.own(), self._block
+            if own >= 0 and block_ is not None and _FAST.sem_take(block_.mapping, own):
+                return True
         if blocking is not _UNSET:
             if block is not _UNSET:
                 raise TypeError("acquire() got 'block' (or 'blocking') twice")
@@ -207,6 +221,12 @@ class Semaphore(Primitive):
             raise TypeError(f"n must be an int, not {type(n).__name__}")
         if n < 1:
             raise ValueError("n must be one or more")
+        if _FAST is not None and n <= VALUE_MAX and self._slots is not None:
+            # Giving back permits this handle's slot holds: one C call (the loop below, its first case).
+            own, block_ = self._slots.own(), self._block
+            limit = self._bound if self._TYPE == TYPE_BOUNDED else VALUE_MAX
+            if own >= 0 and block_ is not None and _FAST.sem_give(block_.mapping, own, n, limit):
+                return
         mem = self._enter()
         try:
             words = mem.words
