@@ -31,8 +31,18 @@ def futex_wait(buf: Any, offset: int, expected: int, timeout_ns: int) -> bool: .
 def futex_wake(buf: Any, offset: int, n: int) -> int: ...
 def new_sync_mutex() -> bytes: ...
 def sem_layout(
-    mutex_off: int, words_off: int, w_seq: int, w_value: int, w_jvalid: int, w_jslot: int,
-    w_jvalue: int, w_jcount: int, w_table: int, slots: int, value_max: int, /
+    mutex_off: int,
+    words_off: int,
+    w_seq: int,
+    w_value: int,
+    w_jvalid: int,
+    w_jslot: int,
+    w_jvalue: int,
+    w_jcount: int,
+    w_table: int,
+    slots: int,
+    value_max: int,
+    /,
 ) -> None: ...
 def sem_take(buffer: Any, slot: int, /) -> bool: ...
 def sem_give(buffer: Any, slot: int, n: int, limit: int, /) -> bool: ...
