@@ -22,6 +22,7 @@ import multiprocessing.shared_memory
 import os
 import secrets
 import signal
+import subprocess
 import sys
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Set
@@ -289,3 +290,28 @@ def own_reaper(shm_prefix: str) -> Iterator[OwnReaper]:
         yield record
     finally:
         record.cleanup()
+
+
+def kill_and_reap(pid: int) -> None:
+    """SIGKILL our child ``pid`` (gone already is fine) and collect its exit status."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    os.waitpid(pid, 0)
+
+
+def run_pure_python(test_file: str, selection: str) -> subprocess.CompletedProcess[str]:
+    """Run the tests of ``test_file`` that ``selection`` (a pytest -k expression)
+    picks again in a fresh pytest with ``SHMEM_PURE_PYTHON=1`` and no other
+    SHMEM_ variable: the fallback of a C fast path, in the same tests."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHMEM_")}
+    env["SHMEM_PURE_PYTHON"] = "1"
+    return subprocess.run(
+        [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", selection],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )

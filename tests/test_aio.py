@@ -9,14 +9,12 @@ import asyncio
 import multiprocessing
 import os
 import signal
-import subprocess
 import threading
 import time
-from pathlib import Path
 from typing import Any, List
 
 import pytest
-from conftest import PYTHON
+from conftest import run_pure_python
 
 import shmem
 import shmem.aio
@@ -363,15 +361,6 @@ def test_condition_and_barrier_bad_arguments_are_refused() -> None:
 
 @pytest.mark.skipif(not sync_wait.ACCELERATED, reason="this run is the pure-Python path already")
 def test_pure_python_path() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SHMEM_")}
-    env["SHMEM_PURE_PYTHON"] = "1"
-    run = subprocess.run(
-        [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not test_pure_python_path"],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-        cwd=Path(__file__).parent.parent,
-    )
+    run = run_pure_python(__file__, "not test_pure_python_path")
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 import pytest
 from _forge import forge_kind_header, peek, poke
 from _lock_workers import ACQUIRED, BACKWARDS, BAD, COUNTER, DIED, HUNG, REPAIRED, STATE_SIZE, A, B, count, locked_job
-from conftest import PYTHON, mapped_with_prefix, wait_until
+from conftest import PYTHON, kill_and_reap, mapped_with_prefix, run_pure_python, wait_until
 
 import shmem
 from shmem._core.header import EXTRA_OFFSET, TRAILER_SIZE
@@ -59,14 +59,6 @@ def fork_holder(lock: Any, then: Callable[[], None] = lambda: time.sleep(60)) ->
     finally:
         os.close(r)
     return pid
-
-
-def kill_and_reap(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    os.waitpid(pid, 0)
 
 
 def reap(pid: int) -> int:
@@ -745,16 +737,7 @@ CORE = [
 
 @pytest.mark.skipif(not lock_layout.ACCELERATED, reason="this run is the pure-Python path already")
 def test_pure_python_path_passes_the_core_tests() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SHMEM_")}
-    env["SHMEM_PURE_PYTHON"] = "1"
-    run = subprocess.run(
-        [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", " or ".join(CORE)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-        cwd=Path(__file__).parent.parent,
-    )
+    run = run_pure_python(__file__, " or ".join(CORE))
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and "skipped" not in run.stdout.split("\n")[-2]
 

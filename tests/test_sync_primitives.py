@@ -30,7 +30,7 @@ from _sync_workers import (
     set_event,
     wait_event,
 )
-from conftest import PYTHON, mapped_with_prefix, wait_until
+from conftest import PYTHON, kill_and_reap, mapped_with_prefix, run_pure_python, wait_until
 
 import shmem
 from shmem._kinds import sync_layout, sync_wait
@@ -47,14 +47,6 @@ def forked(body: Callable[[], None]) -> int:
         finally:
             os._exit(0)
     return pid
-
-
-def kill_and_reap(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    os.waitpid(pid, 0)
 
 
 # ------------------------------------------------------------------ Event
@@ -696,16 +688,7 @@ CORE = [
 
 @pytest.mark.skipif(not sync_wait.ACCELERATED, reason="this run is the pure-Python path already")
 def test_pure_python_path_passes_the_core_tests() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SHMEM_")}
-    env["SHMEM_PURE_PYTHON"] = "1"
-    run = subprocess.run(
-        [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", " or ".join(CORE)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-        cwd=Path(__file__).parent.parent,
-    )
+    run = run_pure_python(__file__, " or ".join(CORE))
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout
 
