@@ -1,11 +1,13 @@
 """Build configuration beyond pyproject.toml: the optional C fast paths.
 
 ``optional=True``: where no C compiler is available the package installs
-without ``shmem._speedups`` (ShareableList) and ``shmem._sync`` (Lock, RLock),
-and they use their pure-Python paths, which behave the same, only slower.
-``SHMEM_REQUIRE_SPEEDUPS=1`` (CI sets it) makes a failed build fail the
-installation, and - at run time - a missing or stale build an ImportError
-(``shmem._kinds.list_layout``, ``shmem._kinds.lock_layout``).
+without ``shmem._speedups`` (ShareableList), ``shmem._sync`` (Lock, RLock and
+the other primitives) and ``shmem._platform._fastpath`` (the attach path's
+system calls), and they use their pure-Python paths, which behave the same,
+only slower. ``SHMEM_REQUIRE_SPEEDUPS=1`` (CI sets it) makes a failed build
+fail the installation, and - at run time - a missing or stale build an
+ImportError (``shmem._kinds.list_layout``, ``shmem._kinds.lock_layout``,
+``shmem._platform._linux``).
 """
 
 import os
@@ -19,6 +21,12 @@ setup(
         Extension(
             "shmem._speedups",
             ["src/shmem/_speedups.c"],
+            optional=not REQUIRED,
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"],
+        ),
+        Extension(
+            "shmem._platform._fastpath",
+            ["src/shmem/_platform/_fastpath.c"],
             optional=not REQUIRED,
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"],
         ),

@@ -103,7 +103,8 @@ class Block:
     ) -> None:
         self.name, self.size, self.inode, self.header = name, size, inode, header
         self.mapping, self.tracked = mapping, tracked
-        self._trailer: Optional[bytes] = None  # the header's bytes, as ``unchanged`` expects to read them
+        # (file size, trailer offset, the header's bytes): what ``unchanged`` expects to find
+        self._trailer: Optional[Tuple[int, int, bytes]] = None
 
     # ------------------------------------------------------------ creating
 
@@ -250,14 +251,16 @@ class Block:
                 return file_size == self.size and Header.read(fd, file_size, self.name) is None
             except (OSError, ValueError):  # CorruptSegment is a ValueError
                 return False
-        if file_size != total_size(self.size):
-            return False
         # The header as the creator wrote it (a header that parses alike but reads
         # differently only costs a fresh attach). One read, no parsing.
         if self._trailer is None:
-            self._trailer = self.header.pack()
+            total = total_size(self.size)
+            self._trailer = (total, Header.trailer_offset(total), self.header.pack())
+        total, offset, trailer = self._trailer
+        if file_size != total:
+            return False
         try:
-            return os.pread(fd, len(self._trailer), Header.trailer_offset(file_size)) == self._trailer
+            return os.pread(fd, len(trailer), offset) == trailer
         except OSError:
             return False
 
@@ -315,8 +318,8 @@ class UsersLease:
         no longer refers to the block: after os.closerange() it may belong to
         any other file (the lease's lock went with the closed descriptor)."""
         fd, self._fd = self._fd, -1
-        if fd >= 0 and _platform.still_open(fd, self.inode):
-            os.close(fd)
+        if fd >= 0:
+            _platform.close_if_open(fd, self.inode)
 
     def __del__(self) -> None:
         if self._fd >= 0 and os is not None:  # os is None late in interpreter shutdown

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import functools
 import os
 import select
 import socket
 import stat
 import struct
-from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from .._errors import InvalidName, NoSpace, SegmentExists, SegmentNotFound, ShmemError, UnsafeSegment
 
@@ -50,6 +49,40 @@ def path_of(name: str) -> str:
     if not name or "/" in name or "\0" in name or name in (".", ".."):
         raise InvalidName(f"{name!r} is not a shared memory block name: it must be one entry of {SHM_DIR}")
     return SHM_DIR + "/" + name
+
+
+# --------------------------------------------------------------------- the C fast path
+#
+# ``_fastpath`` (C) makes the attach path's system calls without building
+# Python objects for fields nobody reads (os.fstat alone costs ~2 us); each of
+# its functions has a pure-Python twin below, which behaves the same.
+
+
+def _flag(variable: str) -> bool:
+    return os.environ.get(variable, "") not in ("", "0")
+
+
+#: SHMEM_PURE_PYTHON=1: every C fast path off, for testing the fallbacks (the same behaviour, slower).
+PURE_REQUESTED = _flag("SHMEM_PURE_PYTHON")
+#: SHMEM_REQUIRE_SPEEDUPS=1 (CI): a C fast path that did not build is an ImportError, not a silent fallback.
+SPEEDUPS_REQUIRED = _flag("SHMEM_REQUIRE_SPEEDUPS") and not PURE_REQUESTED
+
+try:
+    if PURE_REQUESTED:
+        raise ImportError("pure Python requested (SHMEM_PURE_PYTHON)")
+    from . import _fastpath
+
+    if getattr(_fastpath, "VERSION", None) != 1:
+        raise ImportError("shmem._platform._fastpath is a stale build")
+    ACCELERATED = True
+except ImportError as _err:
+    if SPEEDUPS_REQUIRED:
+        raise ImportError(
+            f"SHMEM_REQUIRE_SPEEDUPS is set, but shmem's C extension for attaching is not usable ({_err}); "
+            "reinstall shmem where a C compiler is present, or unset the variable"
+        ) from _err
+    _fastpath = None  # type: ignore[assignment]
+    ACCELERATED = False
 
 
 # --------------------------------------------------------------------- files
@@ -171,19 +204,7 @@ def open_existing(name: str, writable: bool = True) -> Opened:
     file the user can write), O_NONBLOCK keeps a FIFO from blocking the open,
     and anything that is not a regular file is refused after fstat.
     """
-    try:
-        fd = os.open(path_of(name), _OPEN_EXISTING if writable else _OPEN_EXISTING_RO)
-    except OSError as err:
-        raise _translate(err, name) from err
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UnsafeSegment(name, f"not a shared memory block but a {_kind_of(st.st_mode)}")
-    except BaseException:
-        os.close(fd)
-        raise
-    # tuple.__new__: positional, no keyword handling - this is on every attach's path.
-    return tuple.__new__(Opened, (fd, st.st_size, st.st_ino, st.st_mtime, st.st_uid, st.st_mode & 0o7777))
+    return _opened(name, _open_block(name, _OPEN_EXISTING if writable else _OPEN_EXISTING_RO, -1))
 
 
 def open_locked(name: str, offset: int, writable: bool = False) -> Opened:
@@ -196,29 +217,80 @@ def open_locked(name: str, offset: int, writable: bool = False) -> Opened:
     while it unlinks, and a block has one link, its name - so the count says
     what a second lookup of the name would, without one.
     """
-    try:
-        fd = os.open(path_of(name), _OPEN_EXISTING if writable else _OPEN_EXISTING_RO)
+    try:  # _open_block, inlined: this is on every tracked attach's path
+        raw = _open_block_fast(path_of(name), _OPEN_EXISTING if writable else _OPEN_EXISTING_RO, offset)
     except OSError as err:
         raise _translate(err, name) from err
+    return tuple.__new__(Opened, raw) if len(raw) == 6 else _opened(name, raw)
+
+
+# What _open_block returns: the six fields of an Opened for a regular file that has a
+# name; else (fd, size, inode, mtime, uid, mode, nlink), the mode with its file type
+# (nlink -1: the lock was refused, and the mtime field is its errno).
+_Raw = Tuple[Any, ...]
+
+
+def _opened(name: str, raw: _Raw) -> Opened:
+    """``raw`` checked: a regular file, locked if asked, still linked; else its descriptor closed and why."""
+    if len(raw) == 6:
+        # tuple.__new__: positional, no keyword handling - this is on every attach's path.
+        return tuple.__new__(Opened, raw)
+    fd, size, inode, mtime, uid, mode, nlink = raw
+    os.close(fd)
+    if not stat.S_ISREG(mode):
+        raise UnsafeSegment(name, f"not a shared memory block but a {_kind_of(mode)}")
+    if nlink == 0:
+        raise SegmentNotFound(name, "the shared memory block was removed while attaching")
+    code = int(mtime)
+    raise OSError(code, f"{os.strerror(code)} (shared memory block: its users lock)", name)
+
+
+def _open_block_python(path: str, flags: int, offset: int) -> _Raw:
+    """The pure-Python twin of ``_fastpath.open_block``: open, lock byte
+    ``offset`` if it is not negative, fstat. PEP 475 retries the lock's wait
+    after a signal whose handler returns; one that raises ends it."""
+    fd = os.open(path, flags)
     try:
-        try:
-            # fcntl directly, not lock_shared(): this is on every tracked attach's path. PEP 475
-            # retries the wait after a signal whose handler returns; one that raises ends it.
-            fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, offset, 1, 0))
-        except OSError:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):  # a FIFO, directory, ...: say so, not the lock's error
-                raise UnsafeSegment(name, f"not a shared memory block but a {_kind_of(st.st_mode)}") from None
-            raise
+        if offset >= 0:
+            try:
+                # fcntl directly, not lock_shared(): this is on every tracked attach's path.
+                fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, offset, 1, 0))
+            except OSError as err:
+                st = os.fstat(fd)
+                return fd, st.st_size, st.st_ino, err.errno or 0, st.st_uid, st.st_mode, -1
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UnsafeSegment(name, f"not a shared memory block but a {_kind_of(st.st_mode)}")
-        if st.st_nlink == 0:
-            raise SegmentNotFound(name, "the shared memory block was removed while attaching")
     except BaseException:
         os.close(fd)
         raise
-    return tuple.__new__(Opened, (fd, st.st_size, st.st_ino, st.st_mtime, st.st_uid, st.st_mode & 0o7777))
+    if stat.S_ISREG(st.st_mode) and st.st_nlink > 0:
+        return fd, st.st_size, st.st_ino, st.st_mtime, st.st_uid, st.st_mode & 0o7777
+    return fd, st.st_size, st.st_ino, st.st_mtime, st.st_uid, st.st_mode, st.st_nlink
+
+
+def _open_block(name: str, flags: int, offset: int) -> _Raw:
+    path = path_of(name)
+    try:
+        return _open_block_fast(path, flags, offset)
+    except OSError as err:
+        raise _translate(err, name) from err
+
+
+def _identity_python(fd: int) -> Optional[Tuple[int, int, int, int, int]]:
+    """The pure-Python twin of ``_fastpath.identity``: (inode, device, mode, nlink, size) or None."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_ino, st.st_dev, st.st_mode, st.st_nlink, st.st_size
+
+
+def _close_if_python(fd: int, inode: int, device: int) -> bool:
+    """The pure-Python twin of ``_fastpath.close_if``."""
+    found = _identity_python(fd)
+    if found is None or found[0] != inode or found[1] != device or not stat.S_ISREG(found[2]):
+        return False
+    os.close(fd)
+    return True
 
 
 def still_open(fd: int, inode: int) -> bool:
@@ -226,16 +298,24 @@ def still_open(fd: int, inode: int) -> bool:
     Daemonizing code calls os.closerange(): a number we opened may since have
     been closed and reused for any other file, which must never be locked,
     read or closed in the block's name."""
-    try:
-        st = os.fstat(fd)
-    except OSError:
-        return False
-    return st.st_ino == inode and st.st_dev == _shm_device() and stat.S_ISREG(st.st_mode)
+    found = _identity(fd)
+    return found is not None and found[0] == inode and found[1] == _shm_device() and stat.S_ISREG(found[2])
 
 
-@functools.lru_cache(maxsize=1)
+def close_if_open(fd: int, inode: int) -> bool:
+    """Close ``fd`` if it still refers to the block file with this inode
+    (``still_open``) and say whether it did; any other file is left alone."""
+    return _close_if(fd, inode, _SHM_DEVICE or _shm_device())
+
+
+_SHM_DEVICE = 0  # the device of /dev/shm, once known
+
+
 def _shm_device() -> int:
-    return os.stat(SHM_DIR).st_dev
+    global _SHM_DEVICE
+    if not _SHM_DEVICE:
+        _SHM_DEVICE = os.stat(SHM_DIR).st_dev
+    return _SHM_DEVICE
 
 
 def still_published(name: str, inode: int) -> bool:
@@ -612,3 +692,8 @@ def process_alive(who: ProcessIdentity) -> Optional[bool]:
     if who.pid_namespace != _PID_NAMESPACE:
         return None
     return _start_time(who.pid) == who.start_time
+
+
+_open_block_fast = _fastpath.open_block if _fastpath is not None else _open_block_python
+_identity = _fastpath.identity if _fastpath is not None else _identity_python
+_close_if = _fastpath.close_if if _fastpath is not None else _close_if_python
