@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Every shmem benchmark, one after the other: the README's benchmark command.
 
-    python benchmarks/bench.py [--quick] [--only core,list,arrays,manager,locks]
+    python benchmarks/bench.py [--quick] [--only core,list,arrays,manager,locks,queues]
 
 Each suite measures shmem and its baselines in the same run and prints ratios;
 see benchmarks/README.md. Suites whose optional requirements are missing
@@ -23,6 +23,7 @@ SUITES = {
     "arrays": ("bench_arrays.py", "numpy"),
     "manager": ("bench_manager.py", None),
     "locks": ("bench_locks.py", None),
+    "queues": ("bench_queues.py", None),
 }
 
 

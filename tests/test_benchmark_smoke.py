@@ -63,6 +63,45 @@ def test_lock_benchmark_smoke_run_reports_its_goals(shm_prefix: str) -> None:
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
 
 
+def test_queue_benchmark_smoke_run_reports_its_goals(tmp_path: Path, shm_prefix: str) -> None:
+    out = tmp_path / "queues.json"
+    prefix = shm_prefix + "bench_"
+    run = subprocess.run(
+        [sys.executable, str(BENCH.parent / "bench_queues.py"), "--smoke", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "SHMBENCH_PREFIX": prefix},
+    )
+    assert run.returncode == 0, run.stderr
+    goals = [line for line in run.stdout.splitlines() if line.startswith("goal:")]
+    assert len(goals) == 8, run.stdout  # one per goal of the issue; the arrays' says "skipped" without NumPy
+    assert not [line for line in goals if "not measured" in line], run.stdout
+    for row in (
+        "64-byte bytes, 1 producer -> 1 consumer",
+        "small objects, put/get",
+        "small objects, put_many/get_many x 64",
+        "64-byte ping-pong round trip",
+        "64-byte bytes, 4 producers -> 1 consumer",
+        "idle: a process blocked in get()",
+        "shmem.Queue send_bytes/recv_bytes",
+        "multiprocessing.Queue put/get",
+        "os.pipe",
+    ):
+        assert row in run.stdout
+    assert "FAILED" not in run.stdout
+    report = json.loads(out.read_text())
+    assert len(report["goals"]) == 8 and report["rows"]
+    assert "cleanup: removed leftover" not in run.stderr  # every queue was closed, the last handle the parent's
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    assert bench.SUITES["queues"] == ("bench_queues.py", None)  # `shmem bench` runs it too
+
+
 def test_shmem_bench_runs_the_lock_suite() -> None:
     """``shmem bench`` runs benchmarks/bench.py, whose suites include the locks."""
     sys.path.insert(0, str(BENCH.parent))

@@ -30,17 +30,20 @@ from ._segments import Segment, inspect_segment, list_segments, remove_segment
 # Imported on first use. NumPy is optional: without it, the first use of an
 # array name raises an ImportError saying how to install it. The manager pulls
 # in multiprocessing.managers, which a program that does not use it need not pay;
-# locks, events, semaphores, conditions and barriers, their C extension (or ctypes).
+# locks, events, semaphores, conditions, barriers and queues, their C extension (or ctypes).
 _LAZY = {
     "Barrier": "._kinds.barrier",
     "BoundedSemaphore": "._kinds.semaphore",
     "Condition": "._kinds.condition",
     "Event": "._kinds.event",
+    "JoinableQueue": "._kinds.queue",
     "Lock": "._kinds.lock",
+    "Queue": "._kinds.queue",
     "RLock": "._kinds.lock",
     "Semaphore": "._kinds.semaphore",
     "SharedMemoryManager": "._kinds.manager",
     "SharedArray": "._kinds.array",
+    "SimpleQueue": "._kinds.queue",
     "array": "._kinds.array",
     "attach_array": "._kinds.array",
     "empty": "._kinds.array",
@@ -55,6 +58,7 @@ if TYPE_CHECKING:
     from ._kinds.event import Event
     from ._kinds.lock import Lock, RLock
     from ._kinds.manager import SharedMemoryManager
+    from ._kinds.queue import JoinableQueue, Queue, SimpleQueue
     from ._kinds.semaphore import BoundedSemaphore, Semaphore
 
 
@@ -80,9 +84,11 @@ __all__ = [
     "GcReport",
     "InvalidName",
     "InvalidSize",
+    "JoinableQueue",
     "Lock",
     "NoSpace",
     "OwnerDiedWarning",
+    "Queue",
     "RLock",
     "RemovedBlock",
     "Segment",
@@ -95,6 +101,7 @@ __all__ = [
     "SharedMemory",
     "SharedMemoryManager",
     "ShmemError",
+    "SimpleQueue",
     "UnsafeSegment",
     "UnsupportedDtype",
     "WriterStalled",

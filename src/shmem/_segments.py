@@ -32,6 +32,7 @@ from ._core.header import (
     KIND_EVENT,
     KIND_LOCK,
     KIND_NAMES,
+    KIND_QUEUE,
     KIND_SEMAPHORE,
     Header,
 )
@@ -39,6 +40,8 @@ from ._core.lifecycle import USERS_LOCK
 from ._errors import CorruptSegment, SegmentInUse, SegmentNotFound
 from ._kinds import Described, Fields, described
 from ._kinds.lock_layout import LOCK_SIZE, lock_state
+from ._kinds.queue_layout import RING as QUEUE_CONTROL_BYTES
+from ._kinds.queue_layout import queue_state
 from ._kinds.sync_layout import (
     SLOTS,
     BarrierState,
@@ -162,6 +165,8 @@ def _inspect(name: str, opened: _platform.Opened) -> Segment:
         description = Described(description.text, description.fields + lock_fields(opened, header))
     elif header.kind in _SYNC_KINDS:
         description = Described(description.text, description.fields + sync_fields(name, opened, header))
+    elif header.kind == KIND_QUEUE:
+        description = Described(description.text, description.fields + queue_fields(opened, header))
     in_use = _platform.is_locked(opened.fd, USERS_LOCK)
     if not header.auto_remove and header.ready:
         state = "untracked"  # as remove_if_abandoned keeps it: its creator's life says nothing
@@ -229,6 +234,27 @@ def lock_fields(opened: _platform.Opened, header: Header) -> Fields:
         if device is not None:
             pid = _process_of_thread_mapping(tid, device, opened.inode)
     return tuple(zip(keys, (tid, pid, state.waiters, state.owner_died, state.recoverable)))
+
+
+def queue_fields(opened: _platform.Opened, header: Header) -> Fields:
+    """A queue's fill level, read from its control words without its mutex (a snapshot):
+
+    * ``items``: messages in the queue; ``used_bytes``: ring bytes they take;
+    * ``unfinished``: a JoinableQueue's items not yet ``task_done()``;
+    * ``getters_waiting`` / ``putters_waiting``: processes asleep in ``get`` /
+      ``put`` (a hint: one that died asleep stays counted until the next wake-up).
+
+    Hostile input: words that cannot be a live queue's give None for every field.
+    """
+    keys = ("items", "used_bytes", "unfinished", "getters_waiting", "putters_waiting")
+    try:
+        state = queue_state(header.extra, os.pread(opened.fd, QUEUE_CONTROL_BYTES, 0))
+    except (OSError, ValueError):
+        state = None
+    if state is None:
+        return tuple((key, None) for key in keys)
+    values = (state.items, state.used_bytes, state.unfinished, state.getters_waiting, state.putters_waiting)
+    return tuple(zip(keys, values))
 
 
 class SlotHolder(NamedTuple):

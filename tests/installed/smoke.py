@@ -28,12 +28,13 @@ def child(name: str, queue: multiprocessing.Queue) -> None:  # type: ignore[type
 def main() -> None:
     import shmem
     import shmem._platform._fastpath  # noqa: F401 - the C fast paths were built into the wheel
+    import shmem._queue  # noqa: F401
     import shmem._speedups  # noqa: F401
     import shmem._sync  # noqa: F401
 
     package = pathlib.Path(shmem.__file__).parent
     assert "site-packages" in package.parts, f"shmem imported from {package}, not from the installed wheel"
-    for shipped in ("py.typed", "_speedups.pyi", "_sync.pyi", "_platform/_fastpath.pyi"):
+    for shipped in ("py.typed", "_speedups.pyi", "_sync.pyi", "_queue.pyi", "_platform/_fastpath.pyi"):
         assert (package / shipped).is_file(), f"the wheel lacks {shipped}"
     version = importlib.metadata.version("shmem")
     assert version == shmem.__version__, (version, shmem.__version__)

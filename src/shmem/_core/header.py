@@ -73,6 +73,7 @@ KIND_EVENT = 4
 KIND_CONDITION = 5
 KIND_SEMAPHORE = 6
 KIND_BARRIER = 7
+KIND_QUEUE = 8
 KIND_NAMES = {
     KIND_RAW: "raw",
     KIND_LIST: "list",
@@ -82,6 +83,7 @@ KIND_NAMES = {
     KIND_CONDITION: "condition",
     KIND_SEMAPHORE: "semaphore",
     KIND_BARRIER: "barrier",
+    KIND_QUEUE: "queue",
 }
 
 FLAG_AUTO_REMOVE = 1

@@ -34,6 +34,9 @@ condition  ``type``: ``"Condition"``
 semaphore  ``type``: ``"Semaphore"`` or ``"BoundedSemaphore"``; ``value``:
            its initial value (a BoundedSemaphore's bound)
 barrier    ``type``: ``"Barrier"``; ``parties``
+queue      ``type``: ``"Queue"`` or ``"JoinableQueue"``; ``capacity`` (the
+           ring's bytes); ``maxsize`` (items, 0: no limit) - ``_segments``
+           adds the fill level, read from the block's data
 =========  ==============================================================
 """
 
@@ -48,6 +51,7 @@ from .._core.header import (
     KIND_EVENT,
     KIND_LIST,
     KIND_LOCK,
+    KIND_QUEUE,
     KIND_SEMAPHORE,
     Header,
 )
@@ -128,4 +132,12 @@ def described(header: Header) -> Described:
         elif parsed.type == TYPE_BARRIER:
             sync_fields += (("parties", parsed.value),)
         return Described(text, sync_fields)
+    if header.kind == KIND_QUEUE:
+        from .queue_layout import describe as describe_queue
+        from .queue_layout import parse_kind_header as parse_queue
+
+        text = describe_queue(header.extra)  # validates the header
+        q = parse_queue(header.extra, header.size)
+        kind = "JoinableQueue" if q.joinable else "Queue"
+        return Described(text, (("type", kind), ("capacity", q.capacity), ("maxsize", q.maxsize)))
     return Described("", ())

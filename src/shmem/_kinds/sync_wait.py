@@ -216,6 +216,13 @@ else:
     new_sync_mutex, _Calls = new_sync_mutex_py, _PyCalls
     ACCELERATED = False
 
+
+def calls(mapping: Any) -> Any:
+    """The four calls (lock, unlock, wait, wake; each at a byte offset) on ``mapping``,
+    through C or ctypes: for a kind that lays out its own words (``queue_ring``)."""
+    return _Calls(mapping)
+
+
 MUTEX_SIZE = lock_layout.MUTEX_SIZE
 KIND_OFFSET = lock_layout.KIND_OFFSET
 _MUTEX_KIND: Optional[bytes] = None

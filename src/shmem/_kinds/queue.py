@@ -1,0 +1,331 @@
+"""Queues between processes through one shared memory block: ``shmem.Queue``,
+``SimpleQueue`` and ``JoinableQueue``, drop-ins for ``multiprocessing``'s.
+
+``multiprocessing.Queue`` pickles every message through a pipe, from a
+feeder thread, and a process killed while using it can leave it corrupt or
+deadlocked (its documentation warns so). A shmem queue is a ring of records
+in one block (``queue_layout`` draws it), written and read in place under a
+robust mutex (``queue_ring``; C in ``shmem._queue``):
+
+* ``put`` pickles the object and copies it into the ring; ``get`` copies it
+  out and unpickles it - in the calling thread: no feeder thread, nothing
+  buffered in the process, so a ``put`` that returned is in the queue.
+* A process killed anywhere inside ``put`` or ``get`` costs nothing: its
+  half-written record was never committed, its half-taken one is still there;
+  the next process to take the mutex hears that its holder died and
+  recounts the ring.
+* A ``get`` on an empty queue watches it for ~20 us, then sleeps in the
+  kernel (a futex) until a ``put`` wakes it: an idle consumer uses no CPU.
+
+Lifetime: as for every shmem block. ``name=None`` makes a new block under a
+generated name, shared by passing the queue (it pickles by name) to
+``Process``/``Pool`` or through another queue, under spawn, fork and
+forkserver; ``Queue(name="jobs")`` creates the queue or opens the one that
+exists, so unrelated programs share it by name. The queue lives while any
+process has a handle on it; the last to close (or to exit, however) removes
+it, with whatever it still holds.
+
+Trust: ``get`` unpickles what other processes put, as ``multiprocessing``
+does. Only the user who made the block can open it (mode 0600): use a queue
+between your own processes, never as a channel from other users.
+"""
+
+from __future__ import annotations
+
+import pickle
+import queue as _stdlib_queue
+from typing import Any, Iterable, List, Optional, Tuple
+
+from .._core.block import Block
+from .._core.header import KIND_QUEUE
+from .._errors import CorruptSegment
+from . import named_block, queue_layout, queue_ring, sync_wait
+from .queue_layout import DEFAULT_CAPACITY, MAX_CAPACITY, MIN_CAPACITY, TAG_BYTES, TAG_PICKLE, QueueHeader
+
+__all__ = ["JoinableQueue", "Queue", "SimpleQueue"]
+
+Empty = _stdlib_queue.Empty
+Full = _stdlib_queue.Full
+
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
+_dumps, _loads = pickle.dumps, pickle.loads
+
+
+def _capacity(capacity: Optional[int]) -> int:
+    if capacity is None:
+        return DEFAULT_CAPACITY
+    if isinstance(capacity, bool) or not isinstance(capacity, int):
+        raise TypeError(f"capacity must be an int (bytes), not {type(capacity).__name__}")
+    if not MIN_CAPACITY <= capacity <= MAX_CAPACITY:
+        raise ValueError(f"capacity must be between {MIN_CAPACITY} and {MAX_CAPACITY} bytes, not {capacity}")
+    return (capacity + 7) & ~7
+
+
+def _maxsize(maxsize: Any) -> int:
+    if isinstance(maxsize, bool) or not isinstance(maxsize, int):
+        raise TypeError(f"maxsize must be an int, not {type(maxsize).__name__}")
+    if maxsize >= 1 << 62:
+        raise ValueError(f"maxsize {maxsize} is too large")
+    return max(0, maxsize)  # multiprocessing: 0 or less means no limit
+
+
+def _timeout_ns(block: bool, timeout: Optional[float]) -> int:
+    """multiprocessing's rules: a negative timeout is a ValueError; ``block=False`` ignores it."""
+    if not block:
+        return 0
+    if timeout is None:
+        return -1
+    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout < 0:
+        raise ValueError("'timeout' must be a non-negative number")
+    ns = sync_wait.forever_or_ns(timeout)
+    return ns
+
+
+class Queue:
+    """A process-shared FIFO queue: ``multiprocessing.Queue``'s API, in shared memory.
+
+    Args:
+        maxsize: At most this many items (0 or less: limited only by the ring's bytes).
+        name: Create the queue under this name, or open the one that exists
+            (its maxsize and capacity win); None: a new queue, shared by passing it.
+        capacity: The ring's size in bytes (default 1 MiB). A message larger than
+            the ring raises ValueError.
+        ctx: Accepted for ``multiprocessing.Queue(ctx=...)`` compatibility; unused.
+
+    Raises:
+        ValueError: a capacity out of range, or a name that holds another kind of block.
+        FileExistsError, PermissionError: as for any block name.
+    """
+
+    _joinable = False
+    _core: Any = None  # class defaults: a half-built queue can still be closed and shown
+    _block: Optional[Block] = None
+    _closed = True
+
+    def __init__(
+        self, maxsize: int = 0, *, name: Optional[str] = None, capacity: Optional[int] = None, ctx: Any = None
+    ) -> None:
+        size = _capacity(capacity)
+        limit = _maxsize(maxsize)
+        self._open(name, size, limit, create=True)
+
+    def _open(self, name: Optional[str], capacity: int, maxsize: int, create: bool) -> None:
+        joinable = self._joinable
+
+        def check_attached(block: Block) -> QueueHeader:
+            header = block.header
+            if header is None or header.kind != KIND_QUEUE:
+                raise CorruptSegment(f"shared memory block {block.name!r} is not a queue")
+            parsed = queue_layout.parse_kind_header(header.extra, block.size)
+            assert block.mapping is not None
+            queue_layout.check_mutex(block.mapping[: queue_layout.RING], block.name)
+            if parsed.joinable != joinable:
+                kind = "JoinableQueue" if parsed.joinable else "Queue"
+                raise CorruptSegment(
+                    f"shared memory block {block.name!r} is a shmem.{kind}, not a {type(self).__name__}"
+                )
+            return parsed
+
+        block, parsed = named_block.create_or_attach(
+            name,
+            create,
+            queue_layout.data_size(capacity),
+            KIND_QUEUE,
+            queue_layout.kind_header(capacity, maxsize, joinable),
+            [(0, queue_layout.initial())],
+            check_attached,
+        )
+        header = parsed if parsed is not None else QueueHeader(capacity, maxsize, joinable)
+        try:
+            self._core = queue_ring.new_core(block.mapping, header.capacity, header.maxsize, header.joinable)
+        except BaseException:
+            block.release()
+            raise
+        self._block, self._maxsize, self._capacity, self._closed = block, header.maxsize, header.capacity, False
+
+    @classmethod
+    def _attach(cls, name: str) -> Queue:
+        q = cls.__new__(cls)
+        q._open(name, DEFAULT_CAPACITY, 0, create=False)
+        return q
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        if self._block is None:
+            raise ValueError(f"cannot pickle a closed shmem.{type(self).__name__}")
+        return (type(self)._attach, (self._block.name,))
+
+    # ------------------------------------------------------------ state
+
+    @property
+    def name(self) -> Optional[str]:
+        """The block's name (open it elsewhere with ``shmem.Queue(name=...)``); None once closed."""
+        return None if self._block is None else self._block.name
+
+    @property
+    def capacity(self) -> int:
+        """The ring's size in bytes."""
+        return self._capacity
+
+    @property
+    def maxsize(self) -> int:
+        """The most items the queue holds (0: limited by the ring's bytes only)."""
+        return self._maxsize
+
+    def _ring(self, doing: str) -> Any:
+        core = self._core
+        if core is None or self._closed:
+            raise ValueError(f"cannot {doing}: the shmem.{type(self).__name__} is closed")
+        return core
+
+    def qsize(self) -> int:
+        """The number of items in the queue (a snapshot)."""
+        return int(self._ring("qsize").qsize())
+
+    def empty(self) -> bool:
+        """Whether the queue holds no item (a snapshot)."""
+        return self.qsize() == 0
+
+    def full(self) -> bool:
+        """Whether the queue holds ``maxsize`` items (a snapshot; False without a maxsize,
+        though a put may still wait for the ring's bytes)."""
+        return bool(self._maxsize) and self.qsize() >= self._maxsize
+
+    # ------------------------------------------------------------ put and get
+
+    def put(self, obj: Any, block: bool = True, timeout: Optional[float] = None) -> None:
+        """Put ``obj`` (pickled) at the end of the queue, waiting for room if
+        ``block`` (at most ``timeout`` seconds). Raises ``queue.Full`` when there
+        is no room in time, ValueError when the pickle is larger than the ring."""
+        core = self._ring("put")
+        data = _dumps(obj, _PROTOCOL)
+        if not core.put(data, TAG_PICKLE, _timeout_ns(block, timeout)):
+            raise Full
+
+    def put_nowait(self, obj: Any) -> None:
+        """``put(obj, False)``."""
+        self.put(obj, False)
+
+    def get(self, block: bool = True, timeout: Optional[float] = None) -> Any:
+        """Remove and return the first item, waiting for one if ``block`` (at most
+        ``timeout`` seconds). Raises ``queue.Empty`` when none came in time.
+        An item sent with ``send_bytes`` comes back as ``bytes``."""
+        item = self._ring("get").get(_timeout_ns(block, timeout))
+        if item is None:
+            raise Empty
+        tag, payload = item
+        return _loads(payload) if tag == TAG_PICKLE else payload
+
+    def get_nowait(self) -> Any:
+        """``get(False)``."""
+        return self.get(False)
+
+    def put_many(self, objs: Iterable[Any], block: bool = True, timeout: Optional[float] = None) -> None:
+        """Put every object of ``objs``, in order, in as few locked sections as
+        fit (shmem's own; faster-fifo's name). Raises ``queue.Full`` if the time
+        ran out first - the objects before the first that did not fit were put."""
+        core = self._ring("put")
+        data = [_dumps(obj, _PROTOCOL) for obj in objs]
+        if core.put_many(data, TAG_PICKLE, _timeout_ns(block, timeout)) != len(data):
+            raise Full
+
+    def get_many(self, max_items: int = 1 << 30, block: bool = True, timeout: Optional[float] = None) -> List[Any]:
+        """Remove and return up to ``max_items`` items at once: waits (if
+        ``block``) for the first, then takes what is there. Raises
+        ``queue.Empty`` when none came in time."""
+        if isinstance(max_items, bool) or not isinstance(max_items, int):
+            raise TypeError(f"max_items must be an int, not {type(max_items).__name__}")
+        if max_items < 1:
+            raise ValueError("max_items must be at least 1")
+        items = self._ring("get").get_many(max_items, _timeout_ns(block, timeout))
+        if not items:
+            raise Empty
+        return [_loads(payload) if tag == TAG_PICKLE else payload for tag, payload in items]
+
+    def send_bytes(self, data: Any, block: bool = True, timeout: Optional[float] = None) -> None:
+        """Put the bytes of ``data`` (any bytes-like object) as one message, not pickled."""
+        if not self._ring("put").put(data, TAG_BYTES, _timeout_ns(block, timeout)):
+            raise Full
+
+    def recv_bytes(self, block: bool = True, timeout: Optional[float] = None) -> bytes:
+        """Remove and return the first message as bytes (an item put with ``put``
+        comes as its pickle). Raises ``queue.Empty`` when none came in time."""
+        item = self._ring("get").get(_timeout_ns(block, timeout))
+        if item is None:
+            raise Empty
+        return bytes(item[1])
+
+    # ------------------------------------------------------------ the end
+
+    def close(self) -> None:
+        """This process will put and get no more through this handle (idempotent).
+        The queue lives on while other handles have it open; the last one to
+        close (or to exit) removes it."""
+        self._closed = True
+        core, block = self._core, self._block
+        self._core = self._block = None
+        if core is not None:
+            core.release()
+        if block is not None:
+            block.release()
+            named_block.remove_if_unused(block)
+
+    def join_thread(self) -> None:
+        """multiprocessing's: wait for the feeder thread. A shmem queue has none:
+        a ``put`` that returned is in the queue already. Does nothing."""
+
+    def cancel_join_thread(self) -> None:
+        """multiprocessing's: do not wait for the feeder thread at exit. Nothing
+        to cancel: no data is ever buffered in the process."""
+
+    def __enter__(self) -> Queue:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        if self._block is None:
+            return f"<shmem.{type(self).__name__} closed>"
+        try:
+            size = f" qsize={self.qsize()}"
+        except Exception:
+            size = ""
+        return f"<shmem.{type(self).__name__} {self._block.name!r} capacity={self._capacity}{size}>"
+
+
+class JoinableQueue(Queue):
+    """A Queue whose consumers call ``task_done()`` for every item they got,
+    so that ``join()`` can wait until all have been processed."""
+
+    _joinable = True
+
+    def task_done(self) -> None:
+        """Mark one item got from the queue as processed. ValueError if called more
+        times than items were put."""
+        self._ring("task_done").task_done()
+
+    def join(self, timeout: Optional[float] = None) -> bool:
+        """Wait until every item put has been marked done (at most ``timeout``
+        seconds: then False)."""
+        return bool(self._ring("join").join(_timeout_ns(True, timeout)))
+
+
+class SimpleQueue(Queue):
+    """``multiprocessing.SimpleQueue``: ``put``, ``get``, ``empty``, ``close``; unbounded."""
+
+    def __init__(self, *, name: Optional[str] = None, capacity: Optional[int] = None, ctx: Any = None) -> None:
+        super().__init__(0, name=name, capacity=capacity)
+
+    def put(self, obj: Any) -> None:  # type: ignore[override]
+        """Put ``obj`` at the end of the queue (waiting for room in the ring)."""
+        super().put(obj)
+
+    def get(self) -> Any:  # type: ignore[override]
+        """Remove and return the first item, waiting for one."""
+        return super().get()

@@ -1,0 +1,400 @@
+"""The ring of a queue block: put and get records under the block's robust mutex.
+
+``RingCore(mapping, capacity, maxsize, joinable)`` is ``shmem._queue.QueueCore``
+(C) when it is built, else the pure-Python twin below, which follows the C
+code step by step (``src/shmem/_queue.c`` explains the protocol: commit
+order, repair after a holder died, sleepers and futex words). Both raise
+the same exceptions for the same inputs; the twin is slower.
+
+The twin's critical sections run Python code, where a signal handler could
+run and call the same queue (the mutex is error-checking: that would be
+EDEADLK). So it blocks signals in the calling thread while it holds the
+mutex; they are delivered, and their handlers run, right after.
+"""
+
+from __future__ import annotations
+
+import signal
+import struct
+import time
+from typing import Any, List, Optional, Sequence, Tuple
+
+from .._errors import CorruptSegment
+from . import lock_layout, sync_wait
+from .queue_layout import (
+    OFF_COUNT,
+    OFF_GET_SLEEPERS,
+    OFF_HEAD,
+    OFF_JOIN_SLEEPERS,
+    OFF_PUT_SLEEPERS,
+    OFF_SEQ_GET,
+    OFF_SEQ_JOIN,
+    OFF_SEQ_PUT,
+    OFF_TAIL,
+    OFF_UNFINISHED,
+    REC,
+    RING,
+    TAG_WRAP,
+    record_size,
+)
+
+QUEUE_VERSION = 1
+SLICE_NS = sync_wait.SLICE_NS
+SPIN_NS = 20_000
+
+_U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
+_REC = struct.Struct("<II")
+_ALL_SIGNALS = set(signal.Signals)
+
+Item = Tuple[int, bytes]
+
+
+def _corrupt(what: str) -> CorruptSegment:
+    return CorruptSegment(f"queue ring is damaged: {what}")
+
+
+def _too_big(length: int, capacity: int) -> ValueError:
+    return ValueError(
+        f"a message of {length} bytes does not fit in this queue's ring of {capacity} bytes "
+        "(make the queue with a larger capacity=)"
+    )
+
+
+class PyRingCore:
+    """The pure-Python twin of ``shmem._queue.QueueCore``."""
+
+    def __init__(self, mapping: Any, capacity: int, maxsize: int, joinable: bool) -> None:
+        view = memoryview(mapping)
+        if capacity < 64 or capacity % 8 or len(view) < RING or capacity > len(view) - RING:
+            view.release()
+            raise ValueError("the queue's capacity does not fit its block")
+        self._view: Optional[memoryview] = view
+        self._calls = sync_wait.calls(mapping)
+        self.capacity, self.maxsize, self.joinable = capacity, maxsize, joinable
+
+    # ------------------------------------------------------------ the mutex
+
+    def _buf(self) -> memoryview:
+        if self._view is None:
+            raise ValueError("the queue is closed")
+        return self._view
+
+    def _u64(self, off: int) -> int:
+        return int(_U64.unpack_from(self._buf(), off)[0])
+
+    def _set64(self, off: int, value: int) -> None:
+        _U64.pack_into(self._buf(), off, value & 0xFFFFFFFFFFFFFFFF)
+
+    def _u32(self, off: int) -> int:
+        return int(_U32.unpack_from(self._buf(), off)[0])
+
+    def _set32(self, off: int, value: int) -> None:
+        _U32.pack_into(self._buf(), off, value & 0xFFFFFFFF)
+
+    def _lock(self) -> Any:
+        """Block signals, take the mutex (repair if its holder died); the old signal mask to restore."""
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
+        try:
+            if self._calls.lock(0):
+                self._repair()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            raise
+        return mask
+
+    def _unlock(self, mask: Any) -> None:
+        try:
+            self._calls.unlock(0)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+    def _repair(self) -> None:
+        buf, cap = self._buf(), self.capacity
+        head, tail = self._u64(OFF_HEAD), self._u64(OFF_TAIL)
+        if (tail - head) & 0xFFFFFFFFFFFFFFFF > cap:
+            tail = head
+        pos, count = head, 0
+        while pos != tail:
+            at = pos % cap
+            room = cap - at
+            if room < REC or tail - pos < REC:
+                break
+            length, tag = _REC.unpack_from(buf, RING + at)
+            if tag == TAG_WRAP:
+                if tail - pos < room:
+                    break
+                pos += room
+                continue
+            size = record_size(length)
+            if size > room or size > tail - pos:
+                break
+            pos += size
+            count += 1
+        self._set64(OFF_TAIL, pos)
+        self._set64(OFF_COUNT, count)
+        if self.joinable and self._u64(OFF_UNFINISHED) < count:
+            self._set64(OFF_UNFINISHED, count)
+
+    def _wake(self, off: int, n: int) -> None:
+        self._calls.wake(off, n)
+
+    def _count_out(self, seq_off: int, sleepers_off: int) -> bool:
+        if self._u32(sleepers_off) == 0:
+            return False
+        self._set32(sleepers_off, self._u32(sleepers_off) - 1)
+        self._set32(seq_off, self._u32(seq_off) + 1)
+        return True
+
+    def _sleep_once(self, mask: Any, seq_off: int, sleepers_off: int, left_ns: int) -> Any:
+        """Count in as a sleeper, sleep one slice with the mutex free; the mutex held again (its mask)."""
+        seen = self._u32(seq_off)
+        self._set32(sleepers_off, self._u32(sleepers_off) + 1)
+        self._unlock(mask)
+        if left_ns < 0 or left_ns > SLICE_NS:
+            left_ns = SLICE_NS
+        woken = False
+        try:
+            woken = self._calls.wait(seq_off, seen, left_ns)
+        finally:  # also when a signal handler raised: count ourselves out
+            mask = self._lock()
+            if not woken and self._u32(seq_off) == seen and self._u32(sleepers_off):
+                self._set32(sleepers_off, self._u32(sleepers_off) - 1)
+        return mask
+
+    def _spin(self, seen_count: int) -> None:
+        end = time.monotonic_ns() + SPIN_NS
+        while self._u64(OFF_COUNT) == seen_count and time.monotonic_ns() < end:
+            pass
+
+    # ------------------------------------------------------------ records
+
+    def _ends(self) -> Tuple[int, int]:
+        head, tail = self._u64(OFF_HEAD), self._u64(OFF_TAIL)
+        if (tail - head) & 0xFFFFFFFFFFFFFFFF > self.capacity or head % 8 or tail % 8:
+            raise _corrupt("head and tail do not fit the ring")
+        return head, tail
+
+    def _append(self, data: Any, tag: int) -> bool:
+        head, tail = self._ends()
+        cap = self.capacity
+        length = len(data)
+        size = record_size(length)
+        at = tail % cap
+        skip = cap - at if cap - at < size else 0
+        if cap - (tail - head) < skip + size:
+            return False
+        if self.maxsize and self._u64(OFF_COUNT) >= self.maxsize:
+            return False
+        buf = self._buf()
+        if skip:
+            _REC.pack_into(buf, RING + at, 0, TAG_WRAP)
+            tail += skip
+            at = 0
+        _REC.pack_into(buf, RING + at, length, tag)
+        buf[RING + at + REC : RING + at + REC + length] = data
+        self._set64(OFF_TAIL, tail + size)
+        self._set64(OFF_COUNT, self._u64(OFF_COUNT) + 1)
+        if self.joinable:
+            self._set64(OFF_UNFINISHED, self._u64(OFF_UNFINISHED) + 1)
+        return True
+
+    def _take(self) -> Optional[Item]:
+        head, tail = self._ends()
+        cap, buf = self.capacity, self._buf()
+        while True:
+            if head == tail:
+                if self._u64(OFF_COUNT):
+                    self._set64(OFF_COUNT, 0)
+                return None
+            at = head % cap
+            room = cap - at
+            if tail - head < REC:
+                raise _corrupt("a record header is cut short")
+            length, tag = _REC.unpack_from(buf, RING + at)
+            if tag == TAG_WRAP:
+                if tail - head < room:
+                    raise _corrupt("a wrap record reaches past the tail")
+                head += room
+                self._set64(OFF_HEAD, head)
+                continue
+            size = record_size(length)
+            if size > room or size > tail - head:
+                raise _corrupt("a record is longer than the ring holds")
+            payload = bytes(buf[RING + at + REC : RING + at + REC + length])
+            self._set64(OFF_HEAD, head + size)
+            if self._u64(OFF_COUNT):
+                self._set64(OFF_COUNT, self._u64(OFF_COUNT) - 1)
+            return tag, payload
+
+    # ------------------------------------------------------------ the methods (as in C)
+
+    def _check_size(self, length: int) -> None:
+        if length > self.capacity or record_size(length) > self.capacity or length > 0xFFFFFFFF - 8:
+            raise _too_big(length, self.capacity)
+
+    def put(self, data: Any, tag: int, timeout_ns: int) -> bool:
+        return self.put_many([data], tag, timeout_ns) == 1
+
+    def put_many(self, items: List[Any], tag: int, timeout_ns: int) -> int:
+        if not isinstance(items, list):
+            raise TypeError("put_many() takes a list")
+        self._buf()
+        views = [memoryview(item).cast("B") for item in items]
+        for view in views:
+            self._check_size(len(view))
+        end = -1 if timeout_ns < 0 else time.monotonic_ns() + timeout_ns
+        done, spun = 0, False
+        mask = self._lock()
+        try:
+            while done < len(views):
+                if self._append(views[done], tag):
+                    done += 1
+                    continue
+                w = self._count_out(OFF_SEQ_GET, OFF_GET_SLEEPERS)
+                left = -1 if end < 0 else end - time.monotonic_ns()
+                if end >= 0 and left <= 0:
+                    break
+                if not spun or w:
+                    seen = self._u64(OFF_COUNT)
+                    self._unlock(mask)
+                    if w:
+                        self._wake(OFF_SEQ_GET, 1)
+                    if not spun:
+                        self._spin(seen)
+                        spun = True
+                    mask = self._lock()
+                    continue
+                mask = self._sleep_once(mask, OFF_SEQ_PUT, OFF_PUT_SLEEPERS, left)
+            w = done > 0 and self._count_out(OFF_SEQ_GET, OFF_GET_SLEEPERS)
+        finally:
+            self._unlock(mask)
+        if w:
+            self._wake(OFF_SEQ_GET, 1)
+        return done
+
+    def get(self, timeout_ns: int) -> Optional[Item]:
+        items = self.get_many(1, timeout_ns)
+        return items[0] if items else None
+
+    def get_many(self, max_items: int, timeout_ns: int) -> List[Item]:
+        self._buf()
+        out: List[Item] = []
+        end = -1 if timeout_ns < 0 else time.monotonic_ns() + timeout_ns
+        spun = timeout_ns == 0
+        mask = self._lock()
+        try:
+            while True:
+                while len(out) < max_items:
+                    try:
+                        item = self._take()
+                    except CorruptSegment:
+                        if out:
+                            break  # return what was taken; the next call meets the damage again
+                        raise
+                    if item is None:
+                        break
+                    out.append(item)
+                if out or max_items <= 0:
+                    break
+                left = -1 if end < 0 else end - time.monotonic_ns()
+                if end >= 0 and left <= 0:
+                    break
+                if not spun:
+                    self._unlock(mask)
+                    self._spin(0)
+                    spun = True
+                    mask = self._lock()
+                    continue
+                mask = self._sleep_once(mask, OFF_SEQ_GET, OFF_GET_SLEEPERS, left)
+            w = bool(out) and self._count_out(OFF_SEQ_PUT, OFF_PUT_SLEEPERS)
+        finally:
+            self._unlock(mask)
+        if w:
+            self._wake(OFF_SEQ_PUT, 1)
+        return out
+
+    def qsize(self) -> int:
+        return self._u64(OFF_COUNT)
+
+    def task_done(self) -> None:
+        self._buf()
+        mask = self._lock()
+        try:
+            unfinished = self._u64(OFF_UNFINISHED)
+            if unfinished == 0:
+                raise ValueError("task_done() called too many times")
+            self._set64(OFF_UNFINISHED, unfinished - 1)
+            w = False
+            if unfinished == 1:
+                self._set32(OFF_SEQ_JOIN, self._u32(OFF_SEQ_JOIN) + 1)
+                w = self._u32(OFF_JOIN_SLEEPERS) != 0
+                self._set32(OFF_JOIN_SLEEPERS, 0)
+        finally:
+            self._unlock(mask)
+        if w:
+            self._wake(OFF_SEQ_JOIN, 0x7FFFFFFF)
+
+    def join(self, timeout_ns: int) -> bool:
+        self._buf()
+        end = -1 if timeout_ns < 0 else time.monotonic_ns() + timeout_ns
+        mask = self._lock()
+        try:
+            while self._u64(OFF_UNFINISHED) != 0:
+                left = -1 if end < 0 else end - time.monotonic_ns()
+                if end >= 0 and left <= 0:
+                    return False
+                mask = self._sleep_once(mask, OFF_SEQ_JOIN, OFF_JOIN_SLEEPERS, left)
+            return True
+        finally:
+            self._unlock(mask)
+
+    def state(self) -> Tuple[int, int, int, int, int, int]:
+        self._buf()
+        mask = self._lock()
+        try:
+            return (
+                self._u64(OFF_HEAD),
+                self._u64(OFF_TAIL),
+                self._u64(OFF_COUNT),
+                self._u64(OFF_UNFINISHED),
+                self._u32(OFF_GET_SLEEPERS),
+                self._u32(OFF_PUT_SLEEPERS),
+            )
+        finally:
+            self._unlock(mask)
+
+    def release(self) -> None:
+        view, self._view = self._view, None
+        if view is not None:
+            self._calls.release()
+            view.release()
+
+
+RingCore: Any
+try:
+    if lock_layout.PURE_REQUESTED:
+        raise ImportError("pure Python requested (SHMEM_PURE_PYTHON)")
+    from .. import _queue
+
+    if getattr(_queue, "QUEUE_VERSION", None) != QUEUE_VERSION or _queue.RING != RING:
+        raise ImportError("shmem._queue is a stale build of another ring layout")
+    _queue._set_corrupt(CorruptSegment)
+    RingCore = _queue.QueueCore
+    ACCELERATED = True
+except ImportError as err:
+    if lock_layout.SPEEDUPS_REQUIRED:
+        raise ImportError(
+            f"SHMEM_REQUIRE_SPEEDUPS is set, but shmem's C extension for queues is not usable ({err}); "
+            "reinstall shmem where a C compiler is present, or unset the variable"
+        ) from err
+    RingCore = PyRingCore
+    ACCELERATED = False
+
+
+def new_core(mapping: Any, capacity: int, maxsize: int, joinable: bool) -> Any:
+    """The ring over a queue block's mapping (C or the twin)."""
+    return RingCore(mapping, capacity, maxsize, joinable)
+
+
+__all__: Sequence[str] = ["ACCELERATED", "PyRingCore", "RingCore", "new_core"]
