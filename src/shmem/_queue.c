@@ -279,6 +279,14 @@ append(QueueCore *self, const char *data, uint64_t length, uint32_t tag)
     if (tail - head > cap || head % 8 || tail % 8)
         return corrupt("head and tail do not fit the ring");
     uint64_t size = rec_size(length);
+    if (head == tail && cap - tail % cap < size) {
+        /* An empty ring whose free bytes are split by the end: restart both ends at offset 0, else
+         * a record larger than the part left before the end could never be placed. head first: a
+         * crash before tail moves leaves head past tail, which repair() empties. */
+        head = tail + (cap - tail % cap);
+        *U64(self, OFF_HEAD) = head;
+        tail = head;
+    }
     long long skip = room_for(self, size, head, tail);
     if (skip < 0)
         return 0;
@@ -300,9 +308,9 @@ append(QueueCore *self, const char *data, uint64_t length, uint32_t tag)
     return 1;
 }
 
-/* Take the first record (mutex held): a new (tag, bytes) tuple, Py_None if empty, NULL on error. */
+/* Take the first record (mutex held): its payload (tag in *tag), Py_None if empty, NULL on error. */
 static PyObject *
-take(QueueCore *self)
+take_raw(QueueCore *self, uint32_t *tag_out)
 {
     uint64_t head = *U64(self, OFF_HEAD), tail = *U64(self, OFF_TAIL), cap = self->capacity;
     if (tail - head > cap || head % 8 || tail % 8) {
@@ -339,14 +347,23 @@ take(QueueCore *self)
         PyObject *payload = PyBytes_FromStringAndSize(ring + at + REC, (Py_ssize_t)length);
         if (payload == NULL)
             return NULL;
-        PyObject *result = Py_BuildValue("(kN)", (unsigned long)tag, payload);
-        if (result == NULL)
-            return NULL;
         *U64(self, OFF_HEAD) = head + size; /* commit: head, then count */
         if (*U64(self, OFF_COUNT))
             *U64(self, OFF_COUNT) -= 1;
-        return result;
+        *tag_out = tag;
+        return payload;
     }
+}
+
+/* take_raw, as a new (tag, bytes) tuple. */
+static PyObject *
+take(QueueCore *self)
+{
+    uint32_t tag = 0;
+    PyObject *payload = take_raw(self, &tag);
+    if (payload == NULL || payload == Py_None)
+        return payload;
+    return Py_BuildValue("(kN)", (unsigned long)tag, payload);
 }
 
 /* ------------------------------------------------------------------ the methods */
@@ -729,6 +746,239 @@ qc_dealloc(QueueCore *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* ------------------------------------------------------------------ multiprocessing's calls
+ *
+ * put(obj, block=True, timeout=None), get(block=True, timeout=None), send_bytes(data, block, timeout)
+ * and recv_bytes(block, timeout) whole in C: shmem.Queue binds these as its methods, so a call costs
+ * no Python frame. queue_ring.py's twin has the same four, with the same rules and exceptions
+ * (multiprocessing's: a negative timeout is ValueError; block=False ignores the timeout;
+ * queue.Full / queue.Empty when the time runs out).
+ */
+
+static PyObject *dumps_fn, *loads_fn, *full_exc, *empty_exc, *protocol_obj; /* set by _set_codec */
+
+/* (block, timeout) from positional args starting at `first` and keywords; -2 on error. */
+static long long
+wait_arg(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, Py_ssize_t first)
+{
+    PyObject *block = NULL, *timeout = NULL;
+    Py_ssize_t npos = nargs - first;
+    if (npos > 2) {
+        PyErr_SetString(PyExc_TypeError, "too many arguments: (block=True, timeout=None)");
+        return -2;
+    }
+    if (npos >= 1)
+        block = args[first];
+    if (npos == 2)
+        timeout = args[first + 1];
+    if (kwnames != NULL) {
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(kwnames); i++) {
+            PyObject *key = PyTuple_GET_ITEM(kwnames, i), *value = args[nargs + i];
+            if (PyUnicode_CompareWithASCIIString(key, "block") == 0 && block == NULL)
+                block = value;
+            else if (PyUnicode_CompareWithASCIIString(key, "timeout") == 0 && timeout == NULL)
+                timeout = value;
+            else {
+                PyErr_Format(PyExc_TypeError, "unexpected or repeated keyword argument %R", key);
+                return -2;
+            }
+        }
+    }
+    if (block != NULL) {
+        int b = PyObject_IsTrue(block);
+        if (b < 0)
+            return -2;
+        if (!b)
+            return 0;
+    }
+    if (timeout == NULL || timeout == Py_None)
+        return -1;
+    if (PyBool_Check(timeout) || !(PyLong_Check(timeout) || PyFloat_Check(timeout))) {
+        PyErr_Format(PyExc_TypeError, "timeout must be None or a number of seconds, not %.100s",
+                     Py_TYPE(timeout)->tp_name);
+        return -2;
+    }
+    double seconds = PyFloat_AsDouble(timeout);
+    if (seconds == -1.0 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return -2;
+        PyErr_Clear();
+        int sign = PyObject_RichCompareBool(timeout, Py_False, Py_GT); /* a huge int: its sign */
+        if (sign < 0)
+            return -2;
+        if (!sign) {
+            PyErr_SetString(PyExc_ValueError, "'timeout' must be a non-negative number");
+            return -2;
+        }
+        return -1;
+    }
+    if (seconds != seconds) {
+        PyErr_SetString(PyExc_ValueError, "timeout must not be NaN");
+        return -2;
+    }
+    if (seconds < 0) {
+        PyErr_SetString(PyExc_ValueError, "'timeout' must be a non-negative number");
+        return -2;
+    }
+    if (seconds * 1e9 >= 4611686018427387904.0) /* 2**62 ns: about 146 years, forever */
+        return -1;
+    return (long long)(seconds * 1e9);
+}
+
+/* One record in, waiting as asked; 1 put, 0 no room in time, -1 error. */
+static int
+put_data(QueueCore *self, PyObject *data, uint32_t tag, long long timeout_ns)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
+        return -1;
+    if (too_big(self, view.len) || q_lock(self) < 0) {
+        PyBuffer_Release(&view);
+        return -1;
+    }
+    int rc = append(self, view.buf, (uint64_t)view.len, tag);
+    if (rc == 1) {
+        int w = count_out(self, OFF_SEQ_GET, OFF_GET_SLEEPERS);
+        q_unlock(self);
+        PyBuffer_Release(&view);
+        if (w)
+            wake(self, OFF_SEQ_GET, 1);
+        return 1;
+    }
+    q_unlock(self);
+    PyBuffer_Release(&view);
+    if (rc < 0 || timeout_ns == 0)
+        return rc;
+    PyObject *one = PyList_New(1);
+    if (one == NULL)
+        return -1;
+    Py_INCREF(data);
+    PyList_SET_ITEM(one, 0, data);
+    PyObject *args = Py_BuildValue("(OkL)", one, (unsigned long)tag, timeout_ns);
+    Py_DECREF(one);
+    if (args == NULL)
+        return -1;
+    PyObject *n = qc_put_many(self, args);
+    Py_DECREF(args);
+    if (n == NULL)
+        return -1;
+    long put = PyLong_AsLong(n);
+    Py_DECREF(n);
+    return put == 1;
+}
+
+/* The first record's (tag, payload), waiting as asked; Py_None if none came in time. */
+static PyObject *
+get_item(QueueCore *self, long long timeout_ns)
+{
+    PyObject *args = Py_BuildValue("(L)", timeout_ns);
+    if (args == NULL)
+        return NULL;
+    PyObject *item = qc_get(self, args);
+    Py_DECREF(args);
+    return item;
+}
+
+static PyObject *
+qc_put_obj(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    if (nargs < 1) {
+        PyErr_SetString(PyExc_TypeError, "put() missing its object");
+        return NULL;
+    }
+    long long ns = wait_arg(args, nargs, kwnames, 1);
+    if (ns == -2 || check_bound(self) < 0)
+        return NULL;
+    PyObject *call[2] = {args[0], protocol_obj};
+    PyObject *data = PyObject_Vectorcall(dumps_fn, call, 2, NULL);
+    if (data == NULL)
+        return NULL;
+    int rc = put_data(self, data, 1, ns);
+    Py_DECREF(data);
+    if (rc < 0)
+        return NULL;
+    if (rc == 0) {
+        PyErr_SetNone(full_exc);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+qc_send_bytes(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    if (nargs < 1) {
+        PyErr_SetString(PyExc_TypeError, "send_bytes() missing its data");
+        return NULL;
+    }
+    long long ns = wait_arg(args, nargs, kwnames, 1);
+    if (ns == -2 || check_bound(self) < 0)
+        return NULL;
+    int rc = put_data(self, args[0], 2, ns);
+    if (rc < 0)
+        return NULL;
+    if (rc == 0) {
+        PyErr_SetNone(full_exc);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* The first record's payload (its tag in *tag), waiting as asked; queue.Empty if none came in time. */
+static PyObject *
+got_or_empty(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, uint32_t *tag)
+{
+    long long ns = wait_arg(args, nargs, kwnames, 0);
+    if (ns == -2 || check_bound(self) < 0 || q_lock(self) < 0)
+        return NULL;
+    PyObject *payload = take_raw(self, tag); /* the usual case: an item there at once */
+    if (payload != NULL && payload != Py_None) {
+        int w = count_out(self, OFF_SEQ_PUT, OFF_PUT_SLEEPERS);
+        q_unlock(self);
+        if (w)
+            wake(self, OFF_SEQ_PUT, 1);
+        return payload;
+    }
+    q_unlock(self);
+    if (payload == NULL)
+        return NULL;
+    Py_DECREF(payload);
+    PyObject *item = ns == 0 ? Py_None : get_item(self, ns);
+    if (item == Py_None) {
+        if (ns == 0)
+            Py_INCREF(item);
+        Py_DECREF(item);
+        PyErr_SetNone(empty_exc);
+        return NULL;
+    }
+    if (item == NULL)
+        return NULL;
+    *tag = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(item, 0));
+    payload = PyTuple_GET_ITEM(item, 1);
+    Py_INCREF(payload);
+    Py_DECREF(item);
+    return payload;
+}
+
+static PyObject *
+qc_get_obj(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    uint32_t tag = 0;
+    PyObject *payload = got_or_empty(self, args, nargs, kwnames, &tag);
+    if (payload == NULL || tag != 1)
+        return payload;
+    PyObject *result = PyObject_CallOneArg(loads_fn, payload); /* unpickled with the mutex free */
+    Py_DECREF(payload);
+    return result;
+}
+
+static PyObject *
+qc_recv_bytes(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    uint32_t tag = 0;
+    return got_or_empty(self, args, nargs, kwnames, &tag);
+}
+
 static PyMethodDef qc_methods[] = {
     {"put", (PyCFunction)qc_put, METH_VARARGS, "put(data, tag, timeout_ns) -> bool"},
     {"put_many", (PyCFunction)qc_put_many, METH_VARARGS, "put_many(items, tag, timeout_ns) -> int"},
@@ -739,6 +989,14 @@ static PyMethodDef qc_methods[] = {
     {"join", (PyCFunction)qc_join, METH_VARARGS, "join(timeout_ns) -> bool"},
     {"state", (PyCFunction)qc_state, METH_NOARGS, "state() -> (head, tail, count, unfinished, gs, ps)"},
     {"release", (PyCFunction)qc_release, METH_NOARGS, "release the buffer"},
+    {"put_obj", (PyCFunction)(void (*)(void))qc_put_obj, METH_FASTCALL | METH_KEYWORDS,
+     "put_obj(obj, block=True, timeout=None): pickle and put; queue.Full if no room in time"},
+    {"get_obj", (PyCFunction)(void (*)(void))qc_get_obj, METH_FASTCALL | METH_KEYWORDS,
+     "get_obj(block=True, timeout=None): the first item (unpickled); queue.Empty if none in time"},
+    {"send_bytes", (PyCFunction)(void (*)(void))qc_send_bytes, METH_FASTCALL | METH_KEYWORDS,
+     "send_bytes(data, block=True, timeout=None): put bytes as they are; queue.Full if no room in time"},
+    {"recv_bytes", (PyCFunction)(void (*)(void))qc_recv_bytes, METH_FASTCALL | METH_KEYWORDS,
+     "recv_bytes(block=True, timeout=None): the first message's bytes; queue.Empty if none in time"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -761,8 +1019,29 @@ set_corrupt(PyObject *module, PyObject *category)
     Py_RETURN_NONE;
 }
 
+/* _set_codec(dumps, loads, protocol, Full, Empty): what put_obj/get_obj call and raise. */
+static PyObject *
+set_codec(PyObject *module, PyObject *args)
+{
+    PyObject *d, *l, *p, *f, *e;
+    if (!PyArg_ParseTuple(args, "OOOOO", &d, &l, &p, &f, &e))
+        return NULL;
+    Py_INCREF(d);
+    Py_INCREF(l);
+    Py_INCREF(p);
+    Py_INCREF(f);
+    Py_INCREF(e);
+    Py_XSETREF(dumps_fn, d);
+    Py_XSETREF(loads_fn, l);
+    Py_XSETREF(protocol_obj, p);
+    Py_XSETREF(full_exc, f);
+    Py_XSETREF(empty_exc, e);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
     {"_set_corrupt", (PyCFunction)set_corrupt, METH_O, "The exception for a damaged ring."},
+    {"_set_codec", (PyCFunction)set_codec, METH_VARARGS, "pickle.dumps, pickle.loads, protocol, Full, Empty."},
     {NULL, NULL, 0, NULL},
 };
 

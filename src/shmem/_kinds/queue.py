@@ -37,17 +37,17 @@ import queue as _stdlib_queue
 from typing import Any, Iterable, List, Optional, Tuple
 
 from .._core.block import Block
-from .._core.header import KIND_QUEUE
+from .._core.header import KIND_NAMES, KIND_QUEUE
 from .._errors import CorruptSegment
-from . import named_block, queue_layout, queue_ring, sync_wait
-from .queue_layout import DEFAULT_CAPACITY, MAX_CAPACITY, MIN_CAPACITY, TAG_BYTES, TAG_PICKLE, QueueHeader
+from . import named_block, queue_layout, queue_ring
+from .queue_layout import DEFAULT_CAPACITY, MAX_CAPACITY, MIN_CAPACITY, TAG_PICKLE, QueueHeader
 
 __all__ = ["JoinableQueue", "Queue", "SimpleQueue"]
 
 Empty = _stdlib_queue.Empty
 Full = _stdlib_queue.Full
 
-_PROTOCOL = pickle.HIGHEST_PROTOCOL
+_PROTOCOL = queue_ring.PROTOCOL
 _dumps, _loads = pickle.dumps, pickle.loads
 
 
@@ -67,18 +67,6 @@ def _maxsize(maxsize: Any) -> int:
     if maxsize >= 1 << 62:
         raise ValueError(f"maxsize {maxsize} is too large")
     return max(0, maxsize)  # multiprocessing: 0 or less means no limit
-
-
-def _timeout_ns(block: bool, timeout: Optional[float]) -> int:
-    """multiprocessing's rules: a negative timeout is a ValueError; ``block=False`` ignores it."""
-    if not block:
-        return 0
-    if timeout is None:
-        return -1
-    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout < 0:
-        raise ValueError("'timeout' must be a non-negative number")
-    ns = sync_wait.forever_or_ns(timeout)
-    return ns
 
 
 class Queue:
@@ -115,7 +103,11 @@ class Queue:
         def check_attached(block: Block) -> QueueHeader:
             header = block.header
             if header is None or header.kind != KIND_QUEUE:
-                raise CorruptSegment(f"shared memory block {block.name!r} is not a queue")
+                found = "a block made without shmem" if header is None else f"a {KIND_NAMES[header.kind]} block"
+                raise CorruptSegment(
+                    f"shared memory block {block.name!r} holds {found}, not a queue: "
+                    "open it with the class that made it (shmem.list_segments() says which kind it is)"
+                )
             parsed = queue_layout.parse_kind_header(header.extra, block.size)
             assert block.mapping is not None
             queue_layout.check_mutex(block.mapping[: queue_layout.RING], block.name)
@@ -142,6 +134,10 @@ class Queue:
             block.release()
             raise
         self._block, self._maxsize, self._capacity, self._closed = block, header.maxsize, header.capacity, False
+        # The four hot calls, bound straight to the ring's (C: no Python frame per call). The
+        # methods below say the same and are what a closed or half-built queue answers with.
+        core = self._core
+        vars(self).update(put=core.put_obj, get=core.get_obj, send_bytes=core.send_bytes, recv_bytes=core.recv_bytes)
 
     @classmethod
     def _attach(cls, name: str) -> Queue:
@@ -196,10 +192,7 @@ class Queue:
         """Put ``obj`` (pickled) at the end of the queue, waiting for room if
         ``block`` (at most ``timeout`` seconds). Raises ``queue.Full`` when there
         is no room in time, ValueError when the pickle is larger than the ring."""
-        core = self._ring("put")
-        data = _dumps(obj, _PROTOCOL)
-        if not core.put(data, TAG_PICKLE, _timeout_ns(block, timeout)):
-            raise Full
+        self._ring("put").put_obj(obj, block, timeout)
 
     def put_nowait(self, obj: Any) -> None:
         """``put(obj, False)``."""
@@ -209,11 +202,7 @@ class Queue:
         """Remove and return the first item, waiting for one if ``block`` (at most
         ``timeout`` seconds). Raises ``queue.Empty`` when none came in time.
         An item sent with ``send_bytes`` comes back as ``bytes``."""
-        item = self._ring("get").get(_timeout_ns(block, timeout))
-        if item is None:
-            raise Empty
-        tag, payload = item
-        return _loads(payload) if tag == TAG_PICKLE else payload
+        return self._ring("get").get_obj(block, timeout)
 
     def get_nowait(self) -> Any:
         """``get(False)``."""
@@ -225,7 +214,7 @@ class Queue:
         ran out first - the objects before the first that did not fit were put."""
         core = self._ring("put")
         data = [_dumps(obj, _PROTOCOL) for obj in objs]
-        if core.put_many(data, TAG_PICKLE, _timeout_ns(block, timeout)) != len(data):
+        if core.put_many(data, TAG_PICKLE, queue_ring.wait_ns(block, timeout)) != len(data):
             raise Full
 
     def get_many(self, max_items: int = 1 << 30, block: bool = True, timeout: Optional[float] = None) -> List[Any]:
@@ -236,23 +225,19 @@ class Queue:
             raise TypeError(f"max_items must be an int, not {type(max_items).__name__}")
         if max_items < 1:
             raise ValueError("max_items must be at least 1")
-        items = self._ring("get").get_many(max_items, _timeout_ns(block, timeout))
+        items = self._ring("get").get_many(max_items, queue_ring.wait_ns(block, timeout))
         if not items:
             raise Empty
         return [_loads(payload) if tag == TAG_PICKLE else payload for tag, payload in items]
 
     def send_bytes(self, data: Any, block: bool = True, timeout: Optional[float] = None) -> None:
         """Put the bytes of ``data`` (any bytes-like object) as one message, not pickled."""
-        if not self._ring("put").put(data, TAG_BYTES, _timeout_ns(block, timeout)):
-            raise Full
+        self._ring("put").send_bytes(data, block, timeout)
 
     def recv_bytes(self, block: bool = True, timeout: Optional[float] = None) -> bytes:
         """Remove and return the first message as bytes (an item put with ``put``
         comes as its pickle). Raises ``queue.Empty`` when none came in time."""
-        item = self._ring("get").get(_timeout_ns(block, timeout))
-        if item is None:
-            raise Empty
-        return bytes(item[1])
+        return self._ring("get").recv_bytes(block, timeout)  # type: ignore[no-any-return]
 
     # ------------------------------------------------------------ the end
 
@@ -263,6 +248,8 @@ class Queue:
         self._closed = True
         core, block = self._core, self._block
         self._core = self._block = None
+        for bound in ("put", "get", "send_bytes", "recv_bytes"):
+            vars(self).pop(bound, None)  # the class's methods then say the queue is closed
         if core is not None:
             core.release()
         if block is not None:
@@ -313,7 +300,7 @@ class JoinableQueue(Queue):
     def join(self, timeout: Optional[float] = None) -> bool:
         """Wait until every item put has been marked done (at most ``timeout``
         seconds: then False)."""
-        return bool(self._ring("join").join(_timeout_ns(True, timeout)))
+        return bool(self._ring("join").join(queue_ring.wait_ns(True, timeout)))
 
 
 class SimpleQueue(Queue):
@@ -329,3 +316,8 @@ class SimpleQueue(Queue):
     def get(self) -> Any:  # type: ignore[override]
         """Remove and return the first item, waiting for one."""
         return super().get()
+
+    def _open(self, name: Optional[str], capacity: int, maxsize: int, create: bool) -> None:
+        super()._open(name, capacity, maxsize, create)
+        vars(self).pop("put")  # SimpleQueue's put and get take no block or timeout, as multiprocessing's
+        vars(self).pop("get")

@@ -14,6 +14,8 @@ mutex; they are delivered, and their handlers run, right after.
 
 from __future__ import annotations
 
+import pickle
+import queue
 import signal
 import struct
 import time
@@ -34,11 +36,14 @@ from .queue_layout import (
     OFF_UNFINISHED,
     REC,
     RING,
+    TAG_BYTES,
+    TAG_PICKLE,
     TAG_WRAP,
     record_size,
 )
 
 QUEUE_VERSION = 1
+PROTOCOL = pickle.HIGHEST_PROTOCOL
 SLICE_NS = sync_wait.SLICE_NS
 SPIN_NS = 20_000
 
@@ -48,6 +53,28 @@ _REC = struct.Struct("<II")
 _ALL_SIGNALS = set(signal.Signals)
 
 Item = Tuple[int, bytes]
+
+
+def wait_ns(block: Any, timeout: Any) -> int:
+    """How long a put or get waits, in ns (-1: forever; 0: not at all), by multiprocessing's
+    rules: ``block=False`` ignores the timeout, a negative one is a ValueError. As in C."""
+    if not block:
+        return 0
+    if timeout is None:
+        return -1
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be None or a number of seconds, not {type(timeout).__name__}")
+    try:
+        seconds = float(timeout)
+    except OverflowError:  # a huge int
+        if timeout < 0:
+            raise ValueError("'timeout' must be a non-negative number") from None
+        return -1
+    if seconds != seconds:
+        raise ValueError("timeout must not be NaN")
+    if seconds < 0:
+        raise ValueError("'timeout' must be a non-negative number")
+    return -1 if seconds * 1e9 >= 2**62 else int(seconds * 1e9)
 
 
 def _corrupt(what: str) -> CorruptSegment:
@@ -180,6 +207,9 @@ class PyRingCore:
         cap = self.capacity
         length = len(data)
         size = record_size(length)
+        if head == tail and cap - tail % cap < size:  # as in C: an empty ring restarts at offset 0
+            head = tail = tail + (cap - tail % cap)
+            self._set64(OFF_HEAD, head)
         at = tail % cap
         skip = cap - at if cap - at < size else 0
         if cap - (tail - head) < skip + size:
@@ -317,6 +347,36 @@ class PyRingCore:
     def qsize(self) -> int:
         return self._u64(OFF_COUNT)
 
+    # multiprocessing's calls (the C core's put_obj, get_obj, send_bytes, recv_bytes)
+
+    def put_obj(self, obj: Any, block: bool = True, timeout: Optional[float] = None) -> None:
+        ns = wait_ns(block, timeout)
+        self._buf()
+        if not self.put(pickle.dumps(obj, PROTOCOL), TAG_PICKLE, ns):
+            raise queue.Full
+
+    def send_bytes(self, data: Any, block: bool = True, timeout: Optional[float] = None) -> None:
+        ns = wait_ns(block, timeout)
+        self._buf()
+        if not self.put(data, TAG_BYTES, ns):
+            raise queue.Full
+
+    def get_obj(self, block: bool = True, timeout: Optional[float] = None) -> Any:
+        ns = wait_ns(block, timeout)
+        self._buf()
+        item = self.get(ns)
+        if item is None:
+            raise queue.Empty
+        return pickle.loads(item[1]) if item[0] == TAG_PICKLE else item[1]
+
+    def recv_bytes(self, block: bool = True, timeout: Optional[float] = None) -> bytes:
+        ns = wait_ns(block, timeout)
+        self._buf()
+        item = self.get(ns)
+        if item is None:
+            raise queue.Empty
+        return item[1]
+
     def task_done(self) -> None:
         self._buf()
         mask = self._lock()
@@ -380,6 +440,7 @@ try:
     if getattr(_queue, "QUEUE_VERSION", None) != QUEUE_VERSION or _queue.RING != RING:
         raise ImportError("shmem._queue is a stale build of another ring layout")
     _queue._set_corrupt(CorruptSegment)
+    _queue._set_codec(pickle.dumps, pickle.loads, PROTOCOL, queue.Full, queue.Empty)
     RingCore = _queue.QueueCore
     ACCELERATED = True
 except ImportError as err:
@@ -397,4 +458,4 @@ def new_core(mapping: Any, capacity: int, maxsize: int, joinable: bool) -> Any:
     return RingCore(mapping, capacity, maxsize, joinable)
 
 
-__all__: Sequence[str] = ["ACCELERATED", "PyRingCore", "RingCore", "new_core"]
+__all__: Sequence[str] = ["ACCELERATED", "PROTOCOL", "PyRingCore", "RingCore", "new_core", "wait_ns"]

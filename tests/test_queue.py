@@ -1,0 +1,664 @@
+"""shmem.Queue, SimpleQueue and JoinableQueue: multiprocessing's API, one shared block,
+processes killed anywhere, hostile blocks.
+
+Real processes, real /dev/shm, real signals; timeouts are only safety nets. The
+core of the file runs again with ``SHMEM_PURE_PYTHON=1``
+(``test_pure_python_path_passes_the_core_tests``): the ring's pure-Python twin
+must behave as the C extension does.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import multiprocessing
+import os
+import queue
+import random
+import select
+import signal
+import struct
+import subprocess
+import threading
+import time
+import warnings
+from typing import Any, Callable, List, Tuple
+
+import _queue_workers as workers
+import pytest
+from conftest import PYTHON, kill_and_reap, run_pure_python, wait_until
+from test_defect_space import private_shm_available, run_in_private_shm  # noqa: F401 - a fixture
+
+import shmem
+from shmem._kinds import lock_layout, queue_layout, queue_ring, sync_wait
+
+SHM_DIR = "/dev/shm"
+PURE = os.environ.get("SHMEM_PURE_PYTHON", "") not in ("", "0")
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def mutex_word(q: Any) -> int:
+    """The glibc mutex's lock word (0: free)."""
+    return int(struct.unpack_from("<i", q._block.mapping, 0)[0])
+
+
+def drain(q: Any) -> List[bytes]:
+    out = []
+    while True:
+        try:
+            out.append(q.get(False))
+        except queue.Empty:
+            return out
+
+
+def fork_child(body: Callable[[], None]) -> int:
+    """Fork a child that runs ``body`` and leaves with os._exit (0 if it returned)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            body()
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
+
+
+def wait_exit(pid: int, timeout: float = 30) -> int:
+    """The exit code of child ``pid``; SIGKILLed (and the test failed) if it hangs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    kill_and_reap(pid)
+    pytest.fail(f"child {pid} hung")
+
+
+def read_all(fd: int) -> bytes:
+    chunks = []
+    while select.select([fd], [], [], 0)[0]:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# ------------------------------------------------------------------ 1. the API
+
+
+def test_implementation_follows_the_environment() -> None:
+    assert queue_ring.ACCELERATED is not PURE
+    assert (queue_ring.RingCore is queue_ring.PyRingCore) is PURE
+
+
+def test_put_get_nowait_timeouts_maxsize_and_sizes() -> None:
+    q = shmem.Queue(maxsize=3, capacity=256)
+    assert q.maxsize == 3 and q.capacity == 256 and q.name in os.listdir(SHM_DIR)
+    assert q.empty() and not q.full() and q.qsize() == 0
+    q.put(1)
+    q.put_nowait("two")
+    q.put([3], timeout=0.1)
+    assert q.qsize() == 3 and q.full() and not q.empty()
+    with pytest.raises(queue.Full):
+        q.put_nowait(4)
+    with pytest.raises(queue.Full):
+        q.put(4, timeout=0.1)
+    with pytest.raises(queue.Full):
+        q.put(4, False, -1)  # a timeout means nothing to a non-blocking call
+    with pytest.raises(ValueError, match="non-negative"):
+        q.put(4, timeout=-0.5)
+    assert q.get() == 1 and q.get_nowait() == "two" and q.get(timeout=0.1) == [3]
+    with pytest.raises(queue.Empty):
+        q.get_nowait()
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.1)
+    with pytest.raises(queue.Empty):
+        q.get(block=False)
+    with pytest.raises(ValueError, match="non-negative"):
+        q.get(timeout=-1)
+    assert queue.Full is shmem.Queue.put.__globals__["Full"]
+    # A message larger than the ring: ValueError, nothing put, the queue still usable.
+    with pytest.raises(ValueError, match="does not fit"):
+        q.put(b"x" * 300)
+    with pytest.raises(ValueError, match="does not fit"):
+        q.send_bytes(bytes(249))
+    with pytest.raises(ValueError, match="does not fit"):
+        q.put_many([1, b"x" * 300])
+    assert q.qsize() == 0 and q.empty()
+    q.send_bytes(bytes(248))  # exactly the ring
+    assert q.recv_bytes(timeout=1) == bytes(248)
+    q.put("after")
+    assert q.get() == "after"
+    assert "capacity=256" in repr(q)
+    q.join_thread()
+    q.cancel_join_thread()
+    q.close()
+    q.close()
+    assert q.name is None and "closed" in repr(q)
+    for call in (lambda: q.put(1), q.get, q.get_nowait, lambda: q.put_nowait(1), q.qsize, q.empty):
+        with pytest.raises(ValueError, match="closed"):
+            call()
+    with pytest.raises(ValueError, match="closed"):
+        import pickle
+
+        pickle.dumps(q)
+
+
+def test_unbounded_queue_and_bad_arguments() -> None:
+    with shmem.Queue(capacity=1024) as q:
+        assert q.maxsize == 0 and not q.full()
+        for i in range(30):
+            q.put(i)
+        assert not q.full()
+        with pytest.raises(queue.Full):  # the ring's bytes are the limit
+            for i in range(1000):
+                q.put_nowait(i)
+        assert [q.get() for _ in range(30)] == list(range(30))
+        with pytest.raises(TypeError):
+            q.get_many(1.5)  # type: ignore[arg-type]
+        with pytest.raises(ValueError):
+            q.get_many(0)
+    with pytest.raises(ValueError, match="capacity"):
+        shmem.Queue(capacity=8)
+    with pytest.raises(TypeError, match="capacity"):
+        shmem.Queue(capacity="1")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="maxsize"):
+        shmem.Queue(maxsize=1.0)  # type: ignore[arg-type]
+    assert shmem.Queue(maxsize=-5).maxsize == 0
+
+
+def test_simple_queue() -> None:
+    q = shmem.SimpleQueue(capacity=512)
+    assert q.empty()
+    q.put({"a": 1})
+    assert not q.empty()
+    assert q.get() == {"a": 1}
+    with pytest.raises(TypeError):
+        q.put(1, False)  # type: ignore[call-arg]
+    q.close()
+    with pytest.raises(ValueError, match="closed"):
+        q.get()
+
+
+def test_joinable_queue_task_done_and_join() -> None:
+    q = shmem.JoinableQueue()
+    assert q.join(timeout=0.1) is True
+    with pytest.raises(ValueError, match="too many"):
+        q.task_done()
+    for i in range(3):
+        q.put(i)
+    assert q.join(timeout=0.1) is False
+    p = multiprocessing.get_context("fork").Process(target=workers.work_joinable, args=(q, 3))
+    p.start()
+    assert q.join(timeout=60) is True
+    p.join(30)
+    assert p.exitcode == 0 and q.empty()
+    with pytest.raises(ValueError, match="too many"):
+        q.task_done()
+    q.close()
+
+
+def test_fifo_over_many_wraps_of_a_small_ring() -> None:
+    """A producer process and this consumer over a 256-byte ring: 0..200-byte
+    messages, thousands of wraps, each got exactly once, in order."""
+    n, seed = 3000, random.randrange(1 << 30)
+    q = shmem.Queue(capacity=256)
+    p = multiprocessing.get_context("fork").Process(target=workers.produce_sized, args=(q, seed, n))
+    p.start()
+    got = [q.recv_bytes(timeout=60) for _ in range(n)]
+    p.join(30)
+    assert p.exitcode == 0
+    expected = list(workers.sized_payloads(seed, n))
+    assert got == expected, f"seed {seed}"
+    assert q.empty()
+    head, tail, count = q._core.state()[:3]
+    assert count == 0 and head == tail and tail > 20 * 256  # it did wrap, many times
+    q.close()
+
+
+# ------------------------------------------------------------------ 2. sharing
+
+
+def test_passed_to_processes_under_every_start_method(mp_context: Any) -> None:
+    q_in, q_out = shmem.Queue(), shmem.Queue()
+    names = (q_in.name, q_out.name)
+    procs = [mp_context.Process(target=workers.echo, args=(q_in, q_out, 5)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for i in range(10):
+        q_in.put(i)
+    results = [q_out.get(timeout=60) for _ in range(10)]
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert sorted(v for _, v in results) == [i * 2 for i in range(10)]
+    assert {pid for pid, _ in results} <= {p.pid for p in procs}
+    q_in.close()
+    q_out.close()
+    assert wait_until(lambda: not set(names) & set(os.listdir(SHM_DIR)))
+
+
+def test_passed_to_a_pool() -> None:
+    q = shmem.Queue()
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        answers = pool.starmap(workers.pool_put, [(q, i) for i in range(8)])
+    assert {name for _, name in answers} == {q.name}
+    assert sorted(q.get(timeout=10) for _ in range(8)) == [i * 10 for i in range(8)]
+    name = q.name
+    q.close()
+    assert wait_until(lambda: name not in os.listdir(SHM_DIR))
+
+
+def test_opened_by_name_from_an_unrelated_program(shm_name: Callable[[], str]) -> None:
+    name = shm_name()
+    q = shmem.Queue(name=name, maxsize=7, capacity=4096)
+    q.put("question")
+    code = (
+        "import sys, shmem\n"
+        "q = shmem.Queue(name=sys.argv[1], capacity=64)\n"
+        "assert (q.maxsize, q.capacity) == (7, 4096), (q.maxsize, q.capacity)\n"
+        "q.put(q.get(timeout=30) + ' answered')\n"
+        "q.send_bytes(memoryview(b'raw'))\n"
+        "q.close()\n"
+    )
+    run = subprocess.run([PYTHON, "-c", code, name], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert q.get(timeout=10) == "question answered" and q.get(timeout=10) == b"raw"
+    with pytest.raises(shmem.CorruptSegment, match=f"{name}.*shmem.Queue, not a JoinableQueue"):
+        shmem.JoinableQueue(name=name)
+    q.close()
+    assert wait_until(lambda: name not in os.listdir(SHM_DIR))
+
+
+# ------------------------------------------------------------------ 3. batches and bytes
+
+
+def test_put_many_get_many_and_bytes() -> None:
+    q = shmem.Queue(capacity=4096)
+    q.put_many(range(5))
+    q.put_many([])
+    assert q.qsize() == 5
+    assert q.get_many(3) == [0, 1, 2]
+    assert q.get_many() == [3, 4]
+    with pytest.raises(queue.Empty):
+        q.get_many(block=False)
+    with pytest.raises(queue.Empty):
+        q.get_many(timeout=0.1)
+    q.send_bytes(bytearray(b"ba"))
+    q.send_bytes(memoryview(b"xmvx")[1:3])
+    q.send_bytes(b"")
+    q.send_bytes(memoryview(bytes(range(8))).cast("I"))  # not bytes-shaped: its bytes
+    q.put(("pickled", 1))
+    assert q.get() == b"ba"  # get() of a send_bytes message returns bytes
+    assert q.recv_bytes() == b"mv"
+    assert q.get_many(2) == [b"", bytes(range(8))]
+    raw = q.recv_bytes()
+    import pickle
+
+    assert pickle.loads(raw) == ("pickled", 1)
+    with pytest.raises(TypeError):
+        q.send_bytes("text")
+    with pytest.raises(queue.Full):
+        q.put_many([bytes(1000)] * 10, timeout=0.1)
+    assert q.qsize() == 3  # those that fit were put, in order
+    assert q.get_many(10) == [bytes(1000)] * 3
+    q.close()
+
+
+# ------------------------------------------------------------------ 4. crash safety
+
+
+def test_producer_sigkilled_at_random_instants() -> None:
+    q = shmem.Queue(capacity=2048)
+    rng = random.Random()
+    seed = rng.randrange(1 << 30)
+    rng.seed(seed)
+    rounds, kills, deadline = 0, 0, time.monotonic() + 4
+    while rounds < 200 or (rounds < 2000 and time.monotonic() < deadline):
+        rounds += 1
+        pid = fork_child(lambda: workers.put_forever(q, rng.randrange(1 << 30)))
+        time.sleep(rng.random() * 0.002)
+        kill_and_reap(pid)
+        kills += 1
+        expected = 0
+        for data in drain(q):
+            got = workers.check(data)
+            assert got is not None, f"a torn message after a kill (seed {seed}, round {rounds})"
+            assert got == (pid, expected), f"lost or duplicated message (seed {seed}): {got} != {(pid, expected)}"
+            expected += 1
+        assert mutex_word(q) == 0
+    q.put("fresh")
+    assert q.get(timeout=10) == "fresh" and q.empty()
+    assert q._core.state()[2] == 0
+    q.close()
+
+
+def test_consumer_sigkilled_at_random_instants() -> None:
+    q = shmem.Queue()  # 1 MiB: room for every round's batch even if no consumer ran
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    r, w = os.pipe()
+    reported: List[int] = []
+    seq, kills, deadline = 0, 0, time.monotonic() + 4
+    try:
+        while kills < 200 or (kills < 600 and time.monotonic() < deadline):
+            if kills % 2:
+                q.put_many([workers.message(0, seq + i, rng, 100) for i in range(8)])
+            else:
+                for i in range(8):
+                    q.send_bytes(workers.message(0, seq + i, rng, 100))
+            seq += 8
+            assert mutex_word(q) == 0, "a lock stayed held"
+            pid = fork_child(lambda: workers.get_forever(q, w))
+            time.sleep(rng.random() * 0.0015)
+            kill_and_reap(pid)
+            kills += 1
+            got = read_all(r)
+            reported.extend(struct.unpack(f"<{len(got) // 4}I", got))
+    finally:
+        os.close(w)
+    os.close(r)
+    assert 0xFFFFFFFF not in reported, f"a torn message (seed {seed})"
+    rest = []
+    for data in drain(q):
+        got = workers.check(data)
+        assert got is not None, f"a torn message (seed {seed})"
+        rest.append(got[1])
+    taken = reported + rest
+    assert taken == sorted(taken), "out of order"
+    assert len(set(taken)) == len(taken), f"duplicated messages (seed {seed})"
+    lost = set(range(seq)) - set(taken)
+    assert len(lost) <= kills, f"{len(lost)} messages lost in {kills} kills (seed {seed})"
+    q.put("fresh")
+    assert q.get(timeout=10) == "fresh"
+    q.close()
+
+
+def test_holder_of_the_internal_mutex_sigkilled() -> None:
+    """A process dies holding the queue's mutex after scribbling a wrong count: the
+    next put and get take it over, recount the ring and work."""
+    q = shmem.Queue(capacity=1024, maxsize=3)
+    q.put_many(["a", "b"])
+    r, w = os.pipe()
+
+    def hold() -> None:
+        calls = sync_wait.calls(q._block.mapping)
+        calls.lock(0)
+        struct.pack_into("<Q", q._block.mapping, queue_layout.OFF_COUNT, 3)  # a half-done change
+        os.write(w, b"1")
+        time.sleep(60)
+
+    pid = fork_child(hold)
+    os.close(w)
+    assert select.select([r], [], [], 10)[0] and os.read(r, 1) == b"1"
+    os.close(r)
+    assert mutex_word(q) != 0
+    kill_and_reap(pid)
+    q.put("c", timeout=10)  # the count was repaired: 2 items, room for a third
+    assert q.qsize() == 3 and mutex_word(q) == 0
+    assert q.get_many(5, timeout=10) == ["a", "b", "c"]
+    q.close()
+
+
+# ------------------------------------------------------------------ 5. signal handlers
+
+
+def test_a_signal_handler_puts_while_the_main_thread_puts_and_gets() -> None:
+    q = shmem.Queue()
+    fired = [0]
+    numbers = itertools.count(1)
+
+    def handler(signum: int, frame: Any) -> None:
+        # CPython may run a handler inside another (a signal during the first's Python code):
+        # next() hands each one its own number, so nested puts may come out of order, never twice.
+        n = next(numbers)
+        fired[0] = max(fired[0], n)
+        q.put(("sig", n))
+
+    old = signal.signal(signal.SIGALRM, handler)
+    got_sig: List[int] = []
+    main_put = main_got = 0
+    deadline = time.monotonic() + 60
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
+        while fired[0] < 1000 and time.monotonic() < deadline:
+            q.put(("main", main_put))
+            main_put += 1
+            kind, value = q.get(timeout=10)
+            if kind == "sig":
+                got_sig.append(value)
+            else:
+                main_got += 1
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        signal.signal(signal.SIGALRM, old)
+    for kind, value in q.get_many(1 << 20, block=False) if not q.empty() else []:
+        if kind == "sig":
+            got_sig.append(value)
+        else:
+            main_got += 1
+    assert fired[0] >= 1000
+    assert sorted(got_sig) == list(range(1, fired[0] + 1))
+    assert main_got == main_put
+    q.close()
+
+
+# ------------------------------------------------------------------ 6. fork
+
+
+def test_fork_while_another_thread_is_blocked_in_get() -> None:
+    q = shmem.Queue()
+    for i in range(5):
+        got: List[Any] = []
+        t = threading.Thread(target=lambda: got.append(q.get(timeout=60)))
+        t.start()
+        assert wait_until(lambda: q._core.state()[4] >= 1, 10), "the thread never slept in get()"
+
+        def child(i: int = i) -> None:
+            q.put(("for the thread", i))
+            assert wait_until(lambda: q.empty(), 10)
+            q.put_many(["x", i])
+            assert q.get(timeout=10) == "x" and q.get_many(5, timeout=10) == [i]
+            q.close()
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork() of a threaded process
+            pid = fork_child(child)
+        assert wait_exit(pid) == 0
+        t.join(30)
+        assert not t.is_alive() and got == [("for the thread", i)]
+    assert q.empty()
+    q.close()
+
+
+# ------------------------------------------------------------------ 7. closed descriptors
+
+CLOSERANGE_CHILD = r"""
+import json, os, shmem, sys
+q = shmem.Queue(capacity=4096)
+q.put("before")
+os.closerange(3, 1024)
+# Fill the low descriptors with files of ours: a stale fd the queue kept would hit them.
+paths = [os.path.join(sys.argv[1], f"f{i}") for i in range(16)]
+fds = [os.open(p, os.O_RDWR | os.O_CREAT, 0o600) for p in paths]
+r, w = os.pipe()
+out = {"first": q.get(timeout=10)}
+q.put_many(list(range(50)))
+q.send_bytes(b"bytes")
+out["many"] = q.get_many(50, timeout=10) == list(range(50))
+out["bytes"] = q.recv_bytes(timeout=10) == b"bytes"
+q2 = shmem.Queue()  # and a new queue after the purge
+q2.put(1)
+out["q2"] = q2.get(timeout=10)
+name = q.name
+q.close()
+q2.close()
+os.close(w)
+out["pipe"] = os.read(r, 100).decode()
+out["sizes"] = [os.fstat(fd).st_size for fd in fds]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="a tracked block's mmap closes its descriptor number blindly (fix next)")
+def test_the_queue_survives_closerange_and_writes_no_unrelated_fd(tmp_path: Any) -> None:
+    run = subprocess.run([PYTHON, "-c", CLOSERANGE_CHILD, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out == {"first": "before", "many": True, "bytes": True, "q2": 1, "pipe": "", "sizes": [0] * 16}
+
+
+# ------------------------------------------------------------------ 8. hostile blocks
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        (queue_layout.OFF_HEAD, struct.pack("<Q", 3)),  # misaligned
+        (queue_layout.OFF_TAIL, struct.pack("<Q", 1 << 40)),  # tail far past head
+        (queue_layout.OFF_HEAD, struct.pack("<QQ", 0xFFFFFFFFFFFFFFF8, 0x1000)),
+        (queue_layout.RING, struct.pack("<II", 0x7FFFFFF0, 1)),  # a record longer than the ring
+        (queue_layout.RING, struct.pack("<II", 512, 0xFFFFFFFF)),  # a wrap record mid-ring
+    ],
+    ids=["misaligned-head", "far-tail", "wrapped-ends", "long-record", "early-wrap"],
+)
+def test_damaged_control_words_raise_corrupt_segment(damage: Tuple[int, bytes]) -> None:
+    q = shmem.Queue(capacity=1024)
+    q.put_many(["a", "b"])
+    other = shmem.SharedMemory(q.name)
+    assert other.buf is not None
+    offset, data = damage
+    other.buf[offset : offset + len(data)] = data
+    if offset == queue_layout.RING:
+        with pytest.raises(shmem.CorruptSegment):
+            q.get_nowait()
+    else:
+        for call in (q.get_nowait, lambda: q.put("c"), lambda: q.get_many(3), lambda: q.put_many([1])):
+            with pytest.raises(shmem.CorruptSegment) as info:
+                call()
+            assert isinstance(info.value, ValueError) and "damaged" in str(info.value)
+    assert mutex_word(q) == 0
+    other.close()
+    q.close()
+
+
+def test_a_name_that_is_not_a_queue_is_refused_naming_it(shm_name: Callable[[], str]) -> None:
+    raw = shmem.SharedMemory(shm_name(), create=True, size=4096)
+    lock = shmem.Lock()
+    jq = shmem.JoinableQueue()
+    try:
+        for name, what in ((raw.name, "raw block"), (lock.name, "lock"), (jq.name, "JoinableQueue")):
+            with pytest.raises(ValueError, match=f"{name}.*{what}"):
+                shmem.Queue(name=name)
+        with pytest.raises(shmem.CorruptSegment, match=f"{lock.name}"):
+            shmem.SimpleQueue(name=lock.name)
+    finally:
+        raw.close()
+        raw.unlink()
+        lock.close()
+        jq.close()
+
+
+# ------------------------------------------------------------------ 9. full /dev/shm
+
+FULL_CHILD = r"""
+import json, os, shmem
+out = {}
+try:
+    shmem.Queue(capacity=4 << 20)
+except OSError as err:
+    out["error"] = [type(err).__name__, isinstance(err, shmem.NoSpace)]
+out["left"] = sorted(os.listdir("/dev/shm"))
+q = shmem.Queue(capacity=64 << 10)  # a queue that fits works
+q.send_bytes(bytes(60 << 10))
+out["fits"] = len(q.recv_bytes())
+q.close()
+print(json.dumps(out))
+"""
+
+
+def test_a_full_dev_shm_raises_no_space(private_shm_available: None) -> None:  # noqa: F811
+    out = run_in_private_shm(FULL_CHILD)
+    assert out == {"error": ["NoSpace", True], "left": [], "fits": 60 << 10}
+
+
+# ------------------------------------------------------------------ 10. the pure-Python twin
+
+
+def _parity_script(core: Any, mapping: Any) -> List[Any]:
+    out: List[Any] = []
+
+    def step(fn: Callable[[], Any]) -> None:
+        try:
+            out.append(fn())
+        except Exception as err:
+            out.append(type(err).__name__)
+
+    step(lambda: core.get(0))
+    for i in range(12):
+        step(lambda i=i: core.put(bytes([i]) * (i * 7), 1 + i % 2, 0))
+    step(lambda: core.qsize())
+    step(lambda: core.get_many(5, 0))
+    step(lambda: core.put_many([b"a" * 40, b"b" * 90, b"c" * 200], 2, 0))
+    step(lambda: core.put(b"z" * 300, 1, 0))  # too big
+    step(lambda: core.put_many([b"ok", b"z" * 300], 1, 0))
+    step(lambda: core.put_many((b"x",), 1, 0))
+    step(lambda: core.put("str", 1, 0))
+    step(lambda: core.get_many(100, 0))
+    step(lambda: core.get(1000))
+    step(lambda: core.task_done())
+    step(lambda: core.join(0))
+    step(lambda: core.state())
+    struct.pack_into("<Q", mapping, queue_layout.OFF_TAIL, 12345)
+    step(lambda: core.get(0))
+    step(lambda: core.put(b"1", 1, 0))
+    core.release()
+    step(lambda: core.get(0))
+    return out
+
+
+@pytest.mark.skipif(PURE, reason="needs the C ring")
+def test_c_ring_and_pure_python_twin_agree() -> None:
+    from shmem import _queue
+
+    results = []
+    for cls in (_queue.QueueCore, queue_ring.PyRingCore):
+        shm = shmem.SharedMemory(create=True, size=queue_layout.data_size(256))
+        assert shm.buf is not None
+        shm.buf[: queue_layout.RING] = queue_layout.initial()
+        mapping = shm._block.mapping
+        results.append(_parity_script(cls(mapping, 256, 0, False), mapping))
+        shm.close()
+        shm.unlink()
+    assert results[0] == results[1]
+    assert "CorruptSegment" in results[0] and "ValueError" in results[0]
+
+
+CORE = [
+    "test_implementation_follows_the_environment",
+    "test_put_get_nowait_timeouts_maxsize_and_sizes",
+    "test_unbounded_queue_and_bad_arguments",
+    "test_simple_queue",
+    "test_joinable_queue_task_done_and_join",
+    "test_fifo_over_many_wraps_of_a_small_ring",
+    "test_put_many_get_many_and_bytes",
+    "test_producer_sigkilled_at_random_instants",
+    "test_consumer_sigkilled_at_random_instants",
+    "test_holder_of_the_internal_mutex_sigkilled",
+    "test_a_signal_handler_puts_while_the_main_thread_puts_and_gets",
+    "test_fork_while_another_thread_is_blocked_in_get",
+    "test_damaged_control_words_raise_corrupt_segment",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(PURE or not lock_layout.ACCELERATED, reason="this run is the pure-Python path already")
+def test_pure_python_path_passes_the_core_tests() -> None:
+    run = run_pure_python(__file__, " or ".join(CORE))
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout.split("\n")[-2]
