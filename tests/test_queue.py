@@ -662,3 +662,28 @@ def test_pure_python_path_passes_the_core_tests() -> None:
     run = run_pure_python(__file__, " or ".join(CORE))
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and "skipped" not in run.stdout.split("\n")[-2]
+
+
+# ------------------------------------------------------------------ the listing
+
+
+def test_shmem_ls_and_info_show_a_queues_fill_level() -> None:
+    q = shmem.JoinableQueue(maxsize=5, capacity=4096)
+    q.put_many([1, 2])
+    q.send_bytes(b"x" * 100)
+    listed = subprocess.run([PYTHON, "-m", "shmem", "ls", "--json"], capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    (record,) = [r for r in json.loads(listed.stdout) if r["name"] == q.name]
+    assert record["kind"] == "queue" and record["type"] == "JoinableQueue"
+    assert (record["capacity"], record["maxsize"], record["items"], record["unfinished"]) == (4096, 5, 3, 3)
+    assert record["used_bytes"] == 16 + 16 + 112
+    info = subprocess.run([PYTHON, "-m", "shmem", "info", q.name], capture_output=True, text=True, timeout=60)
+    assert info.returncode == 0 and "3 (144 bytes of the ring)" in info.stdout, info.stdout
+    # A damaged control word: the listing says so and goes on, never a traceback.
+    other = shmem.SharedMemory(q.name)
+    assert other.buf is not None
+    other.buf[queue_layout.OFF_TAIL : queue_layout.OFF_TAIL + 8] = struct.pack("<Q", 1 << 50)
+    listed = subprocess.run([PYTHON, "-m", "shmem", "ls"], capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and "state unreadable" in listed.stdout, listed.stdout + listed.stderr
+    other.close()
+    q.close()

@@ -154,6 +154,19 @@ def _sync_summary(kind: str, fields: Dict[str, Any]) -> str:
 _SYNC_KINDS = ("event", "condition", "semaphore", "barrier")
 
 
+def _queue_summary(fields: Dict[str, Any]) -> str:
+    """A queue's fill level in a few words (KIND column)."""
+    items = fields.get("items")
+    if items is None:
+        return "state unreadable"
+    words = [f"{items} item{'' if items == 1 else 's'}, {fields['used_bytes']} of {fields['capacity']} bytes"]
+    if fields.get("getters_waiting"):
+        words.append(f"{fields['getters_waiting']} waiting to get")
+    if fields.get("putters_waiting"):
+        words.append(f"{fields['putters_waiting']} waiting to put")
+    return "; ".join(words)
+
+
 def _kind_label(s: Segment) -> str:
     label = s.kind + (f" {s.detail}" if s.detail and s.kind != "corrupt" else "")
     if s.kind == "lock":
@@ -162,6 +175,8 @@ def _kind_label(s: Segment) -> str:
     elif s.kind in _SYNC_KINDS and s.kind_fields:
         summary = _sync_summary(s.kind, dict(s.kind_fields))
         label += f" ({summary})" if summary else ""
+    elif s.kind == "queue" and s.kind_fields:
+        label += f" ({_queue_summary(dict(s.kind_fields))})"
     if s.managed:
         label += " (manager)"
     if not s.ready:
@@ -266,6 +281,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         fields += _lock_lines(dict(s.kind_fields))
     elif s.kind in _SYNC_KINDS and s.kind_fields:
         fields += _sync_lines(s.kind, dict(s.kind_fields))
+    elif s.kind == "queue" and s.kind_fields:
+        fields += _queue_lines(dict(s.kind_fields))
     width = max(len(k) for k, _ in fields)
     for key, value in fields:
         print(f"{key:<{width}}  {value}")
@@ -292,6 +309,20 @@ def _lock_lines(lock: Dict[str, Any]) -> List[Any]:
     ]
     if lock.get("recoverable") is False:
         lines.append(("recoverable", "no: a holder died and the next owner released it unrepaired"))
+    return lines
+
+
+def _queue_lines(q: Dict[str, Any]) -> List[Any]:
+    """``shmem info``'s lines about a queue: its limits and fill level (a snapshot)."""
+    lines = [("capacity", f"{q['capacity']} bytes"), ("maxsize", str(q["maxsize"] or "none (bytes only)"))]
+    if q.get("items") is None:
+        return lines + [("items", "- (the control words are not a live queue's: overwritten?)")]
+    lines += [
+        ("items", f"{q['items']} ({q['used_bytes']} bytes of the ring)"),
+        ("asleep in get / put", f"{q['getters_waiting']} / {q['putters_waiting']} (one that died stays counted once)"),
+    ]
+    if q.get("type") == "JoinableQueue":
+        lines.append(("unfinished tasks", str(q["unfinished"])))
     return lines
 
 
