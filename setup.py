@@ -3,7 +3,7 @@
 ``optional=True``: where no C compiler is available the package installs
 without ``shmem._speedups`` (ShareableList), ``shmem._sync`` (Lock, RLock and
 the other primitives), ``shmem._queue`` (the queues' ring) and
-``shmem._platform._fastpath`` (the attach path's system calls), and they use
+``shmem._platform._fastpath`` (the create and attach system calls), and they use
 their pure-Python paths, which behave the same, only slower.
 ``SHMEM_REQUIRE_SPEEDUPS=1`` (CI sets it) makes a failed build fail the
 installation, and - at run time - a missing or stale build an ImportError

@@ -291,7 +291,10 @@ print(json.dumps({"error": error, "left": left}))
     stdlib_xfail_if(sys.version_info < (3, 10), "stdlib 3.9 imports resource_tracker in unlink(): EMFILE again"),
 )
 def test_create_running_out_of_file_descriptors_leaves_nothing(impl: Any, shm_name: Any) -> None:
-    """With one free descriptor, creation fails with EMFILE (stdlib: when mmap
-    dups the fd) - and must remove the block it made. The stdlib >= 3.10 does."""
+    """With one free descriptor, creation fails with EMFILE when mmap dups the
+    fd (the stdlib; shmem on Python < 3.13) - and must remove the block it
+    made. The stdlib >= 3.10 does. shmem on 3.13 needs one descriptor at a
+    time (its mappings keep none): it succeeds, and leaves nothing either."""
     out = run_child(OUT_OF_FDS_CHILD, impl.__name__, shm_name())
-    assert out == {"error": errno.EMFILE, "left": False}
+    one_at_a_time = not is_stdlib(impl) and sys.version_info >= (3, 13)
+    assert out == {"error": None if one_at_a_time else errno.EMFILE, "left": False}

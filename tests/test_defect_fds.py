@@ -69,3 +69,33 @@ def test_3000_blocks_open_under_a_4000_fd_limit(impl: Any) -> None:
     """stdlib needs two fds per block and hits EMFILE near 2000."""
     out = run_child(MANY_BLOCKS_CHILD, impl.__name__)
     assert out == {"created": 3000, "error": None, "ok": True}
+
+
+CLOSERANGE_CHILD = r"""
+import json, os, sys, tempfile
+import shmem
+prefix = os.environ["SHMEM_NAME_PREFIX"]
+made = shmem.SharedMemory(prefix + "made", create=True, size=4096)
+attached = shmem.SharedMemory(made.name)
+untracked = shmem.SharedMemory(made.name, track=False)
+os.closerange(3, 4096)  # as daemonizing code does, with the blocks mapped
+logs = [tempfile.TemporaryFile() for _ in range(32)]  # the freed numbers go to the program's files
+for shm in (untracked, attached, made):
+    shm.close()
+made.unlink()
+intact = []
+for log in logs:
+    try:
+        os.fstat(log.fileno())
+        intact.append(True)
+    except OSError:
+        intact.append(False)
+print(json.dumps({"intact": all(intact)}))
+"""
+
+
+def test_closing_blocks_after_closerange_never_closes_another_file() -> None:
+    """mmap closes the descriptor number it keeps when its mapping goes: after
+    os.closerange() that number may be the program's log file. shmem's mappings
+    keep none (Python >= 3.13), or are kept mapped rather than close it."""
+    assert run_child(CLOSERANGE_CHILD) == {"intact": True}

@@ -235,3 +235,175 @@ def test_a_raising_signal_handler_ends_the_lock_wait_with_no_descriptor_left(shm
             os.close(holder)
         block.close()
         block.unlink()
+
+
+# ---------------------------------------------------------------- the create path's twins
+
+
+def _built(result: Tuple[Any, ...]) -> Tuple[Any, ...]:
+    """What ``build`` gave, comparable between two calls: the file's mode and
+    contents instead of its descriptor and inode (closed after)."""
+    if result[0] < 0:
+        return tuple(result)
+    fd = result[0]
+    try:
+        st = os.fstat(fd)
+        assert st.st_ino == result[1] and st.st_nlink == 0  # unnamed
+        return ("file", len(result), stat.S_IMODE(st.st_mode), st.st_size, os.pread(fd, st.st_size, 0))
+    finally:
+        os.close(fd)
+
+
+UNNAMED = _linux._CREATE_UNNAMED
+
+
+@needs_c
+@pytest.mark.parametrize("umask", [0o022, 0o277])  # 0o277 takes the owner's write bit: fchmod restores 0600
+@pytest.mark.parametrize(
+    "pieces",
+    [[], [(4096, b"header")], ((0, b"a"), (8000, memoryview(b"tail"))), [(0, bytearray(b"x" * 5000))]],
+    ids=["none", "one", "tuple", "bytearray"],
+)
+def test_build_gives_what_its_python_twin_gives(umask: int, pieces: Any) -> None:
+    previous = os.umask(umask)
+    try:
+        fast = _built(_linux._fastpath.build(SHM_DIR, UNNAMED, 8192, pieces))
+        slow = _built(_linux._build_python(SHM_DIR, UNNAMED, 8192, pieces))
+    finally:
+        os.umask(previous)
+    assert fast == slow
+    assert fast[2] == 0o600 and fast[3] == 8192
+
+
+@needs_c
+@pytest.mark.parametrize(
+    "directory,total,pieces,stage,code",
+    [
+        ("/nonexistent-shmem-dir", 8192, [], _linux._STAGE_OPEN, errno.ENOENT),
+        ("/proc/self/stat", 8192, [], _linux._STAGE_OPEN, errno.ENOTDIR),
+        (SHM_DIR, (1 << 63) - 1, [], _linux._STAGE_RESERVE, errno.ENOSPC),  # more than any tmpfs holds
+        (SHM_DIR, 8192, [(-1, b"x")], _linux._STAGE_WRITE, errno.EINVAL),
+    ],
+    ids=["open-missing", "open-not-a-dir", "fallocate-too-big", "pwrite-bad-offset"],
+)
+def test_build_reports_the_failed_step_as_its_python_twin_does(
+    directory: str, total: int, pieces: Any, stage: int, code: int
+) -> None:
+    before = set(os.listdir("/proc/self/fd"))
+    fast = _linux._fastpath.build(directory, UNNAMED, total, pieces)
+    slow = _linux._build_python(directory, UNNAMED, total, pieces)
+    assert fast == slow == (-1, code, stage)
+    assert set(os.listdir("/proc/self/fd")) <= before  # nothing left open
+
+
+@needs_c
+def test_build_refuses_malformed_pieces_as_its_python_twin_does() -> None:
+    for pieces in ([(0, "text")], [(0, b"x", 1)], [("0", b"x")]):
+        before = set(os.listdir("/proc/self/fd"))
+        with pytest.raises((TypeError, ValueError)):
+            _linux._fastpath.build(SHM_DIR, UNNAMED, 8192, pieces)
+        with pytest.raises((TypeError, ValueError)):
+            _linux._build_python(SHM_DIR, UNNAMED, 8192, pieces)
+        assert set(os.listdir("/proc/self/fd")) <= before
+
+
+@pytest.mark.parametrize(
+    "code,stage,expected",
+    [
+        (errno.ENOSPC, _linux._STAGE_RESERVE, shmem.NoSpace),
+        (errno.ENOMEM, _linux._STAGE_RESERVE, shmem.NoSpace),
+        (errno.EFBIG, _linux._STAGE_RESERVE, shmem.NoSpace),
+        (errno.ENOSPC, _linux._STAGE_WRITE, shmem.NoSpace),
+        (errno.EOPNOTSUPP, _linux._STAGE_OPEN, shmem.ShmemError),
+        (errno.EACCES, _linux._STAGE_OPEN, PermissionError),
+        (errno.EIO, _linux._STAGE_WRITE, OSError),
+    ],
+)
+def test_a_failed_build_step_becomes_the_shmem_error(code: int, stage: int, expected: type) -> None:
+    err = _linux._build_error(code, stage, 8192, "name")
+    assert isinstance(err, expected)
+    assert isinstance(err.__cause__, OSError) and err.__cause__.errno == code
+    if isinstance(err, shmem.NoSpace):
+        assert err.errno == errno.ENOSPC
+
+
+def test_build_unnamed_turns_a_file_too_big_into_no_space_on_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_linux, "_PRECHECK_BYTES", 1 << 62)  # so that fallocate itself fails
+    for build in {_linux._build, _linux._build_python}:
+        monkeypatch.setattr(_linux, "_build", build)
+        with pytest.raises(shmem.NoSpace):
+            _linux.build_unnamed((1 << 63) - 1, [(0, b"x")], "name")
+
+
+def test_a_replaced_os_function_sees_every_call_of_the_create_path(
+    monkeypatch: pytest.MonkeyPatch, shm_name: Callable[[], str]
+) -> None:
+    """Fault injection replaces os functions: while one is replaced, the twin runs."""
+    calls: List[str] = []
+    for name in ("posix_fallocate", "pwrite", "link", "unlink"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    block = shmem.SharedMemory(shm_name(), create=True, size=4096, track=False)
+    block.close()
+    block.unlink()
+    assert calls == ["posix_fallocate", "pwrite", "link", "unlink"]
+
+
+@needs_c
+def test_link_open_same_and_unlink_same_give_what_their_python_twins_give(shm_name: Callable[[], str]) -> None:
+    paths = [os.path.join(SHM_DIR, shm_name()) for _ in range(2)]
+    fds = [os.open(SHM_DIR, UNNAMED, 0o600) for _ in range(2)]
+    try:
+        inode = os.fstat(fds[0]).st_ino
+        # link: a name for each unnamed file; the same name again is EEXIST on both paths.
+        assert _linux._fastpath.link(fds[0], paths[0]) is None and _linux._link_python(fds[1], paths[1]) is None
+        assert os.stat(paths[0]).st_ino == inode and os.stat(paths[1]).st_ino == os.fstat(fds[1]).st_ino
+        assert _answer(lambda: _linux._fastpath.link(fds[1], paths[0])) == ("raise", (FileExistsError, errno.EEXIST))
+        assert _answer(lambda: _linux._link_python(fds[1], paths[0])) == ("raise", (FileExistsError, errno.EEXIST))
+        assert _answer(lambda: _linux._fastpath.link(9999, paths[0] + "x")) == _answer(
+            lambda: _linux._link_python(9999, paths[0] + "x")
+        )
+        # open_same: the descriptor for the right inode, -1 (nothing left open) for another, or the open's error.
+        for open_same in (_linux._fastpath.open_same, _linux._open_same_python):
+            fd = open_same(paths[0], RO, inode)
+            assert fd >= 0 and os.fstat(fd).st_ino == inode
+            os.close(fd)
+            before = set(os.listdir("/proc/self/fd"))
+            assert open_same(paths[1], RO, inode) == -1
+            assert set(os.listdir("/proc/self/fd")) <= before
+        fast_missing = _answer(lambda: _linux._fastpath.open_same(paths[0] + "x", RO, inode))
+        assert fast_missing == _answer(lambda: _linux._open_same_python(paths[0] + "x", RO, inode))
+        assert fast_missing == ("raise", (FileNotFoundError, errno.ENOENT))
+        # unlink_same: only the file with that inode; False for another file or none.
+        assert _linux._fastpath.unlink_same(paths[1], inode) is False and os.path.exists(paths[1])
+        assert _linux._unlink_same_python(paths[1], inode) is False and os.path.exists(paths[1])
+        assert _linux._fastpath.unlink_same(paths[0], inode) is True and not os.path.exists(paths[0])
+        assert _linux._fastpath.unlink_same(paths[0], inode) is False
+        assert _linux._unlink_same_python(paths[0], inode) is False
+        other = os.fstat(fds[1]).st_ino
+        assert _linux._unlink_same_python(paths[1], other) is True and not os.path.exists(paths[1])
+    finally:
+        for fd in fds:
+            os.close(fd)
+        for path in paths:
+            if os.path.lexists(path):
+                os.unlink(path)
+
+
+def test_publish_on_a_taken_name_is_segment_exists_on_both_paths(
+    monkeypatch: pytest.MonkeyPatch, shm_name: Callable[[], str]
+) -> None:
+    name = shm_name()
+    taken = shmem.SharedMemory(name, create=True, size=4096, track=False)
+    try:
+        for link in {_linux._link, _linux._link_python}:
+            monkeypatch.setattr(_linux, "_link", link)
+            fd = os.open(SHM_DIR, UNNAMED, 0o600)
+            try:
+                with pytest.raises(shmem.SegmentExists):
+                    _linux.publish(fd, name)
+            finally:
+                os.close(fd)
+    finally:
+        taken.close()
+        taken.unlink()

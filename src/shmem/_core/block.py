@@ -29,12 +29,12 @@ import mmap
 import operator
 import os
 import sys
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
 from .. import _platform
 from .._errors import InvalidSize, NoSpace, SegmentExists, SegmentNotFound
 from . import names, tracking
-from .header import KIND_RAW, Header, total_size
+from .header import KIND_RAW, TRAILER_SIZE, Header, total_size
 from .lifecycle import USERS_LOCK
 
 # Above this, the file (data, padding and trailer) would not fit in off_t.
@@ -42,8 +42,27 @@ MAX_SIZE = (1 << 63) - 1 - 2 * 4096
 
 Piece = Tuple[int, bytes]  # (offset, bytes-like) written into a new block before it is published
 
-# mmap keeps no duplicate of the descriptor (Python >= 3.13): an untracked mapping then holds none.
-_NO_DESCRIPTOR: Dict[str, Any] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+# Python >= 3.13: a mapping keeps no descriptor (mmap's trackfd=False). The kernel's mapping
+# still holds the open file description, and with it a users lock taken on it (an OFD lock
+# lives as long as its description): the lock lasts exactly as long as the mapping, and no
+# descriptor number is left for os.closerange() to take away.
+# Python < 3.13: mmap always keeps a duplicate descriptor, and closes that *number* when the
+# mapping goes - whatever file it belongs to by then. _map() notes the number; release() keeps
+# a mapping whose number was taken away (``_orphans``) rather than let mmap close another file.
+_MMAP_DUPLICATES = sys.version_info < (3, 13)
+_ACCESS = {False: mmap.ACCESS_WRITE, True: mmap.ACCESS_READ}
+_orphans: List[mmap.mmap] = []
+
+
+def _map(fd: int, size: int, readonly: bool) -> Tuple[mmap.mmap, int]:
+    """A shared mapping of ``fd`` and the descriptor number the mapping keeps (-1: none)."""
+    if not _MMAP_DUPLICATES:
+        return mmap.mmap(fd, size, access=_ACCESS[readonly], trackfd=False), -1
+    # mmap's dup() takes the lowest free number, which this dup() sees first (a thread opening
+    # a file meanwhile can make the guess wrong: then a closerange goes unnoticed, as before).
+    probe = os.dup(fd)
+    os.close(probe)
+    return mmap.mmap(fd, size, access=_ACCESS[readonly]), probe
 
 
 class Repeat(NamedTuple):
@@ -89,7 +108,7 @@ def checked_size(size: object, *, create: bool) -> int:
 class Block:
     """One shared memory block, mapped into this process."""
 
-    __slots__ = ("name", "size", "inode", "header", "mapping", "tracked", "_trailer")
+    __slots__ = ("name", "size", "inode", "header", "mapping", "tracked", "_trailer", "_dup")
 
     name: str
     size: int  # bytes of data (the header's size; the file's for blocks other programs made)
@@ -99,10 +118,17 @@ class Block:
     tracked: bool  # this handle holds the users lock
 
     def __init__(
-        self, name: str, size: int, inode: int, header: Optional[Header], mapping: mmap.mmap, tracked: bool
+        self,
+        name: str,
+        size: int,
+        inode: int,
+        header: Optional[Header],
+        mapping: mmap.mmap,
+        tracked: bool,
+        dup: int = -1,
     ) -> None:
         self.name, self.size, self.inode, self.header = name, size, inode, header
-        self.mapping, self.tracked = mapping, tracked
+        self.mapping, self.tracked, self._dup = mapping, tracked, dup
         # (file size, trailer offset, the header's bytes): what ``unchanged`` expects to find
         self._trailer: Optional[Tuple[int, int, bytes]] = None
 
@@ -134,18 +160,17 @@ class Block:
         size = checked_size(size, create=True)
         if name is not None:
             name = names.validate(name)
-        if any(offset < 0 or offset + len(data) > size for offset, data in initial) or (
+        if (initial and any(offset < 0 or offset + len(data) > size for offset, data in initial)) or (
             repeat is not None and (repeat.length > size or (repeat.length > 0 and not len(repeat.pattern)))
         ):
             raise InvalidSize(f"initial contents do not fit in {size} bytes")
         header = Header.new(size, kind=kind, track=track, creator=_platform.current_process(), extra=extra, flags=flags)
         total = total_size(size)
-        pieces: Sequence[Piece] = [(Header.trailer_offset(total), header.pack()), *initial]
+        pieces: Sequence[Piece] = [(total - TRAILER_SIZE, header.pack()), *initial]
         if repeat is not None and repeat.length > 0:
             pieces = _Pieces(list(pieces), repeat)  # made one copy at a time, as they are written
-        label = name if name is not None else "(new block)"
         try:
-            built = _platform.build_unnamed(total, pieces, label)
+            built = _platform.build_unnamed(total, pieces, name if name is not None else "(new block)")
         except NoSpace:
             # The standard library would have failed on the taken name first.
             if name is not None and _platform.exists(name):
@@ -163,16 +188,16 @@ class Block:
             try:
                 if track:
                     _platform.lock_shared(fd, USERS_LOCK)
-                mapping = mmap.mmap(fd, size)
+                mapping, dup = _map(fd, size, False)
             finally:
-                os.close(fd)  # the mapping holds its own duplicate (and with it the users lock)
+                os.close(fd)  # the mapping holds the description (and with it the users lock)
         except BaseException:
             if _platform.still_published(published, built.inode):
                 _platform.unlink_same(published, built.inode)
             if track:
                 tracking.untrack(published, header.block_id)
             raise
-        return cls(published, size, built.inode, header, mapping, track)
+        return cls(published, size, built.inode, header, mapping, track, dup)
 
     # ------------------------------------------------------------ attaching
 
@@ -182,12 +207,11 @@ class Block:
         mapping is gone. SegmentNotFound (FileNotFoundError) if there is none;
         CorruptSegment (ValueError) if its header is damaged. Never unlinks.
 
-        ``descriptor=False`` (untracked only: there is no users lock to hold):
-        the mapping keeps no descriptor of the file, on Python >= 3.13 (mmap's
-        ``trackfd``; before, mmap always keeps a duplicate of its own). The
-        mapping still refers to the file's open file description - so does any
-        mapping, in the kernel - which is why a users lock is never taken on
-        the description a long-lived mapping is made from (``UsersLease``).
+        ``descriptor`` is no longer used: on Python >= 3.13 no mapping keeps a
+        descriptor, before it every mapping does (``_map``). Any mapping refers
+        to the file's open file description, in the kernel - which is why a
+        users lock is never taken on the description a long-lived mapping is
+        made from unless it should last as long (``UsersLease``).
         """
         name = names.validate(name)
         if track:
@@ -196,26 +220,20 @@ class Block:
             opened = _platform.open_locked(name, USERS_LOCK, writable=not readonly)
         else:
             opened = _platform.open_existing(name, writable=not readonly)
-        try:
-            return cls._map(name, opened.fd, opened.size, opened.inode, readonly, track, descriptor)
+        fd, file_size, inode = opened[0], opened[1], opened[2]
+        try:  # one frame: this is every attach's path
+            if file_size == 0:
+                # Only another program's block looks like this: the standard library
+                # creates the file first and sizes it afterwards.
+                raise SegmentNotFound(name, "the shared memory block is empty: its creator has not sized it yet")
+            header = Header.read(fd, file_size, name)
+            if header is not None and not header.ready:
+                raise SegmentNotFound(name, "the shared memory block is still being created")
+            size = header.size if header is not None else file_size
+            mapping, dup = _map(fd, size, bool(readonly))
+            return cls(name, size, inode, header, mapping, track, dup)
         finally:
-            os.close(opened.fd)  # a tracked mapping holds its own duplicate (and with it the users lock)
-
-    @classmethod
-    def _map(
-        cls, name: str, fd: int, file_size: int, inode: int, readonly: bool, track: bool, descriptor: bool
-    ) -> Block:
-        if file_size == 0:
-            # Only another program's block looks like this: the standard library
-            # creates the file first and sizes it afterwards.
-            raise SegmentNotFound(name, "the shared memory block is empty: its creator has not sized it yet")
-        header = Header.read(fd, file_size, name)
-        if header is not None and not header.ready:
-            raise SegmentNotFound(name, "the shared memory block is still being created")
-        size = header.size if header is not None else file_size
-        access = mmap.ACCESS_READ if readonly else mmap.ACCESS_WRITE
-        mapping = mmap.mmap(fd, size, access=access, **({} if track or descriptor else _NO_DESCRIPTOR))
-        return cls(name, size, inode, header, mapping, track)
+            os.close(fd)  # the mapping holds the description (and with it the users lock)
 
     # ------------------------------------------------------------ the block
 
@@ -276,8 +294,19 @@ class Block:
         """Drop this handle's reference to the mapping. It is unmapped - and the
         users lock released - when the last object using it is gone: at once
         when nothing else refers to it, later if a NumPy array or memoryview
-        still does (unmapping under those would crash the process)."""
-        self.mapping = None
+        still does (unmapping under those would crash the process).
+
+        Python < 3.13: if the descriptor number the mapping keeps was closed
+        behind our back (``os.closerange``) - and may belong to another file
+        now - the mapping is kept for the life of the process instead: mmap
+        would close that number when it goes."""
+        mapping, self.mapping = self.mapping, None
+        if mapping is not None and self._dup >= 0 and not _platform.still_open(self._dup, self.inode):
+            _orphans.append(mapping)
+
+    def __del__(self) -> None:
+        if self.mapping is not None and self._dup >= 0 and _platform is not None:
+            self.release()
 
     def __repr__(self) -> str:
         return f"<Block {self.name!r} size={self.size}>"

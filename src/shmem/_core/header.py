@@ -55,7 +55,7 @@ import random
 import struct
 import time
 import zlib
-from typing import NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 from .._errors import CorruptSegment
 from .._platform import ProcessIdentity
@@ -74,6 +74,7 @@ KIND_CONDITION = 5
 KIND_SEMAPHORE = 6
 KIND_BARRIER = 7
 KIND_QUEUE = 8
+KIND_BROADCAST = 9
 KIND_NAMES = {
     KIND_RAW: "raw",
     KIND_LIST: "list",
@@ -84,6 +85,7 @@ KIND_NAMES = {
     KIND_SEMAPHORE: "semaphore",
     KIND_BARRIER: "barrier",
     KIND_QUEUE: "queue",
+    KIND_BROADCAST: "broadcast",
 }
 
 FLAG_AUTO_REMOVE = 1
@@ -97,7 +99,16 @@ HEADER_BYTES = READY_OFFSET + len(READY)
 _ALL = struct.Struct("<8sHHIQQQQQQIII4s")  # the three above in one go, for parse
 EXTRA_OFFSET = 256
 _PAD = bytes(EXTRA_OFFSET - HEADER_BYTES)
+# The checksum, the ready mark and the padding up to the kind's header, in one pack.
+_TAIL = struct.Struct(f"<I4s{len(_PAD)}x")
+_EMPTY_CRC = zlib.crc32(b"")
 EXTRA_MAX = TRAILER_SIZE - EXTRA_OFFSET
+
+
+# Header._parse's answers for the headers read lately, by (fixed header bytes,
+# file size): only valid headers are kept, and the kind's header is checked apart.
+_PARSED: Dict[Tuple[bytes, int], Tuple[Header, int, int]] = {}
+_PARSED_MAX = 64
 
 
 def total_size(size: int) -> int:
@@ -134,19 +145,25 @@ class Header(NamedTuple):
     def pack(self) -> bytes:
         """The trailer's bytes up to the end of the kind's header (the rest of
         the page stays zero), ready mark included."""
+        # On every create's path: two packs and a checksum, every argument positional
+        # (a star-argument call is the slow path, and cost more than the packing).
+        kind, flags, size, block_id, (pid, start_time, pid_ns), created_ns, _, extra = self
         fixed = _FIXED.pack(
             MAGIC,
             VERSION,
-            self.kind,
-            self.flags,
-            self.size,
-            self.block_id,
-            *self.creator,
-            self.created_ns,
-            len(self.extra),
-            zlib.crc32(self.extra),
+            kind,
+            flags,
+            size,
+            block_id,
+            pid,
+            start_time,
+            pid_ns,
+            created_ns,
+            len(extra),
+            zlib.crc32(extra) if extra else _EMPTY_CRC,
         )
-        return b"".join((fixed, _CRC.pack(zlib.crc32(fixed)), READY, _PAD, self.extra))
+        packed = fixed + _TAIL.pack(zlib.crc32(fixed), READY)
+        return packed + extra if extra else packed
 
     @staticmethod
     def trailer_offset(file_size: int) -> int:
@@ -163,9 +180,17 @@ class Header(NamedTuple):
         # One read for the fixed header and the kind's header: the whole trailer
         # is one page, and a copy of a page costs less than a second system call.
         raw = os.pread(fd, TRAILER_SIZE, file_size - TRAILER_SIZE)
-        parsed = cls._parse(raw, file_size, name)
+        # A parse depends on nothing but the fixed header's bytes and the file size:
+        # a block attached again (a pool's workers, unpickling) skips it.
+        key = (raw[:HEADER_BYTES], file_size)
+        parsed = _PARSED.get(key)
         if parsed is None:
-            return None
+            parsed = cls._parse(raw, file_size, name)
+            if parsed is None:
+                return None
+            if len(_PARSED) >= _PARSED_MAX:
+                _PARSED.clear()
+            _PARSED[key] = parsed
         header, extra_len, extra_crc = parsed
         if not extra_len:
             return header
@@ -192,14 +217,13 @@ class Header(NamedTuple):
             )
         if kind not in KIND_NAMES:
             raise CorruptSegment(f"shared memory block {name!r}: unknown kind {kind}")
-        if size <= 0 or total_size(size) > file_size:
+        if size <= 0 or -(-size // _ALIGN) * _ALIGN + TRAILER_SIZE > file_size:  # total_size, inlined
             raise CorruptSegment(
                 f"shared memory block {name!r}: header claims {size} bytes, the file holds {file_size}"
             )
         if extra_len > EXTRA_MAX:
             raise CorruptSegment(f"shared memory block {name!r}: header claims a kind header of {extra_len} bytes")
         # tuple.__new__: positional, no keyword handling - this is on every attach's path.
-        header = tuple.__new__(
-            cls, (kind, flags, size, block_id, ProcessIdentity(pid, start, pidns), created, ready == READY, b"")
-        )
+        creator = tuple.__new__(ProcessIdentity, (pid, start, pidns))
+        header = tuple.__new__(cls, (kind, flags, size, block_id, creator, created, ready == READY, b""))
         return header, extra_len, extra_crc

@@ -33,7 +33,9 @@ What else differs from the standard library, each a defect it has:
   FileNotFoundError even when a newer block took the name: that one stays.
 * Bad names raise ValueError before anything happens; blocks are created
   0600 whatever the umask; symlinks, FIFOs and directories are refused.
-* One file descriptor per open block (the standard library holds two).
+* One file descriptor per open block (the standard library holds two); none
+  for a handle that attached with ``track=False``, on Python >= 3.13 (mmap's
+  ``trackfd``: with no users lock to hold, the mapping needs no descriptor).
 """
 
 from __future__ import annotations
@@ -84,14 +86,16 @@ class SharedMemory:
 
     def __init__(self, name: Optional[str] = None, create: bool = False, size: int = 0, *, track: bool = True) -> None:
         # Everything is checked before anything is touched: bad input has no side effect.
-        size = checked_size(size, create=create)
+        if create or size or type(size) is not int:  # (attaching with the default size: nothing to check)
+            size = checked_size(size, create=create)
         if name is None and not create:
             raise ValueError("'name' can only be None if create=True")
         self._track = bool(track)
         if create:
             self._set(Block.create(name, size, track=self._track))
         else:
-            self._set(Block.attach(name, track=self._track))  # type: ignore[arg-type]
+            # Untracked, the mapping needs no descriptor of its own (no users lock to hold).
+            self._set(Block.attach(name, track=self._track, descriptor=self._track))  # type: ignore[arg-type]
 
     def _set(self, block: Block) -> None:
         assert block.mapping is not None
