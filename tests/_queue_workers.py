@@ -86,3 +86,12 @@ def get_forever(q: Any, report_fd: int) -> None:
         data = q.get()  # bytes either way: send_bytes gives them as they are, put_many pickled bytes
         got = check(data)
         os.write(report_fd, struct.pack("<I", 0xFFFFFFFF if got is None else got[1]))
+
+
+def put_later(q: Any, item: Any, delay: float) -> None:
+    """Put ``item`` after ``delay`` seconds (the asyncio test's producer)."""
+    import time
+
+    time.sleep(delay)
+    q.put(item)
+    q.close()

@@ -505,7 +505,6 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.xfail(strict=True, reason="a tracked block's mmap closes its descriptor number blindly (fix next)")
 def test_the_queue_survives_closerange_and_writes_no_unrelated_fd(tmp_path: Any) -> None:
     run = subprocess.run([PYTHON, "-c", CLOSERANGE_CHILD, str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -686,4 +685,48 @@ def test_shmem_ls_and_info_show_a_queues_fill_level() -> None:
     listed = subprocess.run([PYTHON, "-m", "shmem", "ls"], capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0 and "state unreadable" in listed.stdout, listed.stdout + listed.stderr
     other.close()
+    q.close()
+
+
+# ------------------------------------------------------------------ asyncio
+
+
+def test_aio_get_and_put_wait_in_the_event_loop_not_in_a_thread() -> None:
+    import asyncio
+
+    import shmem.aio
+
+    q = shmem.Queue(maxsize=1)
+    ctx = multiprocessing.get_context("spawn")
+    producer = ctx.Process(target=workers.put_later, args=(q, "hello", 0.3))
+
+    async def main() -> Tuple[Any, int]:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        beat = asyncio.ensure_future(ticker())
+        producer.start()
+        got = await shmem.aio.get(q, timeout=60)
+        await shmem.aio.put(q, 1)
+        with pytest.raises(queue.Full):
+            await shmem.aio.put(q, 2, timeout=0.05)
+        assert await shmem.aio.get(q, timeout=0) == 1
+        with pytest.raises(queue.Empty):
+            await shmem.aio.get(q, timeout=0.05)
+        with pytest.raises(ValueError):
+            await shmem.aio.get(q, timeout=-1)
+        with pytest.raises(TypeError):
+            await shmem.aio.get(object())  # type: ignore[arg-type]
+        beat.cancel()
+        return got, ticks
+
+    got, ticks = asyncio.run(main())
+    producer.join(60)
+    assert got == "hello" and producer.exitcode == 0
+    assert ticks >= 5, "the event loop did not run while get() waited"
     q.close()

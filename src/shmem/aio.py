@@ -1,4 +1,4 @@
-"""asyncio for shmem's synchronisation primitives: wait in a coroutine, not a thread.
+"""asyncio for shmem's synchronisation primitives and queues: wait in a coroutine, not a thread.
 
 ``async with`` works on ``shmem.Lock``, ``shmem.Semaphore``,
 ``shmem.BoundedSemaphore`` and a ``shmem.Condition`` over a ``shmem.Lock``
@@ -14,6 +14,10 @@ themselves; these functions add timeouts, events, conditions and barriers::
         async with cond:
             await shmem.aio.wait_condition_for(cond, lambda: ..., timeout=5)
         index = await shmem.aio.wait_barrier(barrier, timeout=5)
+
+    async def consumer(q):  # a shmem.Queue, SimpleQueue or JoinableQueue
+        item = await shmem.aio.get(q, timeout=5)
+        await shmem.aio.put(q, item)
 
 Waiting does not park a thread: the coroutine tries, then sleeps in the event
 loop between tries (at most 5 ms apart), so a release is noticed up to 5 ms
@@ -31,7 +35,7 @@ Timeouts here must be None or non-negative (ValueError otherwise).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, List, Optional, TypeVar
 
 from ._kinds import barrier as _barrier
 from ._kinds import condition as _condition
@@ -39,10 +43,11 @@ from ._kinds.barrier import Barrier
 from ._kinds.condition import Condition
 from ._kinds.event import Event
 from ._kinds.lock import Lock, RLock
+from ._kinds.queue import Queue
 from ._kinds.semaphore import Semaphore
 from ._kinds.sync_async import MAX_DELAY, poll
 
-__all__ = ["MAX_DELAY", "acquire", "wait", "wait_barrier", "wait_condition", "wait_condition_for"]
+__all__ = ["MAX_DELAY", "acquire", "get", "put", "wait", "wait_barrier", "wait_condition", "wait_condition_for"]
 
 _T = TypeVar("_T")
 
@@ -167,3 +172,56 @@ async def wait_barrier(barrier: Barrier, timeout: Optional[float] = None) -> int
     if not isinstance(barrier, Barrier):
         raise TypeError(f"shmem.aio.wait_barrier takes a shmem.Barrier, not {type(barrier).__name__}")
     return await _barrier.wait_async(barrier, timeout)
+
+
+async def get(q: Queue, timeout: Optional[float] = None) -> Any:
+    """``q.get(timeout=timeout)`` in the event loop: the first item of a
+    ``shmem.Queue`` (``SimpleQueue``, ``JoinableQueue``), waiting without a thread.
+
+    Raises:
+        queue.Empty: nothing came within ``timeout`` seconds.
+        TypeError: ``q`` is not a shmem queue.
+        ValueError: a negative or NaN timeout, or a closed queue.
+    """
+    import queue as _stdlib_queue
+
+    if not isinstance(q, Queue):
+        raise TypeError(f"shmem.aio.get takes a shmem queue, not {type(q).__name__}")
+    got: List[Any] = []
+
+    def attempt() -> bool:
+        try:
+            got.append(Queue.get(q, False))
+        except _stdlib_queue.Empty:
+            return False
+        return True
+
+    if not await poll(attempt, timeout, "shmem.aio.get"):
+        raise _stdlib_queue.Empty
+    return got[0]
+
+
+async def put(q: Queue, obj: Any, timeout: Optional[float] = None) -> None:
+    """``q.put(obj, timeout=timeout)`` in the event loop: waits without a thread
+    while the queue is full.
+
+    Raises:
+        queue.Full: no room came within ``timeout`` seconds.
+        TypeError: ``q`` is not a shmem queue.
+        ValueError: a negative or NaN timeout, a closed queue, or an object
+            whose pickle is larger than the queue's ring.
+    """
+    import queue as _stdlib_queue
+
+    if not isinstance(q, Queue):
+        raise TypeError(f"shmem.aio.put takes a shmem queue, not {type(q).__name__}")
+
+    def attempt() -> bool:
+        try:
+            Queue.put(q, obj, False)
+        except _stdlib_queue.Full:
+            return False
+        return True
+
+    if not await poll(attempt, timeout, "shmem.aio.put"):
+        raise _stdlib_queue.Full
