@@ -13,6 +13,7 @@ from ._errors import (
     CorruptSegment,
     InvalidName,
     InvalidSize,
+    MessagesLost,
     NoSpace,
     OwnerDiedWarning,
     SegmentExists,
@@ -30,10 +31,11 @@ from ._segments import Segment, inspect_segment, list_segments, remove_segment
 # Imported on first use. NumPy is optional: without it, the first use of an
 # array name raises an ImportError saying how to install it. The manager pulls
 # in multiprocessing.managers, which a program that does not use it need not pay;
-# locks, events, semaphores, conditions, barriers and queues, their C extension (or ctypes).
+# locks, events, semaphores, conditions, barriers, queues and broadcasts, their C extension (or ctypes).
 _LAZY = {
     "Barrier": "._kinds.barrier",
     "BoundedSemaphore": "._kinds.semaphore",
+    "Broadcast": "._kinds.broadcast",
     "Condition": "._kinds.condition",
     "Event": "._kinds.event",
     "JoinableQueue": "._kinds.queue",
@@ -44,6 +46,7 @@ _LAZY = {
     "SharedMemoryManager": "._kinds.manager",
     "SharedArray": "._kinds.array",
     "SimpleQueue": "._kinds.queue",
+    "Subscriber": "._kinds.broadcast",
     "array": "._kinds.array",
     "attach_array": "._kinds.array",
     "empty": "._kinds.array",
@@ -54,6 +57,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from ._kinds.array import SharedArray, array, attach_array, empty, full, zeros
     from ._kinds.barrier import Barrier
+    from ._kinds.broadcast import Broadcast, Subscriber
     from ._kinds.condition import Condition
     from ._kinds.event import Event
     from ._kinds.lock import Lock, RLock
@@ -78,6 +82,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Barrier",
     "BoundedSemaphore",
+    "Broadcast",
     "Condition",
     "CorruptSegment",
     "Event",
@@ -86,6 +91,7 @@ __all__ = [
     "InvalidSize",
     "JoinableQueue",
     "Lock",
+    "MessagesLost",
     "NoSpace",
     "OwnerDiedWarning",
     "Queue",
@@ -102,6 +108,7 @@ __all__ = [
     "SharedMemoryManager",
     "ShmemError",
     "SimpleQueue",
+    "Subscriber",
     "UnsafeSegment",
     "UnsupportedDtype",
     "WriterStalled",

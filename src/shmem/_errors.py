@@ -13,6 +13,7 @@ and ``.filename``, and pickle across processes.
 from __future__ import annotations
 
 import errno as _errno
+from typing import Any, Tuple
 
 
 class ShmemError(Exception):
@@ -93,6 +94,24 @@ class WriterStalled(ShmemError, TimeoutError, _NamedOSError):
 
     def __init__(self, name: str, cause: str) -> None:
         super().__init__(_errno.ETIMEDOUT, cause, name)
+
+
+class MessagesLost(ShmemError, LookupError):
+    """A subscriber fell further behind than the broadcast's ring holds: ``count``
+    messages were dropped before it read them. Its position has moved on to the
+    oldest message still there; the next ``get`` returns that one."""
+
+    def __init__(self, count: int, continues_at: int = 0) -> None:
+        super().__init__(
+            f"{count} message{'s' if count != 1 else ''} lost: this subscriber fell behind by more than "
+            "the broadcast's ring holds (make it with a larger capacity=, or read faster); "
+            "the next get() continues with the oldest message still there"
+        )
+        self.count = count
+        self.continues_at = continues_at
+
+    def __reduce__(self) -> Tuple[Any, ...]:  # keeps count and continues_at across processes
+        return (type(self), (self.count, self.continues_at))
 
 
 class OwnerDiedWarning(RuntimeWarning):

@@ -37,6 +37,7 @@ barrier    ``type``: ``"Barrier"``; ``parties``
 queue      ``type``: ``"Queue"`` or ``"JoinableQueue"``; ``capacity`` (the
            ring's bytes); ``maxsize`` (items, 0: no limit) - ``_segments``
            adds the fill level, read from the block's data
+broadcast  ``type``: ``"Broadcast"``; ``capacity`` (the ring's bytes)
 =========  ==============================================================
 """
 
@@ -47,6 +48,7 @@ from typing import Any, NamedTuple, Tuple
 from .._core.header import (
     KIND_ARRAY,
     KIND_BARRIER,
+    KIND_BROADCAST,
     KIND_CONDITION,
     KIND_EVENT,
     KIND_LIST,
@@ -140,4 +142,11 @@ def described(header: Header) -> Described:
         q = parse_queue(header.extra, header.size)
         kind = "JoinableQueue" if q.joinable else "Queue"
         return Described(text, (("type", kind), ("capacity", q.capacity), ("maxsize", q.maxsize)))
+    if header.kind == KIND_BROADCAST:
+        from .broadcast_layout import describe as describe_broadcast
+        from .broadcast_layout import parse_kind_header as parse_broadcast
+
+        text = describe_broadcast(header.extra)  # validates the header
+        bc = parse_broadcast(header.extra, header.size)
+        return Described(text, (("type", "Broadcast"), ("capacity", bc.capacity)))
     return Described("", ())
