@@ -315,3 +315,28 @@ def run_pure_python(test_file: str, selection: str) -> subprocess.CompletedProce
         env=env,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
+
+
+def fork_child(body: Callable[[], None]) -> int:
+    """Fork a child that runs ``body`` and leaves with os._exit (0 if it returned)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            body()
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
+
+
+def wait_exit(pid: int, timeout: float = 30) -> int:
+    """The exit code of child ``pid``; SIGKILLed (and the test failed) if it hangs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    kill_and_reap(pid)
+    pytest.fail(f"child {pid} hung")

@@ -22,7 +22,7 @@ from typing import Any, Callable, List, Tuple
 
 import _broadcast_workers as workers
 import pytest
-from conftest import PYTHON, kill_and_reap, run_pure_python, wait_until
+from conftest import PYTHON, fork_child, kill_and_reap, run_pure_python, wait_until
 
 import shmem
 from shmem._kinds import broadcast_layout, sync_wait
@@ -42,19 +42,6 @@ def mutex_word(handle: Any) -> int:
 
 def words(handle: Any) -> Tuple[int, int, int, int, int, int]:
     return broadcast_layout.CONTROL.unpack_from(handle._block.mapping, broadcast_layout.OFF_NEXT)  # type: ignore[no-any-return]
-
-
-def fork_child(body: Callable[[], None]) -> int:
-    """Fork a child that runs ``body`` and leaves with os._exit (0 if it returned)."""
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            body()
-            code = 0
-        finally:
-            os._exit(code)
-    return pid
 
 
 def drain(sub: Subscriber) -> List[Any]:

@@ -26,7 +26,7 @@ from typing import Any, Callable, List, Tuple
 
 import _queue_workers as workers
 import pytest
-from conftest import PYTHON, kill_and_reap, run_pure_python, wait_until
+from conftest import PYTHON, fork_child, kill_and_reap, run_pure_python, wait_exit, wait_until
 from test_defect_space import private_shm_available, run_in_private_shm  # noqa: F401 - a fixture
 
 import shmem
@@ -51,31 +51,6 @@ def drain(q: Any) -> List[bytes]:
             out.append(q.get(False))
         except queue.Empty:
             return out
-
-
-def fork_child(body: Callable[[], None]) -> int:
-    """Fork a child that runs ``body`` and leaves with os._exit (0 if it returned)."""
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            body()
-            code = 0
-        finally:
-            os._exit(code)
-    return pid
-
-
-def wait_exit(pid: int, timeout: float = 30) -> int:
-    """The exit code of child ``pid``; SIGKILLed (and the test failed) if it hangs."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.01)
-    kill_and_reap(pid)
-    pytest.fail(f"child {pid} hung")
 
 
 def read_all(fd: int) -> bytes:
