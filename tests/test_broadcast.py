@@ -467,3 +467,17 @@ def test_damaged_words_and_records_raise_corrupt_segment(damage: Tuple[int, byte
 def test_pure_python_path_passes_the_core_tests() -> None:
     run = run_pure_python(__file__, "not pure_python and not spawn")
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+
+
+def test_shmem_ls_and_info_show_what_a_broadcast_holds() -> None:
+    bc = Broadcast(capacity=4096)
+    for _ in range(100):
+        bc.publish_bytes(b"x" * 16)  # 32 bytes a record: 4096 holds 128
+    listed = subprocess.run([PYTHON, "-m", "shmem", "ls", "--json"], capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    (record,) = [r for r in json.loads(listed.stdout) if r["name"] == bc.name]
+    assert record["kind"] == "broadcast" and record["type"] == "Broadcast"
+    assert (record["capacity"], record["published"], record["held"], record["used_bytes"]) == (4096, 100, 100, 3200)
+    text = subprocess.run([PYTHON, "-m", "shmem", "ls"], capture_output=True, text=True, timeout=60).stdout
+    assert "broadcast ring 4096 B (100 published, 100 held)" in text, text
+    bc.close()

@@ -28,6 +28,7 @@ from ._core import names
 from ._core.header import (
     FLAG_MANAGED,
     KIND_BARRIER,
+    KIND_BROADCAST,
     KIND_CONDITION,
     KIND_EVENT,
     KIND_LOCK,
@@ -39,6 +40,7 @@ from ._core.header import (
 from ._core.lifecycle import USERS_LOCK
 from ._errors import CorruptSegment, SegmentInUse, SegmentNotFound
 from ._kinds import Described, Fields, described
+from ._kinds.broadcast_layout import broadcast_state
 from ._kinds.lock_layout import LOCK_SIZE, lock_state
 from ._kinds.queue_layout import RING as QUEUE_CONTROL_BYTES
 from ._kinds.queue_layout import queue_state
@@ -167,6 +169,8 @@ def _inspect(name: str, opened: _platform.Opened) -> Segment:
         description = Described(description.text, description.fields + sync_fields(name, opened, header))
     elif header.kind == KIND_QUEUE:
         description = Described(description.text, description.fields + queue_fields(opened, header))
+    elif header.kind == KIND_BROADCAST:
+        description = Described(description.text, description.fields + broadcast_fields(opened, header))
     in_use = _platform.is_locked(opened.fd, USERS_LOCK)
     if not header.auto_remove and header.ready:
         state = "untracked"  # as remove_if_abandoned keeps it: its creator's life says nothing
@@ -255,6 +259,21 @@ def queue_fields(opened: _platform.Opened, header: Header) -> Fields:
         return tuple((key, None) for key in keys)
     values = (state.items, state.used_bytes, state.unfinished, state.getters_waiting, state.putters_waiting)
     return tuple(zip(keys, values))
+
+
+def broadcast_fields(opened: _platform.Opened, header: Header) -> Fields:
+    """A broadcast's state, read from its control words without its mutex (a snapshot):
+    ``published`` (messages ever published), ``held`` (messages still in the ring: what a
+    subscriber that fell behind can still read), ``used_bytes``, and ``subscribers_waiting``
+    (asleep in ``get``; a hint). None for every field when the words are damaged."""
+    keys = ("published", "held", "used_bytes", "subscribers_waiting")
+    try:
+        state = broadcast_state(header.extra, os.pread(opened.fd, QUEUE_CONTROL_BYTES, 0))
+    except (OSError, ValueError):
+        state = None
+    if state is None:
+        return tuple((key, None) for key in keys)
+    return tuple(zip(keys, (state.published, state.held, state.used_bytes, state.sleepers)))
 
 
 class SlotHolder(NamedTuple):

@@ -177,6 +177,9 @@ def _kind_label(s: Segment) -> str:
         label += f" ({summary})" if summary else ""
     elif s.kind == "queue" and s.kind_fields:
         label += f" ({_queue_summary(dict(s.kind_fields))})"
+    elif s.kind == "broadcast" and s.kind_fields:
+        b = dict(s.kind_fields)
+        label += " (state unreadable)" if b.get("held") is None else f" ({b['published']} published, {b['held']} held)"
     if s.managed:
         label += " (manager)"
     if not s.ready:
@@ -283,6 +286,15 @@ def cmd_info(args: argparse.Namespace) -> int:
         fields += _sync_lines(s.kind, dict(s.kind_fields))
     elif s.kind == "queue" and s.kind_fields:
         fields += _queue_lines(dict(s.kind_fields))
+    elif s.kind == "broadcast" and s.kind_fields:
+        b = dict(s.kind_fields)
+        unreadable = "- (the control words are not a live broadcast's: overwritten?)"
+        fields += [
+            ("capacity", f"{b['capacity']} bytes"),
+            ("published", unreadable if b.get("published") is None else str(b["published"])),
+            ("held", "-" if b.get("held") is None else f"{b['held']} messages ({b['used_bytes']} bytes of the ring)"),
+            ("asleep in get", "-" if b.get("subscribers_waiting") is None else str(b["subscribers_waiting"])),
+        ]
     width = max(len(k) for k, _ in fields)
     for key, value in fields:
         print(f"{key:<{width}}  {value}")

@@ -37,7 +37,8 @@ barrier    ``type``: ``"Barrier"``; ``parties``
 queue      ``type``: ``"Queue"`` or ``"JoinableQueue"``; ``capacity`` (the
            ring's bytes); ``maxsize`` (items, 0: no limit) - ``_segments``
            adds the fill level, read from the block's data
-broadcast  ``type``: ``"Broadcast"``; ``capacity`` (the ring's bytes)
+broadcast  ``type``: ``"Broadcast"``; ``capacity`` (the ring's bytes) -
+           ``_segments`` adds ``published``, ``held``, ``used_bytes``
 =========  ==============================================================
 """
 

@@ -150,5 +150,5 @@ def broadcast_state(extra: bytes, data: bytes) -> Optional[BroadcastState]:
 
 
 def describe(extra: bytes) -> str:
-    """The listing's description of a broadcast block: "broadcast, ring 1048576 B"."""
-    return f"broadcast, ring {parse_kind_header(extra).capacity} B"
+    """The listing's description of a broadcast block, after its kind: "ring 1048576 B"."""
+    return f"ring {parse_kind_header(extra).capacity} B"

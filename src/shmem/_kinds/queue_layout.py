@@ -147,7 +147,8 @@ def queue_state(extra: bytes, data: bytes) -> Optional[QueueState]:
 
 
 def describe(extra: bytes) -> str:
-    """The listing's description of a queue block: "ring 1048576 B, maxsize 0"."""
+    """The listing's description of a queue block, after its kind: "ring 1048576 B, maxsize 5"
+    ("JoinableQueue, ring ..." for a JoinableQueue)."""
     header = parse_kind_header(extra)
-    kind = "joinable queue" if header.joinable else "queue"
-    return f"{kind}, ring {header.capacity} B" + (f", maxsize {header.maxsize}" if header.maxsize else "")
+    text = f"ring {header.capacity} B" + (f", maxsize {header.maxsize}" if header.maxsize else "")
+    return ("JoinableQueue, " if header.joinable else "") + text
