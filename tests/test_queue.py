@@ -614,6 +614,8 @@ def test_c_ring_and_pure_python_twin_agree() -> None:
 
 
 CORE = [
+    "test_numpy_arrays_travel_beside_their_pickle_and_arrive_writable",
+    "test_a_damaged_out_of_band_record_is_corrupt_segment",
     "test_implementation_follows_the_environment",
     "test_put_get_nowait_timeouts_maxsize_and_sizes",
     "test_unbounded_queue_and_bad_arguments",
@@ -704,4 +706,53 @@ def test_aio_get_and_put_wait_in_the_event_loop_not_in_a_thread() -> None:
     producer.join(60)
     assert got == "hello" and producer.exitcode == 0
     assert ticks >= 5, "the event loop did not run while get() waited"
+    q.close()
+
+
+# ------------------------------------------------------------------ arrays out of band
+
+
+def test_numpy_arrays_travel_beside_their_pickle_and_arrive_writable() -> None:
+    np = pytest.importorskip("numpy")
+    q = shmem.Queue(capacity=4 << 20)
+    a = np.arange(1 << 16, dtype=np.float64)
+    q.put(a)
+    got = q.get()
+    assert np.array_equal(got, a) and got.flags.writeable and got.dtype == a.dtype
+    got[0] = -1.0  # its own memory: the sender's array is untouched
+    assert a[0] == 0.0
+    q.put_many([(a, "tagged"), a[::2], np.zeros((3, 4), order="F")])
+    (pair, strided, fortran) = q.get_many(3, timeout=10)
+    assert np.array_equal(pair[0], a) and pair[1] == "tagged"
+    assert np.array_equal(strided, a[::2])  # not contiguous: pickled in-band, same result
+    assert fortran.shape == (3, 4) and fortran.flags.f_contiguous
+    q.put(a)
+    raw = q.recv_bytes()  # an array's record, as bytes
+    assert isinstance(raw, bytes) and a.tobytes() in raw
+    with pytest.raises(ValueError):
+        q.put(np.zeros(1 << 20))  # 8 MiB into a 4 MiB ring: refused, nothing put
+    assert q.empty()
+    q.close()
+
+
+def test_a_damaged_out_of_band_record_is_corrupt_segment() -> None:
+    np = pytest.importorskip("numpy")
+    q = shmem.Queue(capacity=1 << 16)
+    q.put(np.arange(100.0))
+    other = shmem.SharedMemory(q.name)
+    assert other.buf is not None
+    # The record's payload starts at RING + 8: its head is (count, 0, pickle length).
+    at = queue_layout.RING + queue_layout.REC
+    other.buf[at : at + 4] = struct.pack("<I", 1 << 20)  # a buffer count far past the record
+    with pytest.raises(shmem.CorruptSegment):
+        q.get(timeout=10)
+    q.put(np.arange(10.0))
+    (head,) = struct.unpack_from("<Q", other.buf, queue_layout.OFF_HEAD)
+    at = queue_layout.RING + head % q.capacity + queue_layout.REC  # the next record's payload
+    other.buf[at + 16 : at + 24] = struct.pack("<Q", 1 << 40)  # a buffer length past the record
+    with pytest.raises(shmem.CorruptSegment):
+        q.get(timeout=10)
+    q.put("still works")
+    assert q.get(timeout=10) == "still works"
+    other.close()
     q.close()

@@ -52,6 +52,7 @@
 #define RING 128
 #define REC 8 /* a record's header: u32 payload length, u32 tag */
 #define TAG_WRAP 0xFFFFFFFFu
+#define TAG_OOB 3 /* a pickle and its out-of-band buffers (queue_ring.oob_parts lays them out) */
 
 typedef struct {
     PyObject_HEAD
@@ -271,9 +272,10 @@ room_for(QueueCore *self, uint64_t size, uint64_t head, uint64_t tail)
     return (long long)skip;
 }
 
-/* Append one record (mutex held). 1: done; 0: no room now; -1: damaged (exception set). */
+/* Append one record made of `n` parts laid end to end (mutex held). 1: done; 0: no room now;
+ * -1: damaged (exception set). */
 static int
-append(QueueCore *self, const char *data, uint64_t length, uint32_t tag)
+append_parts(QueueCore *self, const Py_buffer *parts, Py_ssize_t n, uint64_t length, uint32_t tag)
 {
     uint64_t head = *U64(self, OFF_HEAD), tail = *U64(self, OFF_TAIL), cap = self->capacity;
     if (tail - head > cap || head % 8 || tail % 8)
@@ -300,12 +302,25 @@ append(QueueCore *self, const char *data, uint64_t length, uint32_t tag)
     uint32_t *rec = (uint32_t *)(ring + tail % cap);
     rec[0] = (uint32_t)length;
     rec[1] = tag;
-    memcpy(ring + tail % cap + REC, data, length);
+    char *out = ring + tail % cap + REC;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        memcpy(out, parts[i].buf, (size_t)parts[i].len);
+        out += parts[i].len;
+    }
     *U64(self, OFF_TAIL) = tail + size; /* commit: tail, then count (repair recounts between) */
     *U64(self, OFF_COUNT) += 1;
     if (self->joinable)
         *U64(self, OFF_UNFINISHED) += 1;
     return 1;
+}
+
+static int
+append(QueueCore *self, const char *data, uint64_t length, uint32_t tag)
+{
+    Py_buffer one;
+    one.buf = (void *)data;
+    one.len = (Py_ssize_t)length;
+    return append_parts(self, &one, 1, length, tag);
 }
 
 /* Take the first record (mutex held): its payload (tag in *tag), Py_None if empty, NULL on error. */
@@ -344,7 +359,10 @@ take_raw(QueueCore *self, uint32_t *tag_out)
             corrupt("a record is longer than the ring holds");
             return NULL;
         }
-        PyObject *payload = PyBytes_FromStringAndSize(ring + at + REC, (Py_ssize_t)length);
+        /* A record with out-of-band buffers comes out writable: the arrays unpickled from it
+         * are views of this copy, writable as multiprocessing's are. */
+        PyObject *payload = tag == TAG_OOB ? PyByteArray_FromStringAndSize(ring + at + REC, (Py_ssize_t)length)
+                                           : PyBytes_FromStringAndSize(ring + at + REC, (Py_ssize_t)length);
         if (payload == NULL)
             return NULL;
         *U64(self, OFF_HEAD) = head + size; /* commit: head, then count */
@@ -756,6 +774,7 @@ qc_dealloc(QueueCore *self)
  */
 
 static PyObject *dumps_fn, *loads_fn, *full_exc, *empty_exc, *protocol_obj; /* set by _set_codec */
+static PyObject *oob_parts_fn, *oob_loads_fn; /* queue_ring.oob_parts / oob_loads, set by _set_codec */
 
 /* (block, timeout) from positional args starting at `first` and keywords; -2 on error. */
 static long long
@@ -879,6 +898,74 @@ get_item(QueueCore *self, long long timeout_ns)
     return item;
 }
 
+/* One record made of the bytes-like `parts` (a list), waiting as asked: 1 put, 0 no room in time,
+ * -1 error. The usual case copies each part straight into the ring; a wait joins them first. */
+static int
+put_parts(QueueCore *self, PyObject *parts, uint32_t tag, long long timeout_ns)
+{
+    if (!PyList_Check(parts)) {
+        PyErr_SetString(PyExc_TypeError, "put_parts() takes a list");
+        return -1;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(parts), got = 0;
+    Py_buffer *views = PyMem_Calloc((size_t)(n ? n : 1), sizeof(Py_buffer));
+    if (views == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    int rc = -1;
+    uint64_t total = 0;
+    for (; got < n; got++) {
+        if (PyObject_GetBuffer(PyList_GET_ITEM(parts, got), &views[got], PyBUF_SIMPLE) < 0)
+            goto out;
+        total += (uint64_t)views[got].len;
+    }
+    if (total > (uint64_t)PY_SSIZE_T_MAX || too_big(self, (Py_ssize_t)total) || q_lock(self) < 0)
+        goto out;
+    rc = append_parts(self, views, n, total, tag);
+    if (rc == 1) {
+        int w = count_out(self, OFF_SEQ_GET, OFF_GET_SLEEPERS);
+        q_unlock(self);
+        if (w)
+            wake(self, OFF_SEQ_GET, 1);
+        goto out;
+    }
+    q_unlock(self);
+    if (rc < 0 || timeout_ns == 0)
+        goto out;
+    PyObject *joined = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)total);
+    if (joined == NULL) {
+        rc = -1;
+        goto out;
+    }
+    char *dst = PyByteArray_AS_STRING(joined);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        memcpy(dst, views[i].buf, (size_t)views[i].len);
+        dst += views[i].len;
+    }
+    rc = put_data(self, joined, tag, timeout_ns);
+    Py_DECREF(joined);
+out:
+    for (Py_ssize_t i = 0; i < got; i++)
+        PyBuffer_Release(&views[i]);
+    PyMem_Free(views);
+    return rc;
+}
+
+static PyObject *
+qc_put_parts(QueueCore *self, PyObject *args)
+{
+    PyObject *parts;
+    unsigned long tag;
+    long long timeout_ns;
+    if (!PyArg_ParseTuple(args, "OkL", &parts, &tag, &timeout_ns) || check_bound(self) < 0)
+        return NULL;
+    int rc = put_parts(self, parts, (uint32_t)tag, timeout_ns);
+    if (rc < 0)
+        return NULL;
+    return PyBool_FromLong(rc);
+}
+
 static PyObject *
 qc_put_obj(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
@@ -889,12 +976,24 @@ qc_put_obj(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *k
     long long ns = wait_arg(args, nargs, kwnames, 1);
     if (ns == -2 || check_bound(self) < 0)
         return NULL;
-    PyObject *call[2] = {args[0], protocol_obj};
-    PyObject *data = PyObject_Vectorcall(dumps_fn, call, 2, NULL);
-    if (data == NULL)
-        return NULL;
-    int rc = put_data(self, data, 1, ns);
-    Py_DECREF(data);
+    int rc;
+    PyObject *obj = args[0];
+    if (PyObject_CheckBuffer(obj) && !PyBytes_CheckExact(obj) && !PyByteArray_CheckExact(obj)) {
+        /* An array or other buffer: its bytes go into the ring beside the pickle, not through it
+         * (pickle protocol 5); oob_parts gives the record's parts, or bytes if none went out of band. */
+        PyObject *parts = PyObject_CallOneArg(oob_parts_fn, obj);
+        if (parts == NULL)
+            return NULL;
+        rc = PyList_Check(parts) ? put_parts(self, parts, TAG_OOB, ns) : put_data(self, parts, 1, ns);
+        Py_DECREF(parts);
+    } else {
+        PyObject *call[2] = {obj, protocol_obj};
+        PyObject *data = PyObject_Vectorcall(dumps_fn, call, 2, NULL);
+        if (data == NULL)
+            return NULL;
+        rc = put_data(self, data, 1, ns);
+        Py_DECREF(data);
+    }
     if (rc < 0)
         return NULL;
     if (rc == 0) {
@@ -965,9 +1064,10 @@ qc_get_obj(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *k
 {
     uint32_t tag = 0;
     PyObject *payload = got_or_empty(self, args, nargs, kwnames, &tag);
-    if (payload == NULL || tag != 1)
+    if (payload == NULL || (tag != 1 && tag != TAG_OOB))
         return payload;
-    PyObject *result = PyObject_CallOneArg(loads_fn, payload); /* unpickled with the mutex free */
+    /* unpickled with the mutex free */
+    PyObject *result = PyObject_CallOneArg(tag == TAG_OOB ? oob_loads_fn : loads_fn, payload);
     Py_DECREF(payload);
     return result;
 }
@@ -976,7 +1076,12 @@ static PyObject *
 qc_recv_bytes(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     uint32_t tag = 0;
-    return got_or_empty(self, args, nargs, kwnames, &tag);
+    PyObject *payload = got_or_empty(self, args, nargs, kwnames, &tag);
+    if (payload == NULL || !PyByteArray_Check(payload))
+        return payload;
+    PyObject *bytes = PyBytes_FromObject(payload); /* always bytes, as multiprocessing's */
+    Py_DECREF(payload);
+    return bytes;
 }
 
 static PyMethodDef qc_methods[] = {
@@ -989,6 +1094,7 @@ static PyMethodDef qc_methods[] = {
     {"join", (PyCFunction)qc_join, METH_VARARGS, "join(timeout_ns) -> bool"},
     {"state", (PyCFunction)qc_state, METH_NOARGS, "state() -> (head, tail, count, unfinished, gs, ps)"},
     {"release", (PyCFunction)qc_release, METH_NOARGS, "release the buffer"},
+    {"put_parts", (PyCFunction)qc_put_parts, METH_VARARGS, "put_parts(parts, tag, timeout_ns) -> bool: one record"},
     {"put_obj", (PyCFunction)(void (*)(void))qc_put_obj, METH_FASTCALL | METH_KEYWORDS,
      "put_obj(obj, block=True, timeout=None): pickle and put; queue.Full if no room in time"},
     {"get_obj", (PyCFunction)(void (*)(void))qc_get_obj, METH_FASTCALL | METH_KEYWORDS,
@@ -1019,13 +1125,18 @@ set_corrupt(PyObject *module, PyObject *category)
     Py_RETURN_NONE;
 }
 
-/* _set_codec(dumps, loads, protocol, Full, Empty): what put_obj/get_obj call and raise. */
+/* _set_codec(dumps, loads, protocol, Full, Empty, oob_parts, oob_loads): what put_obj/get_obj call
+ * and raise. */
 static PyObject *
 set_codec(PyObject *module, PyObject *args)
 {
-    PyObject *d, *l, *p, *f, *e;
-    if (!PyArg_ParseTuple(args, "OOOOO", &d, &l, &p, &f, &e))
+    PyObject *d, *l, *p, *f, *e, *op, *ol;
+    if (!PyArg_ParseTuple(args, "OOOOOOO", &d, &l, &p, &f, &e, &op, &ol))
         return NULL;
+    Py_INCREF(op);
+    Py_INCREF(ol);
+    Py_XSETREF(oob_parts_fn, op);
+    Py_XSETREF(oob_loads_fn, ol);
     Py_INCREF(d);
     Py_INCREF(l);
     Py_INCREF(p);
@@ -1041,7 +1152,8 @@ set_codec(PyObject *module, PyObject *args)
 
 static PyMethodDef module_methods[] = {
     {"_set_corrupt", (PyCFunction)set_corrupt, METH_O, "The exception for a damaged ring."},
-    {"_set_codec", (PyCFunction)set_codec, METH_VARARGS, "pickle.dumps, pickle.loads, protocol, Full, Empty."},
+    {"_set_codec", (PyCFunction)set_codec, METH_VARARGS,
+     "pickle.dumps, pickle.loads, protocol, Full, Empty, oob_parts, oob_loads."},
     {NULL, NULL, 0, NULL},
 };
 

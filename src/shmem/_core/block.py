@@ -29,11 +29,12 @@ import mmap
 import operator
 import os
 import sys
+import threading
 from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
 from .. import _platform
 from .._errors import InvalidSize, NoSpace, SegmentExists, SegmentNotFound
-from . import names, tracking
+from . import forks, names, tracking
 from .header import KIND_RAW, TRAILER_SIZE, Header, total_size
 from .lifecycle import USERS_LOCK
 
@@ -54,15 +55,29 @@ _ACCESS = {False: mmap.ACCESS_WRITE, True: mmap.ACCESS_READ}
 _orphans: List[mmap.mmap] = []
 
 
-def _map(fd: int, size: int, readonly: bool) -> Tuple[mmap.mmap, int]:
-    """A shared mapping of ``fd`` and the descriptor number the mapping keeps (-1: none)."""
+_mapping_lock = threading.Lock()  # shmem's own threads never take a number between probe and mmap
+
+
+def _reset_mapping_lock() -> None:
+    global _mapping_lock
+    _mapping_lock = threading.Lock()  # another thread may have held it at the fork
+
+
+forks.reset_in_child(_reset_mapping_lock)
+
+
+def _map(fd: int, size: int, readonly: bool, inode: int) -> Tuple[mmap.mmap, int]:
+    """A shared mapping of ``fd`` and the descriptor number the mapping keeps (-1: none, or unknown)."""
     if not _MMAP_DUPLICATES:
         return mmap.mmap(fd, size, access=_ACCESS[readonly], trackfd=False), -1
-    # mmap's dup() takes the lowest free number, which this dup() sees first (a thread opening
-    # a file meanwhile can make the guess wrong: then a closerange goes unnoticed, as before).
-    probe = os.dup(fd)
-    os.close(probe)
-    return mmap.mmap(fd, size, access=_ACCESS[readonly]), probe
+    with _mapping_lock:
+        # mmap's dup() takes the lowest free number, which this dup() sees first. Checked after:
+        # if another thread took the number meanwhile it holds some other file, and the mapping's
+        # number stays unknown (-1: a closerange then goes unnoticed, as without this check).
+        probe = os.dup(fd)
+        os.close(probe)
+        mapping = mmap.mmap(fd, size, access=_ACCESS[readonly])
+        return mapping, probe if _platform.still_open(probe, inode) else -1
 
 
 class Repeat(NamedTuple):
@@ -188,7 +203,7 @@ class Block:
             try:
                 if track:
                     _platform.lock_shared(fd, USERS_LOCK)
-                mapping, dup = _map(fd, size, False)
+                mapping, dup = _map(fd, size, False, built.inode)
             finally:
                 os.close(fd)  # the mapping holds the description (and with it the users lock)
         except BaseException:
@@ -230,7 +245,7 @@ class Block:
             if header is not None and not header.ready:
                 raise SegmentNotFound(name, "the shared memory block is still being created")
             size = header.size if header is not None else file_size
-            mapping, dup = _map(fd, size, bool(readonly))
+            mapping, dup = _map(fd, size, bool(readonly), inode)
             return cls(name, size, inode, header, mapping, track, dup)
         finally:
             os.close(fd)  # the mapping holds the description (and with it the users lock)

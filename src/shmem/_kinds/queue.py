@@ -40,7 +40,7 @@ from .._core.block import Block
 from .._core.header import KIND_NAMES, KIND_QUEUE
 from .._errors import CorruptSegment
 from . import named_block, queue_layout, queue_ring
-from .queue_layout import DEFAULT_CAPACITY, MAX_CAPACITY, MIN_CAPACITY, TAG_PICKLE, QueueHeader
+from .queue_layout import DEFAULT_CAPACITY, MAX_CAPACITY, MIN_CAPACITY, TAG_PICKLE, TAG_PICKLE_OOB, QueueHeader
 
 __all__ = ["JoinableQueue", "Queue", "SimpleQueue"]
 
@@ -67,6 +67,15 @@ def _maxsize(maxsize: Any) -> int:
     if maxsize >= 1 << 62:
         raise ValueError(f"maxsize {maxsize} is too large")
     return max(0, maxsize)  # multiprocessing: 0 or less means no limit
+
+
+def _decoded(tag: int, payload: Any) -> Any:
+    """The item a record holds: unpickled, or its bytes (``send_bytes``)."""
+    if tag == TAG_PICKLE:
+        return _loads(payload)
+    if tag == TAG_PICKLE_OOB:
+        return queue_ring.oob_loads(bytearray(payload))
+    return bytes(payload)
 
 
 class Queue:
@@ -228,7 +237,7 @@ class Queue:
         items = self._ring("get").get_many(max_items, queue_ring.wait_ns(block, timeout))
         if not items:
             raise Empty
-        return [_loads(payload) if tag == TAG_PICKLE else payload for tag, payload in items]
+        return [_decoded(tag, payload) for tag, payload in items]
 
     def send_bytes(self, data: Any, block: bool = True, timeout: Optional[float] = None) -> None:
         """Put the bytes of ``data`` (any bytes-like object) as one message, not pickled."""

@@ -16,8 +16,12 @@ A queue is one block (kind ``queue``)::
                   112  u32 seq_join, 116 u32 join_sleepers: join() waits there
     offset 128   the ring: ``capacity`` bytes (a multiple of 8) of records, each
                    u32 length, u32 tag, payload padded to 8 bytes
-                 tag 1: a pickle; 2: bytes (send_bytes); 0xFFFFFFFF: a wrap record - the rest of
-                 the ring up to its end is unused, the next record is at ring offset 0.
+                 tag 1: a pickle; 2: bytes (send_bytes); 3: a pickle with out-of-band buffers
+                 (an array's data beside its pickle, not inside it):
+                   u32 n, u32 0, u64 pickle length, n x u64 buffer lengths,
+                   the pickle, then each buffer - every one of them padded to 8 bytes;
+                 0xFFFFFFFF: a wrap record - the rest of the ring up to its end is unused, the
+                 next record is at ring offset 0.
 
 Kind header (``extra`` of the block's trailer, checksummed with it)::
 
@@ -49,7 +53,9 @@ OFF_SEQ_JOIN, OFF_JOIN_SLEEPERS = 112, 116
 RING = 128
 REC = 8  # a record's header: u32 length, u32 tag
 
-TAG_PICKLE, TAG_BYTES, TAG_WRAP = 1, 2, 0xFFFFFFFF
+TAG_PICKLE, TAG_BYTES, TAG_PICKLE_OOB, TAG_WRAP = 1, 2, 3, 0xFFFFFFFF
+#: The most out-of-band buffers one record may carry (more are pickled in-band).
+MAX_OOB_BUFFERS = 1024
 
 #: The ring's size when none is given: room for ~16k small messages or a few large ones.
 DEFAULT_CAPACITY = 1 << 20

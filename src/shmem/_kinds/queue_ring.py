@@ -24,6 +24,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 from .._errors import CorruptSegment
 from . import lock_layout, sync_wait
 from .queue_layout import (
+    MAX_OOB_BUFFERS,
     OFF_COUNT,
     OFF_GET_SLEEPERS,
     OFF_HEAD,
@@ -38,6 +39,7 @@ from .queue_layout import (
     RING,
     TAG_BYTES,
     TAG_PICKLE,
+    TAG_PICKLE_OOB,
     TAG_WRAP,
     record_size,
 )
@@ -53,6 +55,15 @@ _REC = struct.Struct("<II")
 _ALL_SIGNALS = set(signal.Signals)
 
 Item = Tuple[int, bytes]
+
+
+def _exports_buffer(obj: Any) -> bool:
+    """Whether ``obj`` exports a buffer (C: PyObject_CheckBuffer)."""
+    try:
+        memoryview(obj).release()
+    except TypeError:
+        return False
+    return True
 
 
 def wait_ns(block: Any, timeout: Any) -> int:
@@ -75,6 +86,61 @@ def wait_ns(block: Any, timeout: Any) -> int:
     if seconds < 0:
         raise ValueError("'timeout' must be a non-negative number")
     return -1 if seconds * 1e9 >= 2**62 else int(seconds * 1e9)
+
+
+_OOB_HEAD = struct.Struct("<IIQ")  # buffer count, 0, pickle length
+_PAD = bytes(8)
+
+
+def _padding(n: int) -> bytes:
+    return _PAD[: -n % 8]
+
+
+def oob_parts(obj: Any) -> Any:
+    """``obj`` pickled for the ring: the parts of one out-of-band record (a list:
+    its head, the pickle, each buffer, with their padding) when pickle protocol 5
+    hands out buffers (NumPy arrays and other PEP 574 objects), else the plain
+    pickle (bytes). The buffers' bytes are copied once, into the ring."""
+    buffers: List[Any] = []
+    data = pickle.dumps(obj, 5, buffer_callback=buffers.append)
+    if not buffers:
+        return data
+    if len(buffers) > MAX_OOB_BUFFERS:
+        return pickle.dumps(obj, PROTOCOL)
+    try:
+        raws = [b.raw() for b in buffers]  # BufferError for a buffer that is not contiguous
+    except BufferError:
+        return pickle.dumps(obj, PROTOCOL)
+    lengths = [r.nbytes for r in raws]
+    parts: List[Any] = [_OOB_HEAD.pack(len(raws), 0, len(data)), struct.pack(f"<{len(raws)}Q", *lengths)]
+    parts += [data, _padding(len(data))]
+    for raw in raws:
+        parts += [raw, _padding(raw.nbytes)]
+    return parts
+
+
+def oob_loads(payload: Any) -> Any:
+    """Unpickle an out-of-band record's payload (a bytearray: the arrays made from
+    it are writable views of it). Every length is checked against the payload:
+    CorruptSegment if they do not add up."""
+    size = len(payload)
+    if size < _OOB_HEAD.size:
+        raise _corrupt("an out-of-band record is cut short")
+    count, zero, pickle_len = _OOB_HEAD.unpack_from(payload)
+    if zero or count == 0 or count > MAX_OOB_BUFFERS or _OOB_HEAD.size + 8 * count > size:
+        raise _corrupt("an out-of-band record's head does not add up")
+    lengths = struct.unpack_from(f"<{count}Q", payload, _OOB_HEAD.size)
+    view = memoryview(payload)
+    at = _OOB_HEAD.size + 8 * count
+    pieces = []
+    for length in (pickle_len, *lengths):
+        if length > size - at:
+            raise _corrupt("an out-of-band record's lengths reach past its end")
+        pieces.append(view[at : at + length])
+        at += length + (-length % 8)
+    if at != size:
+        raise _corrupt("an out-of-band record's lengths do not add up to its size")
+    return pickle.loads(pieces[0], buffers=pieces[1:])
 
 
 def _corrupt(what: str) -> CorruptSegment:
@@ -352,8 +418,17 @@ class PyRingCore:
     def put_obj(self, obj: Any, block: bool = True, timeout: Optional[float] = None) -> None:
         ns = wait_ns(block, timeout)
         self._buf()
-        if not self.put(pickle.dumps(obj, PROTOCOL), TAG_PICKLE, ns):
+        if isinstance(obj, (bytes, bytearray)) or not _exports_buffer(obj):
+            done = self.put(pickle.dumps(obj, PROTOCOL), TAG_PICKLE, ns)
+        else:  # as in C: an array's bytes beside its pickle
+            parts = oob_parts(obj)
+            done = self.put_parts(parts, TAG_PICKLE_OOB, ns) if isinstance(parts, list) else self.put(parts, 1, ns)
+        if not done:
             raise queue.Full
+
+    def put_parts(self, parts: List[Any], tag: int, timeout_ns: int) -> bool:
+        """One record made of ``parts`` laid end to end (C: copied straight into the ring)."""
+        return self.put(b"".join(memoryview(p).cast("B") for p in parts), tag, timeout_ns)
 
     def send_bytes(self, data: Any, block: bool = True, timeout: Optional[float] = None) -> None:
         ns = wait_ns(block, timeout)
@@ -367,7 +442,11 @@ class PyRingCore:
         item = self.get(ns)
         if item is None:
             raise queue.Empty
-        return pickle.loads(item[1]) if item[0] == TAG_PICKLE else item[1]
+        if item[0] == TAG_PICKLE:
+            return pickle.loads(item[1])
+        if item[0] == TAG_PICKLE_OOB:
+            return oob_loads(bytearray(item[1]))
+        return item[1]
 
     def recv_bytes(self, block: bool = True, timeout: Optional[float] = None) -> bytes:
         ns = wait_ns(block, timeout)
@@ -440,7 +519,7 @@ try:
     if getattr(_queue, "QUEUE_VERSION", None) != QUEUE_VERSION or _queue.RING != RING:
         raise ImportError("shmem._queue is a stale build of another ring layout")
     _queue._set_corrupt(CorruptSegment)
-    _queue._set_codec(pickle.dumps, pickle.loads, PROTOCOL, queue.Full, queue.Empty)
+    _queue._set_codec(pickle.dumps, pickle.loads, PROTOCOL, queue.Full, queue.Empty, oob_parts, oob_loads)
     RingCore = _queue.QueueCore
     ACCELERATED = True
 except ImportError as err:
@@ -458,4 +537,13 @@ def new_core(mapping: Any, capacity: int, maxsize: int, joinable: bool) -> Any:
     return RingCore(mapping, capacity, maxsize, joinable)
 
 
-__all__: Sequence[str] = ["ACCELERATED", "PROTOCOL", "PyRingCore", "RingCore", "new_core", "wait_ns"]
+__all__: Sequence[str] = [
+    "ACCELERATED",
+    "PROTOCOL",
+    "PyRingCore",
+    "RingCore",
+    "new_core",
+    "oob_loads",
+    "oob_parts",
+    "wait_ns",
+]
