@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import pickle
 import queue as _stdlib_queue
-import signal
 import struct
 import time
 from typing import Any, Optional, Tuple
@@ -64,7 +63,7 @@ from .broadcast_layout import (
     BroadcastHeader,
     record_size,
 )
-from .queue_ring import wait_ns
+from .queue_ring import block_signals, restore_signals, wait_ns
 
 __all__ = ["Broadcast", "Empty", "MessagesLost", "Subscriber"]
 
@@ -80,7 +79,6 @@ _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 _REC = struct.Struct("<IIQ")  # length, tag, seq
 _ENDS = struct.Struct("<QQQQ")  # next_seq, oldest_seq, head, tail
-_ALL_SIGNALS = set(signal.Signals)
 _dumps, _loads = pickle.dumps, pickle.loads
 
 
@@ -128,12 +126,12 @@ class _Ring:
 
     def lock(self) -> Any:
         """Block signals, take the mutex (repair if its holder died); the old signal mask."""
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
+        mask = block_signals()
         try:
             if self.calls.lock(0):
                 self.repair()
         except BaseException:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            restore_signals(mask)
             raise
         return mask
 
@@ -141,7 +139,7 @@ class _Ring:
         try:
             self.calls.unlock(0)
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            restore_signals(mask)
 
     def repair(self) -> None:
         """After a holder died: keep the longest run of intact, consecutively numbered
