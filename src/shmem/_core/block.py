@@ -55,12 +55,15 @@ _ACCESS = {False: mmap.ACCESS_WRITE, True: mmap.ACCESS_READ}
 _orphans: List[mmap.mmap] = []
 
 
-_mapping_lock = threading.Lock()  # shmem's own threads never take a number between probe and mmap
+# shmem's own threads never take a number between probe and mmap. Re-entrant: a signal handler
+# that creates a block runs in the thread it interrupted, maybe inside _map (its probe may then
+# be wrong, which the check after mmap tells).
+_mapping_lock = threading.RLock()
 
 
 def _reset_mapping_lock() -> None:
     global _mapping_lock
-    _mapping_lock = threading.Lock()  # another thread may have held it at the fork
+    _mapping_lock = threading.RLock()  # another thread may have held it at the fork
 
 
 forks.reset_in_child(_reset_mapping_lock)

@@ -90,6 +90,7 @@ class _Client:
         self._conn: Optional[_Connection] = None
         self._blocks: Dict[int, str] = {}  # block_id -> name: what we created and still track
         self._unlinked: List[bytes] = []  # "-" lines not sent yet: they ride along with the next "+"
+        self._exit_fd: Optional[int] = None  # the connection's descriptor once detached at exit
 
     # ------------------------------------------------------------ the API
 
@@ -154,6 +155,9 @@ class _Client:
         return conn
 
     def _send(self, message: bytes, required: bool) -> None:
+        if self._exit_fd is not None:
+            self._send_at_exit(message)
+            return
         conn = self._usable()
         if conn is not None and _platform.send_message(conn.sock, message):
             return
@@ -162,6 +166,19 @@ class _Client:
         except ShmemError:
             if required:
                 raise
+
+    def _send_at_exit(self, message: bytes) -> None:
+        """After _let_go_at_exit (a finalizer closing or unlinking a block during
+        shutdown): best effort on the same connection, never a new one - the
+        reaper already has every block (check_at_exit) and sees us exit."""
+        conn, fd = self._conn, self._exit_fd
+        if conn is None or fd is None or _platform.file_identity(fd) != conn.identity:
+            return
+        sock = socket.socket(fileno=fd)
+        try:
+            _platform.send_message(sock, message)
+        finally:
+            sock.detach()
 
     def _reconnect(self, message: bytes) -> None:
         me = threading.get_ident()
@@ -283,6 +300,20 @@ def _tree_token() -> str:
 # or each worker would start a reaper of its own.
 _tree_token()
 _client = _Client()
+
+
+def _let_go_at_exit() -> None:
+    """Detach the reaper connection's socket at exit: the kernel closes it when the
+    process is gone, as it always did - the reaper must not hear of our end before
+    it happens - and the socket object, collected at shutdown, does not warn
+    (ResourceWarning) about the descriptor it leaves open. Never a stranger's."""
+    conn = _client._conn
+    if conn is not None and conn.pid == os.getpid():
+        if _platform.file_identity(conn.sock.fileno()) == conn.identity:
+            _client._exit_fd = conn.sock.detach()
+
+
+atexit.register(_let_go_at_exit)  # registered first, run last (after check_at_exit's last message)
 atexit.register(_client.check_at_exit)
 reset_in_child(_client.reset_after_fork)
 
