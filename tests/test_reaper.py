@@ -84,6 +84,9 @@ _CREATOR = """
     from _core_workers import reaper_pid, say
     count, with_holder = int(sys.argv[1]), sys.argv[2:] == ["holder"]
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C kills it outright, no exit handlers
+    # And the others kill it too, whatever was inherited (under nohup, SIGHUP comes in ignored).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     blocks = [shmem.SharedMemory(create=True, size=4096) for _ in range(count)]
     holder = None
     if with_holder:
