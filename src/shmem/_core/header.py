@@ -111,6 +111,12 @@ _PARSED: Dict[Tuple[bytes, int], Tuple[Header, int, int]] = {}
 _PARSED_MAX = 64
 
 
+def forget_parsed() -> None:
+    """Forget the fixed headers parsed so far: the next read of each parses it
+    again, as a new process would (benchmarks measure a first attach so)."""
+    _PARSED.clear()
+
+
 def total_size(size: int) -> int:
     """Bytes of file needed for ``size`` bytes of user data."""
     return -(-size // _ALIGN) * _ALIGN + TRAILER_SIZE

@@ -55,7 +55,7 @@ import numpy as np
 
 from .._core import forks
 from .._core.block import Block, UsersLease
-from .._core.header import KIND_ARRAY, KIND_LIST, KIND_NAMES, Header
+from .._core.header import KIND_ARRAY, KIND_LIST, KIND_NAMES, Header, forget_parsed
 from .._errors import CorruptSegment, SegmentNotFound
 from . import array_dtype
 from .array_dtype import ArrayMeta
@@ -196,6 +196,7 @@ def drop_cached_mappings() -> None:
         _warm.clear()
         _mapped.clear()
         array_dtype.read_header.cache_clear()
+        forget_parsed()
 
 
 # ===================================================================== mapping blocks
