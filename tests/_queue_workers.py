@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import queue
 import random
 import struct
 import zlib
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 # A self-checking message: pid, sequence number, filler length, filler, then a CRC32 of all that.
 _HEAD = struct.Struct("<IIH")
@@ -95,3 +96,26 @@ def put_later(q: Any, item: Any, delay: float) -> None:
     time.sleep(delay)
     q.put(item)
     q.close()
+
+
+def take_counted(q: Any, results: Any, seed: int) -> None:
+    """Take items with get and get_many, a few at a time, until none comes for a while; report them."""
+    rng = random.Random(seed)
+    taken: List[int] = []
+    while True:
+        try:
+            if rng.random() < 0.5:
+                taken.append(q.get(timeout=0.5))
+            else:
+                taken += q.get_many(rng.randrange(1, 9), timeout=0.5)
+        except queue.Empty:
+            break
+    results.put(taken)
+    q.close()
+
+
+class Tracked:
+    """A picklable object a weak reference can watch."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n

@@ -13,6 +13,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import pickle
 import queue
 import random
 import select
@@ -22,6 +23,7 @@ import subprocess
 import threading
 import time
 import warnings
+import weakref
 from typing import Any, Callable, List, Tuple
 
 import _queue_workers as workers
@@ -273,15 +275,75 @@ def test_put_many_get_many_and_bytes() -> None:
     assert q.recv_bytes() == b"mv"
     assert q.get_many(2) == [b"", bytes(range(8))]
     raw = q.recv_bytes()
-    import pickle
-
     assert pickle.loads(raw) == ("pickled", 1)
     with pytest.raises(TypeError):
         q.send_bytes("text")
+    big = [bytes([i]) * 1000 for i in range(10)]  # distinct: one pickle of them all is too large for a batch
     with pytest.raises(queue.Full):
-        q.put_many([bytes(1000)] * 10, timeout=0.1)
+        q.put_many(big, timeout=0.1)
     assert q.qsize() == 3  # those that fit were put, in order
-    assert q.get_many(10) == [bytes(1000)] * 3
+    assert q.get_many(10) == big[:3]
+    q.close()
+
+
+def test_put_many_batches_come_out_one_by_one_exactly_once_to_every_kind_of_taker() -> None:
+    """put_many puts up to 64 objects in one record; get, get_many, recv_bytes and
+    other processes take them one at a time or several, each exactly once, in order."""
+    q = shmem.Queue()
+    other = shmem.Queue._attach(q.name)  # a second handle in this process: its own cache of a batch
+    items = [(i, float(i), f"s{i}") for i in range(300)]
+    q.put_many(items)
+    assert q.qsize() == 300
+    got = [q.get(), other.get(), q.get(), *q.get_many(5), other.get(), *other.get_many(70)]
+    got.append(pickle.loads(q.recv_bytes()))  # an item of a batch comes as its own pickle
+    got += q.get_many()
+    assert got == items and q.empty()
+    # consumers in other processes, each taking a few at a time, racing over the same batches
+    q.put_many(list(range(2000)))
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=workers.take_counted, args=(q, results, seed)) for seed in range(3)]
+    for proc in procs:
+        proc.start()
+    taken: List[int] = []
+    for _ in procs:
+        taken += results.get(timeout=60)
+    for proc in procs:
+        proc.join(60)
+        assert proc.exitcode == 0
+    assert sorted(taken) == list(range(2000)), "an item lost or taken twice"
+    other.close()
+    q.close()
+
+
+def test_an_item_got_from_a_batch_is_not_kept_alive_by_the_queue() -> None:
+    q = shmem.Queue()
+    q.put_many([workers.Tracked(i) for i in range(10)])
+    first = q.get()
+    ref = weakref.ref(first)
+    del first
+    assert ref() is None, "the queue's cache of the batch keeps a handed-out item alive"
+    assert [t.n for t in q.get_many()] == list(range(1, 10))
+    q.close()
+
+
+def test_put_many_counts_items_for_maxsize_qsize_and_task_done() -> None:
+    q = shmem.JoinableQueue(maxsize=5)
+    q.put_many(range(5))
+    assert q.qsize() == 5 and q.full()
+    with pytest.raises(queue.Full):
+        q.put_many([5, 6], timeout=0.05)
+    assert q.get() == 0
+    q.put(5)
+    with pytest.raises(queue.Full):
+        q.put_nowait(6)
+    assert q.get_many() == [1, 2, 3, 4, 5]
+    for _ in range(5):
+        q.task_done()
+    q.task_done()
+    q.join()  # every one of the six items marked done
+    with pytest.raises(ValueError):
+        q.task_done()
     q.close()
 
 
@@ -498,8 +560,20 @@ def test_the_queue_survives_closerange_and_writes_no_unrelated_fd(tmp_path: Any)
         (queue_layout.OFF_HEAD, struct.pack("<QQ", 0xFFFFFFFFFFFFFFF8, 0x1000)),
         (queue_layout.RING, struct.pack("<II", 0x7FFFFFF0, 1)),  # a record longer than the ring
         (queue_layout.RING, struct.pack("<II", 512, 0xFFFFFFFF)),  # a wrap record mid-ring
+        (queue_layout.RING + queue_layout.REC, struct.pack("<II", 0, 0)),  # a batch of no items
+        (queue_layout.RING + queue_layout.REC, struct.pack("<II", 2, 2)),  # a batch taken whole, still there
+        (queue_layout.RING + queue_layout.REC, struct.pack("<II", 3, 0)),  # 3 items announced, 2 pickled
     ],
-    ids=["misaligned-head", "far-tail", "wrapped-ends", "long-record", "early-wrap"],
+    ids=[
+        "misaligned-head",
+        "far-tail",
+        "wrapped-ends",
+        "long-record",
+        "early-wrap",
+        "empty-batch",
+        "taken-batch",
+        "short-batch",
+    ],
 )
 def test_damaged_control_words_raise_corrupt_segment(damage: Tuple[int, bytes]) -> None:
     q = shmem.Queue(capacity=1024)
@@ -508,7 +582,7 @@ def test_damaged_control_words_raise_corrupt_segment(damage: Tuple[int, bytes]) 
     assert other.buf is not None
     offset, data = damage
     other.buf[offset : offset + len(data)] = data
-    if offset == queue_layout.RING:
+    if offset >= queue_layout.RING:
         with pytest.raises(shmem.CorruptSegment):
             q.get_nowait()
     else:
@@ -584,6 +658,17 @@ def _parity_script(core: Any, mapping: Any) -> List[Any]:
     step(lambda: core.put_many((b"x",), 1, 0))
     step(lambda: core.put("str", 1, 0))
     step(lambda: core.get_many(100, 0))
+    # batch records: n items in one record, taken a few at a time
+    step(lambda: core.put_batch(pickle.dumps(list(range(5))), 5, 0))
+    step(lambda: core.put_batch(pickle.dumps(["x"] * 3), 3, 0))
+    step(lambda: core.put_batch(b"", 0, 0))  # no items
+    step(lambda: core.put_batch(b"z" * 300, 2, 0))  # too big
+    step(lambda: core.qsize())
+    step(lambda: core.get(0))
+    step(lambda: core.get_many(2, 0))
+    step(lambda: core.get_objs(3, 0))
+    step(lambda: core.qsize())
+    step(lambda: core.get_objs(10, 0))
     step(lambda: core.get(1000))
     step(lambda: core.task_done())
     step(lambda: core.join(0))
@@ -623,6 +708,9 @@ CORE = [
     "test_joinable_queue_task_done_and_join",
     "test_fifo_over_many_wraps_of_a_small_ring",
     "test_put_many_get_many_and_bytes",
+    "test_put_many_batches_come_out_one_by_one_exactly_once_to_every_kind_of_taker",
+    "test_an_item_got_from_a_batch_is_not_kept_alive_by_the_queue",
+    "test_put_many_counts_items_for_maxsize_qsize_and_task_done",
     "test_producer_sigkilled_at_random_instants",
     "test_consumer_sigkilled_at_random_instants",
     "test_holder_of_the_internal_mutex_sigkilled",
@@ -652,9 +740,11 @@ def test_shmem_ls_and_info_show_a_queues_fill_level() -> None:
     (record,) = [r for r in json.loads(listed.stdout) if r["name"] == q.name]
     assert record["kind"] == "queue" and record["type"] == "JoinableQueue"
     assert (record["capacity"], record["maxsize"], record["items"], record["unfinished"]) == (4096, 5, 3, 3)
-    assert record["used_bytes"] == 16 + 16 + 112
+    # put_many's two items: one batch record (its head, its counts, one pickle of [1, 2]); then 100 bytes.
+    used = queue_layout.record_size(queue_layout.BATCH_HEAD + len(pickle.dumps([1, 2], 5))) + 112
+    assert record["used_bytes"] == used
     info = subprocess.run([PYTHON, "-m", "shmem", "info", q.name], capture_output=True, text=True, timeout=60)
-    assert info.returncode == 0 and "3 (144 bytes of the ring)" in info.stdout, info.stdout
+    assert info.returncode == 0 and f"3 ({used} bytes of the ring)" in info.stdout, info.stdout
     # A damaged control word: the listing says so and goes on, never a traceback.
     other = shmem.SharedMemory(q.name)
     assert other.buf is not None

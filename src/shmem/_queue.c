@@ -34,7 +34,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define QUEUE_VERSION 1
+#define QUEUE_VERSION 2
 #define NS 1000000000LL
 #define SLICE_NS 50000000LL
 #define SPIN_NS 20000LL /* how long a taker watches an empty ring before it sleeps */
@@ -53,7 +53,10 @@
 #define RING 128
 #define REC 8 /* a record's header: u32 payload length, u32 tag */
 #define TAG_WRAP 0xFFFFFFFFu
+#define TAG_PICKLE 1
 #define TAG_OOB 3 /* a pickle and its out-of-band buffers (queue_ring.oob_parts lays them out) */
+#define TAG_BATCH 4 /* put_many's: u32 items, u32 taken, then the pickle of a list of the items */
+#define BATCH_HEAD 8
 
 typedef struct {
     PyObject_HEAD
@@ -63,6 +66,12 @@ typedef struct {
     uint64_t capacity;
     uint64_t maxsize; /* items; 0: no limit but the ring's bytes */
     int joinable;
+    /* The last batch record this process unpickled and has not taken every item of: the next
+     * take from that record (its position, never reused) hands out the next item unpickled
+     * already, instead of unpickling the whole batch again. */
+    PyObject *batch_items;
+    uint64_t batch_pos;
+    uint32_t batch_n;
 } QueueCore;
 
 #define U64(self, off) ((uint64_t *)((self)->base + (off)))
@@ -116,8 +125,14 @@ repair(QueueCore *self)
         uint64_t size = rec_size(length);
         if (size > room || size > tail - pos)
             break;
+        if (tag == TAG_BATCH) { /* counts as the items not taken yet */
+            uint32_t *counts = (uint32_t *)(self->base + RING + at + REC);
+            if (length < BATCH_HEAD || counts[0] == 0 || counts[1] >= counts[0])
+                break;
+            count += counts[0] - counts[1];
+        } else
+            count++;
         pos += size;
-        count++;
     }
     *U64(self, OFF_TAIL) = pos;
     *U64(self, OFF_COUNT) = count;
@@ -258,30 +273,55 @@ spin(QueueCore *self, uint64_t seen_count, long long spin_ns)
 
 /* ------------------------------------------------------------------ put and get under the mutex */
 
-/* Room for a record of `size` bytes at tail (with a wrap record first if it must go to offset 0):
- * the bytes to skip first, or -1 if it does not fit now. */
+/* One record to append: `nviews` buffers laid end to end, `length` bytes in all, holding `items`
+ * items (1; a batch record, its count). */
+typedef struct {
+    const Py_buffer *views;
+    Py_ssize_t nviews;
+    uint64_t length;
+    uint32_t tag;
+    uint32_t items;
+} record_t;
+
+/* What one take got: a whole record, or some of a batch record's items. */
+typedef struct {
+    PyObject *payload; /* bytes (a bytearray for TAG_OOB); a batch: its pickle, or if `cached` the
+                          list this process unpickled from it already */
+    uint32_t tag;
+    uint32_t first, stop, n; /* a batch: this take got items first..stop-1 of its n */
+    uint64_t pos;            /* a batch: the record's position in the ring (never reused) */
+    int cached;
+} took_t;
+
+static inline uint64_t
+took_items(const took_t *t)
+{
+    return t->tag == TAG_BATCH ? (uint64_t)(t->stop - t->first) : 1;
+}
+
+/* Room for a record of `size` bytes holding `items` items at tail (with a wrap record first if it
+ * must go to offset 0): the bytes to skip first, or -1 if it does not fit now. */
 static long long
-room_for(QueueCore *self, uint64_t size, uint64_t head, uint64_t tail)
+room_for(QueueCore *self, uint64_t size, uint32_t items, uint64_t head, uint64_t tail)
 {
     uint64_t cap = self->capacity, used = tail - head, at = tail % cap, skip = 0;
     if (cap - at < size)
         skip = cap - at;
     if (cap - used < skip + size)
         return -1;
-    if (self->maxsize && *U64(self, OFF_COUNT) >= self->maxsize)
+    if (self->maxsize && *U64(self, OFF_COUNT) + items > self->maxsize)
         return -1;
     return (long long)skip;
 }
 
-/* Append one record made of `n` parts laid end to end (mutex held). 1: done; 0: no room now;
- * -1: damaged (exception set). */
+/* Append one record (mutex held). 1: done; 0: no room now; -1: damaged (exception set). */
 static int
-append_parts(QueueCore *self, const Py_buffer *parts, Py_ssize_t n, uint64_t length, uint32_t tag)
+append_record(QueueCore *self, const record_t *rec)
 {
     uint64_t head = *U64(self, OFF_HEAD), tail = *U64(self, OFF_TAIL), cap = self->capacity;
     if (tail - head > cap || head % 8 || tail % 8)
         return corrupt("head and tail do not fit the ring");
-    uint64_t size = rec_size(length);
+    uint64_t size = rec_size(rec->length);
     if (head == tail && cap - tail % cap < size) {
         /* An empty ring whose free bytes are split by the end: restart both ends at offset 0, else
          * a record larger than the part left before the end could never be placed. head first: a
@@ -290,7 +330,7 @@ append_parts(QueueCore *self, const Py_buffer *parts, Py_ssize_t n, uint64_t len
         *U64(self, OFF_HEAD) = head;
         tail = head;
     }
-    long long skip = room_for(self, size, head, tail);
+    long long skip = room_for(self, size, rec->items, head, tail);
     if (skip < 0)
         return 0;
     char *ring = self->base + RING;
@@ -300,92 +340,90 @@ append_parts(QueueCore *self, const Py_buffer *parts, Py_ssize_t n, uint64_t len
         wrap[1] = TAG_WRAP;
         tail += (uint64_t)skip;
     }
-    uint32_t *rec = (uint32_t *)(ring + tail % cap);
-    rec[0] = (uint32_t)length;
-    rec[1] = tag;
+    uint32_t *header = (uint32_t *)(ring + tail % cap);
+    header[0] = (uint32_t)rec->length;
+    header[1] = rec->tag;
     char *out = ring + tail % cap + REC;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        memcpy(out, parts[i].buf, (size_t)parts[i].len);
-        out += parts[i].len;
+    for (Py_ssize_t i = 0; i < rec->nviews; i++) {
+        memcpy(out, rec->views[i].buf, (size_t)rec->views[i].len);
+        out += rec->views[i].len;
     }
     *U64(self, OFF_TAIL) = tail + size; /* commit: tail, then count (repair recounts between) */
-    *U64(self, OFF_COUNT) += 1;
+    *U64(self, OFF_COUNT) += rec->items;
     if (self->joinable)
-        *U64(self, OFF_UNFINISHED) += 1;
+        *U64(self, OFF_UNFINISHED) += rec->items;
     return 1;
 }
 
+/* Take the first record, or up to `max_items` of a batch record's items (mutex held; no Python
+ * code runs: nothing here allocates a tracked object). 1: taken into *t; 0: the ring is empty;
+ * -1: damaged (exception set). `use_cache`: a batch this process unpickled already comes as its
+ * list (the caller decodes; the raw calls want the pickle). */
 static int
-append(QueueCore *self, const char *data, uint64_t length, uint32_t tag)
-{
-    Py_buffer one;
-    one.buf = (void *)data;
-    one.len = (Py_ssize_t)length;
-    return append_parts(self, &one, 1, length, tag);
-}
-
-/* Take the first record (mutex held): its payload (tag in *tag), Py_None if empty, NULL on error. */
-static PyObject *
-take_raw(QueueCore *self, uint32_t *tag_out)
+take_one(QueueCore *self, took_t *t, uint64_t max_items, int use_cache)
 {
     uint64_t head = *U64(self, OFF_HEAD), tail = *U64(self, OFF_TAIL), cap = self->capacity;
-    if (tail - head > cap || head % 8 || tail % 8) {
-        corrupt("head and tail do not fit the ring");
-        return NULL;
-    }
+    if (tail - head > cap || head % 8 || tail % 8)
+        return corrupt("head and tail do not fit the ring");
     char *ring = self->base + RING;
     for (;;) {
         if (head == tail) {
             if (*U64(self, OFF_COUNT) != 0)
                 *U64(self, OFF_COUNT) = 0;
-            Py_RETURN_NONE;
+            return 0;
         }
         uint64_t at = head % cap, room = cap - at;
-        if (tail - head < REC) {
-            corrupt("a record header is cut short");
-            return NULL;
-        }
+        if (tail - head < REC)
+            return corrupt("a record header is cut short");
         uint32_t length = *(uint32_t *)(ring + at), tag = *(uint32_t *)(ring + at + 4);
         if (tag == TAG_WRAP) {
-            if (tail - head < room) {
-                corrupt("a wrap record reaches past the tail");
-                return NULL;
-            }
+            if (tail - head < room)
+                return corrupt("a wrap record reaches past the tail");
             head += room;
             *U64(self, OFF_HEAD) = head;
             continue;
         }
         uint64_t size = rec_size(length);
-        if (size > room || size > tail - head) {
-            corrupt("a record is longer than the ring holds");
-            return NULL;
+        if (size > room || size > tail - head)
+            return corrupt("a record is longer than the ring holds");
+        char *data = ring + at + REC;
+        uint32_t *counts = (uint32_t *)data; /* a batch's: u32 items, u32 taken */
+        uint64_t got = 1;
+        t->tag = tag;
+        t->cached = 0;
+        if (tag == TAG_BATCH) {
+            if (length < BATCH_HEAD || counts[0] == 0 || counts[1] >= counts[0])
+                return corrupt("a batch record's counts do not add up");
+            t->n = counts[0];
+            t->first = counts[1];
+            t->pos = head;
+            got = t->n - t->first < max_items ? t->n - t->first : max_items;
+            t->stop = t->first + (uint32_t)got;
+            if (use_cache && self->batch_items != NULL && self->batch_pos == head && self->batch_n == t->n) {
+                Py_INCREF(self->batch_items);
+                t->payload = self->batch_items;
+                t->cached = 1;
+            } else
+                t->payload = PyBytes_FromStringAndSize(data + BATCH_HEAD, (Py_ssize_t)(length - BATCH_HEAD));
+        } else {
+            /* A record with out-of-band buffers comes out writable: the arrays unpickled from it
+             * are views of this copy, writable as multiprocessing's are. */
+            t->payload = tag == TAG_OOB ? PyByteArray_FromStringAndSize(data, (Py_ssize_t)length)
+                                        : PyBytes_FromStringAndSize(data, (Py_ssize_t)length);
         }
-        /* A record with out-of-band buffers comes out writable: the arrays unpickled from it
-         * are views of this copy, writable as multiprocessing's are. */
-        PyObject *payload = tag == TAG_OOB ? PyByteArray_FromStringAndSize(ring + at + REC, (Py_ssize_t)length)
-                                           : PyBytes_FromStringAndSize(ring + at + REC, (Py_ssize_t)length);
-        if (payload == NULL)
-            return NULL;
-        *U64(self, OFF_HEAD) = head + size; /* commit: head, then count */
-        if (*U64(self, OFF_COUNT))
-            *U64(self, OFF_COUNT) -= 1;
-        *tag_out = tag;
-        return payload;
+        if (t->payload == NULL)
+            return -1;
+        if (tag == TAG_BATCH && t->stop < t->n)
+            counts[1] = t->stop; /* commit: the batch's taken count (one aligned store), then count */
+        else
+            *U64(self, OFF_HEAD) = head + size; /* commit: head, then count */
+        uint64_t count = *U64(self, OFF_COUNT);
+        *U64(self, OFF_COUNT) = count > got ? count - got : 0;
+        return 1;
     }
 }
 
-/* take_raw, as a new (tag, bytes) tuple. */
-static PyObject *
-take(QueueCore *self)
-{
-    uint32_t tag = 0;
-    PyObject *payload = take_raw(self, &tag);
-    if (payload == NULL || payload == Py_None)
-        return payload;
-    return Py_BuildValue("(kN)", (unsigned long)tag, payload);
-}
-
-/* ------------------------------------------------------------------ the methods */
+/* ------------------------------------------------------------------ putting and taking, waiting as asked */
 
 static int
 check_bound(QueueCore *self)
@@ -398,96 +436,337 @@ check_bound(QueueCore *self)
 }
 
 static int
-too_big(QueueCore *self, Py_ssize_t length)
+too_big(QueueCore *self, uint64_t length)
 {
-    if ((uint64_t)length > self->capacity || rec_size((uint64_t)length) > self->capacity || length > UINT32_MAX - 8) {
+    if (length > self->capacity || rec_size(length) > self->capacity || length > UINT32_MAX - 8) {
         PyErr_Format(PyExc_ValueError,
-                     "a message of %zd bytes does not fit in this queue's ring of %llu bytes "
+                     "a message of %llu bytes does not fit in this queue's ring of %llu bytes "
                      "(make the queue with a larger capacity=)",
-                     length, (unsigned long long)self->capacity);
+                     (unsigned long long)length, (unsigned long long)self->capacity);
         return 1;
     }
     return 0;
 }
 
-/* put_many(items, tag, timeout_ns) -> how many were put (all, unless the time ran out).
- * items: a list of bytes-like objects; each waits for room in turn. */
-static PyObject *
-qc_put_many(QueueCore *self, PyObject *args)
+/* Append recs[0..n) in order, in as few locked sections as there is room for, each waiting for
+ * room in turn (timeout_ns: -1 forever, 0 not at all). Returns how many were put (all, unless the
+ * time ran out), or -1 with an exception. Every record's size was checked (too_big). */
+static Py_ssize_t
+put_records(QueueCore *self, const record_t *recs, Py_ssize_t n, long long timeout_ns)
 {
-    PyObject *items;
-    unsigned long tag;
-    long long timeout_ns;
-    if (!PyArg_ParseTuple(args, "O!kL", &PyList_Type, &items, &tag, &timeout_ns) || check_bound(self) < 0)
-        return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(items), done = 0;
-    Py_buffer *views = PyMem_Calloc((size_t)(n ? n : 1), sizeof(Py_buffer));
-    if (views == NULL)
-        return PyErr_NoMemory();
-    Py_ssize_t got = 0;
-    PyObject *result = NULL;
-    for (; got < n; got++) {
-        if (PyObject_GetBuffer(PyList_GET_ITEM(items, got), &views[got], PyBUF_SIMPLE) < 0)
-            goto out;
-        if (too_big(self, views[got].len)) {
-            got++;
-            goto out;
-        }
-    }
     long long end = timeout_ns < 0 ? -1 : monotonic_ns() + timeout_ns;
-    int spun = 0;
+    Py_ssize_t done = 0;
+    int spun = 0, w = 0;
     if (q_lock(self) < 0)
-        goto out;
+        return -1;
     while (done < n) {
-        int rc = append(self, views[done].buf, (uint64_t)views[done].len, (uint32_t)tag);
+        int rc = append_record(self, &recs[done]);
         if (rc < 0) {
             q_unlock(self);
-            goto out;
+            return -1;
         }
         if (rc) {
             done++;
             continue;
         }
         /* Full: let the consumers at what is there, then wait for room. */
-        int w = count_out(self, OFF_SEQ_GET, OFF_GET_SLEEPERS);
+        w = count_out(self, OFF_SEQ_GET, OFF_GET_SLEEPERS) || w;
         long long left = end < 0 ? -1 : end - monotonic_ns();
         if (end >= 0 && left <= 0)
             break;
-        if (!spun) {
+        if (!spun || w) {
             uint64_t seen = *U64(self, OFF_COUNT);
             q_unlock(self);
             if (w)
                 wake(self, OFF_SEQ_GET, 1);
-            spin(self, seen, SPIN_NS);
+            w = 0;
+            if (!spun)
+                spin(self, seen, SPIN_NS);
             spun = 1;
             if (q_lock(self) < 0)
-                goto out;
-            continue;
-        }
-        if (w) {
-            q_unlock(self);
-            wake(self, OFF_SEQ_GET, 1);
-            if (q_lock(self) < 0)
-                goto out;
+                return -1;
             continue;
         }
         if (sleep_once(self, OFF_SEQ_PUT, OFF_PUT_SLEEPERS, left) < 0)
-            goto out;
+            return -1;
     }
-    int w = done ? count_out(self, OFF_SEQ_GET, OFF_GET_SLEEPERS) : 0;
+    w = (done && count_out(self, OFF_SEQ_GET, OFF_GET_SLEEPERS)) || w;
     q_unlock(self);
     if (w)
         wake(self, OFF_SEQ_GET, 1);
-    result = PyLong_FromSsize_t(done);
-out:
-    for (Py_ssize_t i = 0; i < got; i++)
-        if (views[i].obj != NULL)
-            PyBuffer_Release(&views[i]);
-    PyMem_Free(views);
-    if (result == NULL && done > 0 && !PyErr_Occurred())
-        result = PyLong_FromSsize_t(done);
-    return result;
+    return done;
 }
+
+/* The buffers of the bytes-like objects in `list`; NULL with an exception (none held then). */
+static Py_buffer *
+get_views(PyObject *list, Py_ssize_t *n)
+{
+    if (!PyList_Check(list)) {
+        PyErr_SetString(PyExc_TypeError, "expected a list of bytes-like objects");
+        return NULL;
+    }
+    *n = PyList_GET_SIZE(list);
+    Py_buffer *views = PyMem_Calloc((size_t)(*n ? *n : 1), sizeof(Py_buffer));
+    if (views == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < *n; i++) {
+        if (PyObject_GetBuffer(PyList_GET_ITEM(list, i), &views[i], PyBUF_SIMPLE) < 0) {
+            while (i--)
+                PyBuffer_Release(&views[i]);
+            PyMem_Free(views);
+            return NULL;
+        }
+    }
+    return views;
+}
+
+static void
+release_views(Py_buffer *views, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++)
+        PyBuffer_Release(&views[i]);
+    PyMem_Free(views);
+}
+
+/* One record of `tag` made of `nviews` buffers laid end to end: 1 put, 0 no room in time, -1 error. */
+static int
+put_one(QueueCore *self, const Py_buffer *views, Py_ssize_t nviews, uint32_t tag, uint32_t items, long long timeout_ns)
+{
+    uint64_t length = 0;
+    for (Py_ssize_t i = 0; i < nviews; i++)
+        length += (uint64_t)views[i].len;
+    if (too_big(self, length))
+        return -1;
+    record_t rec = {views, nviews, length, tag, items};
+    return (int)put_records(self, &rec, 1, timeout_ns);
+}
+
+/* One record holding the bytes of `data`: 1 put, 0 no room in time, -1 error. */
+static int
+put_data(QueueCore *self, PyObject *data, uint32_t tag, long long timeout_ns)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
+        return -1;
+    int rc = put_one(self, &view, 1, tag, 1, timeout_ns);
+    PyBuffer_Release(&view);
+    return rc;
+}
+
+/* One record made of the bytes-like `parts` (a list), copied straight into the ring. */
+static int
+put_parts(QueueCore *self, PyObject *parts, uint32_t tag, long long timeout_ns)
+{
+    Py_ssize_t n;
+    Py_buffer *views = get_views(parts, &n);
+    if (views == NULL)
+        return -1;
+    int rc = put_one(self, views, n, tag, 1, timeout_ns);
+    release_views(views, n);
+    return rc;
+}
+
+/* Take up to `max_items` items into took[0..max_entries), waiting (as timeout_ns says) for the
+ * first only. Returns the entries filled, 0 if none came in time, -1 with an exception (then
+ * nothing was taken). Builds no Python object that could run code under the mutex. */
+static Py_ssize_t
+take_records(QueueCore *self, took_t *took, Py_ssize_t max_entries, uint64_t max_items, long long timeout_ns,
+             int use_cache)
+{
+    long long end = timeout_ns < 0 ? -1 : monotonic_ns() + timeout_ns;
+    int spun = timeout_ns == 0;
+    Py_ssize_t n = 0;
+    uint64_t items = 0;
+    if (q_lock(self) < 0)
+        return -1;
+    for (;;) {
+        while (n < max_entries && items < max_items) {
+            int rc = take_one(self, &took[n], max_items - items, use_cache);
+            if (rc < 0 && n == 0) {
+                q_unlock(self);
+                return -1;
+            }
+            if (rc < 0) /* return what was taken: the next call meets the damage again */
+                PyErr_Clear();
+            if (rc <= 0)
+                break;
+            items += took_items(&took[n]);
+            n++;
+        }
+        if (n > 0)
+            break;
+        long long left = end < 0 ? -1 : end - monotonic_ns();
+        if (end >= 0 && left <= 0)
+            break;
+        if (!spun) {
+            q_unlock(self);
+            spin(self, 0, SPIN_NS);
+            spun = 1;
+            if (q_lock(self) < 0)
+                return -1;
+            continue;
+        }
+        if (sleep_once(self, OFF_SEQ_GET, OFF_GET_SLEEPERS, left) < 0)
+            return -1;
+    }
+    int w = n ? count_out(self, OFF_SEQ_PUT, OFF_PUT_SLEEPERS) : 0;
+    q_unlock(self);
+    if (w)
+        wake(self, OFF_SEQ_PUT, 1);
+    return n;
+}
+
+static void
+drop_took(took_t *took, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++)
+        Py_CLEAR(took[i].payload);
+}
+
+static PyObject *dumps_fn, *loads_fn, *full_exc, *empty_exc, *protocol_obj; /* set by _set_codec */
+static PyObject *oob_parts_fn, *oob_loads_fn; /* queue_ring.oob_parts / oob_loads, set by _set_codec */
+
+/* The list a batch take's items are in (a new reference): this process's cached one, or its
+ * pickle unpickled (with the mutex free) and checked to hold the batch's count. */
+static PyObject *
+batch_list(const took_t *t)
+{
+    if (t->cached) {
+        Py_INCREF(t->payload);
+        return t->payload;
+    }
+    PyObject *list = PyObject_CallOneArg(loads_fn, t->payload);
+    if (list != NULL && (!PyList_CheckExact(list) || PyList_GET_SIZE(list) != (Py_ssize_t)t->n)) {
+        Py_DECREF(list);
+        corrupt("a batch record's pickle does not hold its items");
+        return NULL;
+    }
+    return list;
+}
+
+/* Item i of a batch's list, handed out: the list keeps None in its place (the list may stay
+ * cached, and must not keep alive what its taker dropped). A new reference. */
+static PyObject *
+hand_out(PyObject *list, uint32_t i)
+{
+    PyObject *item = PyList_GET_ITEM(list, i);
+    Py_INCREF(Py_None);
+    PyList_SET_ITEM(list, i, Py_None);
+    return item;
+}
+
+/* After a batch take (mutex free): keep its list for this process's next take from the same
+ * record, or let it go with the record's last item. */
+static void
+batch_settle(QueueCore *self, const took_t *t, PyObject *list)
+{
+    if (t->stop < t->n) {
+        Py_INCREF(list);
+        Py_XSETREF(self->batch_items, list);
+        self->batch_pos = t->pos;
+        self->batch_n = t->n;
+    } else if (self->batch_items != NULL && self->batch_pos == t->pos)
+        Py_CLEAR(self->batch_items);
+}
+
+/* One whole-record take's object: unpickled, or the bytes themselves. */
+static PyObject *
+decode_record(const took_t *t)
+{
+    if (t->tag == TAG_PICKLE || t->tag == TAG_OOB)
+        return PyObject_CallOneArg(t->tag == TAG_OOB ? oob_loads_fn : loads_fn, t->payload);
+    Py_INCREF(t->payload);
+    return t->payload;
+}
+
+/* Append a take's objects to `out`: 0, or -1 with an exception. */
+static int
+decode_into(QueueCore *self, const took_t *t, PyObject *out)
+{
+    if (t->tag != TAG_BATCH) {
+        PyObject *obj = decode_record(t);
+        if (obj == NULL)
+            return -1;
+        int rc = PyList_Append(out, obj);
+        Py_DECREF(obj);
+        return rc;
+    }
+    PyObject *list = batch_list(t);
+    if (list == NULL)
+        return -1;
+    int rc = 0;
+    for (uint32_t i = t->first; i < t->stop && rc == 0; i++) {
+        PyObject *item = hand_out(list, i);
+        rc = PyList_Append(out, item);
+        Py_DECREF(item);
+    }
+    batch_settle(self, t, list);
+    Py_DECREF(list);
+    return rc;
+}
+
+/* A take as the raw calls give it: (tag, payload); from a batch of n items, the items first..stop-1:
+ * (TAG_BATCH, pickle, first, stop, n). */
+static PyObject *
+raw_item(QueueCore *self, const took_t *t)
+{
+    if (t->tag != TAG_BATCH)
+        return Py_BuildValue("(kO)", (unsigned long)t->tag, t->payload);
+    if (t->stop == t->n && self->batch_items != NULL && self->batch_pos == t->pos)
+        Py_CLEAR(self->batch_items); /* its last items went this way */
+    return Py_BuildValue("(kOkkk)", (unsigned long)t->tag, t->payload, (unsigned long)t->first, (unsigned long)t->stop,
+                         (unsigned long)t->n);
+}
+
+#define TAKE_CHUNK 64
+
+/* Up to `max_items` items, waiting (as timeout_ns says) for the first only: a list, empty if none
+ * came in time - of objects (`decoded`), or of raw items. */
+static PyObject *
+take_many(QueueCore *self, Py_ssize_t max_items, long long timeout_ns, int decoded)
+{
+    PyObject *out = PyList_New(0);
+    if (out == NULL || max_items <= 0)
+        return out;
+    took_t took[TAKE_CHUNK];
+    uint64_t items = 0;
+    for (;;) {
+        Py_ssize_t n = take_records(self, took, TAKE_CHUNK, (uint64_t)max_items - items, timeout_ns, decoded);
+        if (n < 0) {
+            if (PyList_GET_SIZE(out) == 0) {
+                Py_DECREF(out);
+                return NULL;
+            }
+            PyErr_Clear(); /* keep what was taken; the next call meets the error again */
+            return out;
+        }
+        int rc = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            items += took_items(&took[i]);
+            if (rc < 0)
+                continue;
+            if (decoded)
+                rc = decode_into(self, &took[i], out);
+            else {
+                PyObject *raw = raw_item(self, &took[i]);
+                rc = raw == NULL ? -1 : PyList_Append(out, raw);
+                Py_XDECREF(raw);
+            }
+        }
+        drop_took(took, n);
+        if (rc < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        if (n < TAKE_CHUNK || items >= (uint64_t)max_items)
+            return out;
+        timeout_ns = 0; /* waited for the first already */
+    }
+}
+
+/* ------------------------------------------------------------------ the methods */
 
 /* put(data, tag, timeout_ns) -> True if put, False if there was no room in time. */
 static PyObject *
@@ -498,52 +777,102 @@ qc_put(QueueCore *self, PyObject *args)
     long long timeout_ns;
     if (!PyArg_ParseTuple(args, "OkL", &data, &tag, &timeout_ns) || check_bound(self) < 0)
         return NULL;
-    Py_buffer view;
-    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
-        return NULL;
-    if (too_big(self, view.len)) {
-        PyBuffer_Release(&view);
-        return NULL;
-    }
-    if (q_lock(self) < 0) {
-        PyBuffer_Release(&view);
-        return NULL;
-    }
-    int rc = append(self, view.buf, (uint64_t)view.len, (uint32_t)tag);
-    if (rc == 1) { /* the usual case: room at once */
-        int w = count_out(self, OFF_SEQ_GET, OFF_GET_SLEEPERS);
-        q_unlock(self);
-        PyBuffer_Release(&view);
-        if (w)
-            wake(self, OFF_SEQ_GET, 1);
-        Py_RETURN_TRUE;
-    }
-    q_unlock(self);
-    if (rc < 0) {
-        PyBuffer_Release(&view);
-        return NULL;
-    }
-    PyBuffer_Release(&view);
-    PyObject *one = PyList_New(1);
-    if (one == NULL)
-        return NULL;
-    Py_INCREF(data);
-    PyList_SET_ITEM(one, 0, data);
-    PyObject *args2 = Py_BuildValue("(OkL)", one, tag, timeout_ns);
-    Py_DECREF(one);
-    if (args2 == NULL)
-        return NULL;
-    PyObject *n = qc_put_many(self, args2);
-    Py_DECREF(args2);
-    if (n == NULL)
-        return NULL;
-    long put = PyLong_AsLong(n);
-    Py_DECREF(n);
-    return PyBool_FromLong(put == 1);
+    int rc = put_data(self, data, (uint32_t)tag, timeout_ns);
+    return rc < 0 ? NULL : PyBool_FromLong(rc);
 }
 
-/* get_many(max_items, timeout_ns) -> a list of (tag, bytes), empty if nothing came in time.
- * Waits for the first item only; takes whatever else is there, up to max_items. */
+/* put_parts(parts, tag, timeout_ns) -> bool: one record made of the bytes-like parts (a list). */
+static PyObject *
+qc_put_parts(QueueCore *self, PyObject *args)
+{
+    PyObject *parts;
+    unsigned long tag;
+    long long timeout_ns;
+    if (!PyArg_ParseTuple(args, "OkL", &parts, &tag, &timeout_ns) || check_bound(self) < 0)
+        return NULL;
+    int rc = put_parts(self, parts, (uint32_t)tag, timeout_ns);
+    return rc < 0 ? NULL : PyBool_FromLong(rc);
+}
+
+/* put_many(items, tag, timeout_ns) -> how many were put (all, unless the time ran out).
+ * items: a list of bytes-like objects, a record each; each waits for room in turn. */
+static PyObject *
+qc_put_many(QueueCore *self, PyObject *args)
+{
+    PyObject *items;
+    unsigned long tag;
+    long long timeout_ns;
+    if (!PyArg_ParseTuple(args, "O!kL", &PyList_Type, &items, &tag, &timeout_ns) || check_bound(self) < 0)
+        return NULL;
+    Py_ssize_t n;
+    Py_buffer *views = get_views(items, &n);
+    if (views == NULL)
+        return NULL;
+    Py_ssize_t done = -1;
+    record_t *recs = PyMem_Calloc((size_t)(n ? n : 1), sizeof(record_t));
+    if (recs == NULL)
+        PyErr_NoMemory();
+    else {
+        Py_ssize_t i = 0;
+        for (; i < n && !too_big(self, (uint64_t)views[i].len); i++) {
+            record_t rec = {&views[i], 1, (uint64_t)views[i].len, (uint32_t)tag, 1};
+            recs[i] = rec;
+        }
+        if (i == n)
+            done = put_records(self, recs, n, timeout_ns);
+        PyMem_Free(recs);
+    }
+    release_views(views, n);
+    return done < 0 ? NULL : PyLong_FromSsize_t(done);
+}
+
+/* put_batch(pickle, n, timeout_ns) -> bool: one batch record of the n items the pickle (of a list
+ * of them) holds. The items count one each towards maxsize, qsize and task_done. */
+static PyObject *
+qc_put_batch(QueueCore *self, PyObject *args)
+{
+    PyObject *data;
+    unsigned long long n;
+    long long timeout_ns;
+    if (!PyArg_ParseTuple(args, "OKL", &data, &n, &timeout_ns) || check_bound(self) < 0)
+        return NULL;
+    if (n == 0 || n > UINT32_MAX || (self->maxsize && n > self->maxsize)) {
+        PyErr_Format(PyExc_ValueError, "a batch of %llu items cannot go into this queue (maxsize %llu)", n,
+                     (unsigned long long)self->maxsize);
+        return NULL;
+    }
+    uint32_t counts[2] = {(uint32_t)n, 0};
+    Py_buffer views[2];
+    views[0].buf = counts;
+    views[0].len = BATCH_HEAD;
+    if (PyObject_GetBuffer(data, &views[1], PyBUF_SIMPLE) < 0)
+        return NULL;
+    int rc = put_one(self, views, 2, TAG_BATCH, (uint32_t)n, timeout_ns);
+    PyBuffer_Release(&views[1]);
+    return rc < 0 ? NULL : PyBool_FromLong(rc);
+}
+
+/* get(timeout_ns) -> the first item raw ((tag, bytes); a batch's: (tag, pickle, first, stop, n)),
+ * or None if nothing came in time. */
+static PyObject *
+qc_get(QueueCore *self, PyObject *args)
+{
+    long long timeout_ns;
+    if (!PyArg_ParseTuple(args, "L", &timeout_ns) || check_bound(self) < 0)
+        return NULL;
+    took_t t;
+    Py_ssize_t n = take_records(self, &t, 1, 1, timeout_ns, 0);
+    if (n < 0)
+        return NULL;
+    if (n == 0)
+        Py_RETURN_NONE;
+    PyObject *raw = raw_item(self, &t);
+    Py_DECREF(t.payload);
+    return raw;
+}
+
+/* get_many(max_items, timeout_ns) -> a list of raw items (as get's), empty if nothing came in
+ * time. Waits for the first item only; takes whatever else is there, up to max_items. */
 static PyObject *
 qc_get_many(QueueCore *self, PyObject *args)
 {
@@ -551,101 +880,18 @@ qc_get_many(QueueCore *self, PyObject *args)
     long long timeout_ns;
     if (!PyArg_ParseTuple(args, "nL", &max_items, &timeout_ns) || check_bound(self) < 0)
         return NULL;
-    PyObject *out = PyList_New(0);
-    if (out == NULL)
-        return NULL;
-    long long end = timeout_ns < 0 ? -1 : monotonic_ns() + timeout_ns;
-    int spun = timeout_ns == 0;
-    if (q_lock(self) < 0)
-        goto fail;
-    for (;;) {
-        while (PyList_GET_SIZE(out) < max_items) {
-            PyObject *item = take(self);
-            if (item == NULL) {
-                q_unlock(self);
-                goto fail;
-            }
-            if (item == Py_None) {
-                Py_DECREF(item);
-                break;
-            }
-            int rc = PyList_Append(out, item);
-            Py_DECREF(item);
-            if (rc < 0) {
-                q_unlock(self);
-                goto fail;
-            }
-        }
-        if (PyList_GET_SIZE(out) > 0 || max_items <= 0)
-            break;
-        long long left = end < 0 ? -1 : end - monotonic_ns();
-        if (end >= 0 && left <= 0)
-            break;
-        if (!spun) {
-            q_unlock(self);
-            spin(self, 0, SPIN_NS);
-            spun = 1;
-            if (q_lock(self) < 0)
-                goto fail;
-            continue;
-        }
-        if (sleep_once(self, OFF_SEQ_GET, OFF_GET_SLEEPERS, left) < 0)
-            goto fail;
-    }
-    int w = PyList_GET_SIZE(out) ? count_out(self, OFF_SEQ_PUT, OFF_PUT_SLEEPERS) : 0;
-    q_unlock(self);
-    if (w)
-        wake(self, OFF_SEQ_PUT, 1);
-    return out;
-fail:
-    /* Items already taken would be lost if we raised now: return them; the next call meets the
-     * error again (a damaged ring; a signal handler's exception can only come before the first). */
-    if (PyList_GET_SIZE(out) > 0) {
-        PyErr_Clear();
-        return out;
-    }
-    Py_DECREF(out);
-    return NULL;
+    return take_many(self, max_items, timeout_ns, 0);
 }
 
-/* get(timeout_ns) -> (tag, bytes), or None if nothing came in time. */
+/* get_objs(max_items, timeout_ns) -> get_many's items as objects (unpickled; bytes as they are). */
 static PyObject *
-qc_get(QueueCore *self, PyObject *args)
+qc_get_objs(QueueCore *self, PyObject *args)
 {
+    Py_ssize_t max_items;
     long long timeout_ns;
-    if (!PyArg_ParseTuple(args, "L", &timeout_ns) || check_bound(self) < 0)
+    if (!PyArg_ParseTuple(args, "nL", &max_items, &timeout_ns) || check_bound(self) < 0)
         return NULL;
-    if (q_lock(self) < 0)
-        return NULL;
-    PyObject *item = take(self);
-    if (item != NULL && item != Py_None) { /* the usual case */
-        int w = count_out(self, OFF_SEQ_PUT, OFF_PUT_SLEEPERS);
-        q_unlock(self);
-        if (w)
-            wake(self, OFF_SEQ_PUT, 1);
-        return item;
-    }
-    q_unlock(self);
-    if (item == NULL)
-        return NULL;
-    Py_DECREF(item);
-    if (timeout_ns == 0)
-        Py_RETURN_NONE;
-    PyObject *args2 = Py_BuildValue("(nL)", (Py_ssize_t)1, timeout_ns);
-    if (args2 == NULL)
-        return NULL;
-    PyObject *items = qc_get_many(self, args2);
-    Py_DECREF(args2);
-    if (items == NULL)
-        return NULL;
-    if (PyList_GET_SIZE(items) == 0) {
-        Py_DECREF(items);
-        Py_RETURN_NONE;
-    }
-    PyObject *first = PyList_GET_ITEM(items, 0);
-    Py_INCREF(first);
-    Py_DECREF(items);
-    return first;
+    return take_many(self, max_items, timeout_ns, 1);
 }
 
 static PyObject *
@@ -726,6 +972,7 @@ qc_release(QueueCore *self, PyObject *unused)
         self->bound = 0;
         PyBuffer_Release(&self->view);
     }
+    Py_CLEAR(self->batch_items);
     Py_RETURN_NONE;
 }
 
@@ -762,6 +1009,7 @@ qc_dealloc(QueueCore *self)
 {
     if (self->bound)
         PyBuffer_Release(&self->view);
+    Py_CLEAR(self->batch_items);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -774,8 +1022,6 @@ qc_dealloc(QueueCore *self)
  * queue.Full / queue.Empty when the time runs out).
  */
 
-static PyObject *dumps_fn, *loads_fn, *full_exc, *empty_exc, *protocol_obj; /* set by _set_codec */
-static PyObject *oob_parts_fn, *oob_loads_fn; /* queue_ring.oob_parts / oob_loads, set by _set_codec */
 
 /* (block, timeout) from positional args starting at `first` and keywords; -2 on error. */
 static long long
@@ -845,128 +1091,6 @@ wait_arg(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, Py_ssize_t 
     return (long long)(seconds * 1e9);
 }
 
-/* One record in, waiting as asked; 1 put, 0 no room in time, -1 error. */
-static int
-put_data(QueueCore *self, PyObject *data, uint32_t tag, long long timeout_ns)
-{
-    Py_buffer view;
-    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
-        return -1;
-    if (too_big(self, view.len) || q_lock(self) < 0) {
-        PyBuffer_Release(&view);
-        return -1;
-    }
-    int rc = append(self, view.buf, (uint64_t)view.len, tag);
-    if (rc == 1) {
-        int w = count_out(self, OFF_SEQ_GET, OFF_GET_SLEEPERS);
-        q_unlock(self);
-        PyBuffer_Release(&view);
-        if (w)
-            wake(self, OFF_SEQ_GET, 1);
-        return 1;
-    }
-    q_unlock(self);
-    PyBuffer_Release(&view);
-    if (rc < 0 || timeout_ns == 0)
-        return rc;
-    PyObject *one = PyList_New(1);
-    if (one == NULL)
-        return -1;
-    Py_INCREF(data);
-    PyList_SET_ITEM(one, 0, data);
-    PyObject *args = Py_BuildValue("(OkL)", one, (unsigned long)tag, timeout_ns);
-    Py_DECREF(one);
-    if (args == NULL)
-        return -1;
-    PyObject *n = qc_put_many(self, args);
-    Py_DECREF(args);
-    if (n == NULL)
-        return -1;
-    long put = PyLong_AsLong(n);
-    Py_DECREF(n);
-    return put == 1;
-}
-
-/* The first record's (tag, payload), waiting as asked; Py_None if none came in time. */
-static PyObject *
-get_item(QueueCore *self, long long timeout_ns)
-{
-    PyObject *args = Py_BuildValue("(L)", timeout_ns);
-    if (args == NULL)
-        return NULL;
-    PyObject *item = qc_get(self, args);
-    Py_DECREF(args);
-    return item;
-}
-
-/* One record made of the bytes-like `parts` (a list), waiting as asked: 1 put, 0 no room in time,
- * -1 error. The usual case copies each part straight into the ring; a wait joins them first. */
-static int
-put_parts(QueueCore *self, PyObject *parts, uint32_t tag, long long timeout_ns)
-{
-    if (!PyList_Check(parts)) {
-        PyErr_SetString(PyExc_TypeError, "put_parts() takes a list");
-        return -1;
-    }
-    Py_ssize_t n = PyList_GET_SIZE(parts), got = 0;
-    Py_buffer *views = PyMem_Calloc((size_t)(n ? n : 1), sizeof(Py_buffer));
-    if (views == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    int rc = -1;
-    uint64_t total = 0;
-    for (; got < n; got++) {
-        if (PyObject_GetBuffer(PyList_GET_ITEM(parts, got), &views[got], PyBUF_SIMPLE) < 0)
-            goto out;
-        total += (uint64_t)views[got].len;
-    }
-    if (total > (uint64_t)PY_SSIZE_T_MAX || too_big(self, (Py_ssize_t)total) || q_lock(self) < 0)
-        goto out;
-    rc = append_parts(self, views, n, total, tag);
-    if (rc == 1) {
-        int w = count_out(self, OFF_SEQ_GET, OFF_GET_SLEEPERS);
-        q_unlock(self);
-        if (w)
-            wake(self, OFF_SEQ_GET, 1);
-        goto out;
-    }
-    q_unlock(self);
-    if (rc < 0 || timeout_ns == 0)
-        goto out;
-    PyObject *joined = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)total);
-    if (joined == NULL) {
-        rc = -1;
-        goto out;
-    }
-    char *dst = PyByteArray_AS_STRING(joined);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        memcpy(dst, views[i].buf, (size_t)views[i].len);
-        dst += views[i].len;
-    }
-    rc = put_data(self, joined, tag, timeout_ns);
-    Py_DECREF(joined);
-out:
-    for (Py_ssize_t i = 0; i < got; i++)
-        PyBuffer_Release(&views[i]);
-    PyMem_Free(views);
-    return rc;
-}
-
-static PyObject *
-qc_put_parts(QueueCore *self, PyObject *args)
-{
-    PyObject *parts;
-    unsigned long tag;
-    long long timeout_ns;
-    if (!PyArg_ParseTuple(args, "OkL", &parts, &tag, &timeout_ns) || check_bound(self) < 0)
-        return NULL;
-    int rc = put_parts(self, parts, (uint32_t)tag, timeout_ns);
-    if (rc < 0)
-        return NULL;
-    return PyBool_FromLong(rc);
-}
-
 static PyObject *
 qc_put_obj(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
@@ -1024,72 +1148,71 @@ qc_send_bytes(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject
     Py_RETURN_NONE;
 }
 
-/* The first record's payload (its tag in *tag), waiting as asked; queue.Empty if none came in time. */
-static PyObject *
-got_or_empty(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, uint32_t *tag)
+/* The first item's take, waiting as the (block, timeout) arguments say: 1, or -1 with an exception
+ * (queue.Empty if none came in time). */
+static int
+take_first(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, took_t *t)
 {
     long long ns = wait_arg(args, nargs, kwnames, 0);
-    if (ns == -2 || check_bound(self) < 0 || q_lock(self) < 0)
-        return NULL;
-    PyObject *payload = take_raw(self, tag); /* the usual case: an item there at once */
-    if (payload != NULL && payload != Py_None) {
-        int w = count_out(self, OFF_SEQ_PUT, OFF_PUT_SLEEPERS);
-        q_unlock(self);
-        if (w)
-            wake(self, OFF_SEQ_PUT, 1);
-        return payload;
-    }
-    q_unlock(self);
-    if (payload == NULL)
-        return NULL;
-    Py_DECREF(payload);
-    PyObject *item = ns == 0 ? Py_None : get_item(self, ns);
-    if (item == Py_None) {
-        if (ns == 0)
-            Py_INCREF(item);
-        Py_DECREF(item);
+    if (ns == -2 || check_bound(self) < 0)
+        return -1;
+    Py_ssize_t n = take_records(self, t, 1, 1, ns, 1);
+    if (n == 0)
         PyErr_SetNone(empty_exc);
+    return n > 0 ? 1 : -1;
+}
+
+/* A one-item take's object (unpickled with the mutex free). */
+static PyObject *
+decode_one(QueueCore *self, const took_t *t)
+{
+    if (t->tag != TAG_BATCH)
+        return decode_record(t);
+    PyObject *list = batch_list(t);
+    if (list == NULL)
         return NULL;
-    }
-    if (item == NULL)
-        return NULL;
-    *tag = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(item, 0));
-    payload = PyTuple_GET_ITEM(item, 1);
-    Py_INCREF(payload);
-    Py_DECREF(item);
-    return payload;
+    PyObject *item = hand_out(list, t->first);
+    batch_settle(self, t, list);
+    Py_DECREF(list);
+    return item;
 }
 
 static PyObject *
 qc_get_obj(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    uint32_t tag = 0;
-    PyObject *payload = got_or_empty(self, args, nargs, kwnames, &tag);
-    if (payload == NULL || (tag != 1 && tag != TAG_OOB))
-        return payload;
-    /* unpickled with the mutex free */
-    PyObject *result = PyObject_CallOneArg(tag == TAG_OOB ? oob_loads_fn : loads_fn, payload);
-    Py_DECREF(payload);
-    return result;
+    took_t t;
+    if (take_first(self, args, nargs, kwnames, &t) < 0)
+        return NULL;
+    PyObject *obj = decode_one(self, &t);
+    Py_DECREF(t.payload);
+    return obj;
 }
 
 static PyObject *
 qc_recv_bytes(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    uint32_t tag = 0;
-    PyObject *payload = got_or_empty(self, args, nargs, kwnames, &tag);
-    if (payload == NULL || !PyByteArray_Check(payload))
-        return payload;
-    PyObject *bytes = PyBytes_FromObject(payload); /* always bytes, as multiprocessing's */
-    Py_DECREF(payload);
-    return bytes;
+    took_t t;
+    if (take_first(self, args, nargs, kwnames, &t) < 0)
+        return NULL;
+    PyObject *out;
+    if (t.tag == TAG_BATCH) { /* an item put with put_many comes as its own pickle, as one put with put */
+        PyObject *obj = decode_one(self, &t);
+        PyObject *call[2] = {obj, protocol_obj};
+        out = obj == NULL ? NULL : PyObject_Vectorcall(dumps_fn, call, 2, NULL);
+        Py_XDECREF(obj);
+    } else
+        out = PyBytes_FromObject(t.payload); /* always bytes, as multiprocessing's */
+    Py_DECREF(t.payload);
+    return out;
 }
 
 static PyMethodDef qc_methods[] = {
     {"put", (PyCFunction)qc_put, METH_VARARGS, "put(data, tag, timeout_ns) -> bool"},
     {"put_many", (PyCFunction)qc_put_many, METH_VARARGS, "put_many(items, tag, timeout_ns) -> int"},
     {"get", (PyCFunction)qc_get, METH_VARARGS, "get(timeout_ns) -> (tag, bytes) or None"},
-    {"get_many", (PyCFunction)qc_get_many, METH_VARARGS, "get_many(max_items, timeout_ns) -> list"},
+    {"get_many", (PyCFunction)qc_get_many, METH_VARARGS, "get_many(max_items, timeout_ns) -> list of raw items"},
+    {"get_objs", (PyCFunction)qc_get_objs, METH_VARARGS, "get_objs(max_items, timeout_ns) -> list of objects"},
+    {"put_batch", (PyCFunction)qc_put_batch, METH_VARARGS, "put_batch(pickle, n, timeout_ns) -> bool: n items, one record"},
     {"qsize", (PyCFunction)qc_qsize, METH_NOARGS, "qsize() -> int"},
     {"task_done", (PyCFunction)qc_task_done, METH_NOARGS, "task_done()"},
     {"join", (PyCFunction)qc_join, METH_VARARGS, "join(timeout_ns) -> bool"},

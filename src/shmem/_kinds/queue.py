@@ -34,13 +34,23 @@ from __future__ import annotations
 
 import pickle
 import queue as _stdlib_queue
+import time
 from typing import Any, Iterable, List, Optional, Tuple
 
 from .._core.block import Block
 from .._core.header import KIND_NAMES, KIND_QUEUE
 from .._errors import CorruptSegment
 from . import named_block, queue_layout, queue_ring
-from .queue_layout import DEFAULT_CAPACITY, MAX_CAPACITY, MIN_CAPACITY, TAG_PICKLE, TAG_PICKLE_OOB, QueueHeader
+from .queue_layout import (
+    BATCH_HEAD,
+    BATCH_ITEMS,
+    DEFAULT_CAPACITY,
+    MAX_CAPACITY,
+    MIN_CAPACITY,
+    TAG_PICKLE,
+    QueueHeader,
+    record_size,
+)
 
 __all__ = ["JoinableQueue", "Queue", "SimpleQueue"]
 
@@ -48,7 +58,7 @@ Empty = _stdlib_queue.Empty
 Full = _stdlib_queue.Full
 
 _PROTOCOL = queue_ring.PROTOCOL
-_dumps, _loads = pickle.dumps, pickle.loads
+_dumps = pickle.dumps
 
 
 def _capacity(capacity: Optional[int]) -> int:
@@ -67,15 +77,6 @@ def _maxsize(maxsize: Any) -> int:
     if maxsize >= 1 << 62:
         raise ValueError(f"maxsize {maxsize} is too large")
     return max(0, maxsize)  # multiprocessing: 0 or less means no limit
-
-
-def _decoded(tag: int, payload: Any) -> Any:
-    """The item a record holds: unpickled, or its bytes (``send_bytes``)."""
-    if tag == TAG_PICKLE:
-        return _loads(payload)
-    if tag == TAG_PICKLE_OOB:
-        return queue_ring.oob_loads(bytearray(payload))
-    return bytes(payload)
 
 
 class Queue:
@@ -218,13 +219,39 @@ class Queue:
         return self.get(False)
 
     def put_many(self, objs: Iterable[Any], block: bool = True, timeout: Optional[float] = None) -> None:
-        """Put every object of ``objs``, in order, in as few locked sections as
-        fit (shmem's own; faster-fifo's name). Raises ``queue.Full`` if the time
-        ran out first - the objects before the first that did not fit were put."""
+        """Put every object of ``objs``, in order (shmem's own; faster-fifo's name).
+
+        Up to 64 objects at a time go into one record as one pickle of their
+        list - several times cheaper than a pickle each - and come out one by
+        one to ``get``, or together to ``get_many``; each counts as an item for
+        ``qsize``, ``maxsize`` and ``task_done``. Being one pickle, a batch keeps
+        what its objects share: an object put twice in one call, or a part two
+        objects have in common, arrives as one object to a process that gets
+        both (as ``pickle.loads(pickle.dumps(objs))`` would give it).
+
+        Raises ``queue.Full`` if the time ran out first: the objects before the
+        batch that found no room were put (a batch goes in whole or not at all).
+        """
         core = self._ring("put")
-        data = [_dumps(obj, _PROTOCOL) for obj in objs]
-        if core.put_many(data, TAG_PICKLE, queue_ring.wait_ns(block, timeout)) != len(data):
-            raise Full
+        ns = queue_ring.wait_ns(block, timeout)
+        end = time.monotonic_ns() + ns if ns > 0 else ns
+        objs = list(objs)
+        step = min(BATCH_ITEMS, self._maxsize) if self._maxsize else BATCH_ITEMS
+        for start in range(0, len(objs), step):
+            chunk = objs[start : start + step]
+            left = ns if ns <= 0 else max(0, end - time.monotonic_ns())
+            if len(chunk) == 1:
+                done = core.put(_dumps(chunk[0], _PROTOCOL), TAG_PICKLE, left)
+                if not done:
+                    raise Full
+                continue
+            data = _dumps(chunk, _PROTOCOL)
+            if record_size(BATCH_HEAD + len(data)) <= self._capacity // 2:
+                done = core.put_batch(data, len(chunk), left)
+            else:  # large objects: a record each, so that no batch needs most of the ring
+                done = core.put_many([_dumps(obj, _PROTOCOL) for obj in chunk], TAG_PICKLE, left) == len(chunk)
+            if not done:
+                raise Full
 
     def get_many(self, max_items: int = 1 << 30, block: bool = True, timeout: Optional[float] = None) -> List[Any]:
         """Remove and return up to ``max_items`` items at once: waits (if
@@ -234,10 +261,10 @@ class Queue:
             raise TypeError(f"max_items must be an int, not {type(max_items).__name__}")
         if max_items < 1:
             raise ValueError("max_items must be at least 1")
-        items = self._ring("get").get_many(max_items, queue_ring.wait_ns(block, timeout))
+        items: List[Any] = self._ring("get").get_objs(max_items, queue_ring.wait_ns(block, timeout))
         if not items:
             raise Empty
-        return [_decoded(tag, payload) for tag, payload in items]
+        return items
 
     def send_bytes(self, data: Any, block: bool = True, timeout: Optional[float] = None) -> None:
         """Put the bytes of ``data`` (any bytes-like object) as one message, not pickled."""

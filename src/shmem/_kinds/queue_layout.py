@@ -6,8 +6,8 @@ A queue is one block (kind ``queue``)::
     offset 64    control words, all changed under the mutex
                    64  u64 head        byte position of the first record (grows without end;
                    72  u64 tail        byte position past the last record  the ring offset is
-                   80  u64 count       records in the ring                 position % capacity)
-                   88  u64 unfinished  JoinableQueue: records put and not yet task_done()
+                   80  u64 count       items in the ring                   position % capacity)
+                   88  u64 unfinished  JoinableQueue: items put and not yet task_done()
                    96  u32 seq_get     futex word consumers sleep on (bumped by a put that wakes one)
                   100  u32 seq_put     futex word producers sleep on (bumped by a get that wakes one)
                   104  u32 get_sleepers, 108 u32 put_sleepers: who to wake (a hint, never a count
@@ -20,13 +20,17 @@ A queue is one block (kind ``queue``)::
                  (an array's data beside its pickle, not inside it):
                    u32 n, u32 0, u64 pickle length, n x u64 buffer lengths,
                    the pickle, then each buffer - every one of them padded to 8 bytes;
+                 tag 4: a batch (``put_many``): u32 n, u32 taken, then the pickle of a list of the n
+                   items - one pickle for them all, ~4x cheaper than n. A take of items
+                   taken..k-1 commits by storing k in ``taken`` (by moving head when k == n);
+                   ``count`` and ``repair`` count the n - taken items left;
                  0xFFFFFFFF: a wrap record - the rest of the ring up to its end is unused, the
                  next record is at ring offset 0.
 
 Kind header (``extra`` of the block's trailer, checksummed with it)::
 
     0   8s  magic b"shmqueue"      16  Q  capacity (ring bytes)
-    8   H   version (1)            24  Q  maxsize (items; 0: only the ring's bytes limit it)
+    8   H   version (2)            24  Q  maxsize (items; 0: only the ring's bytes limit it)
     10  H   flags (1: joinable)    32  16s C library of the mutex (b"glibc")
     12  I   mutex size
 
@@ -44,7 +48,7 @@ from .._errors import CorruptSegment
 from . import sync_wait
 
 MAGIC = b"shmqueue"
-VERSION = 1
+VERSION = 2  # 2: batch records (tag 4), and ``count`` counts items, not records
 FLAG_JOINABLE = 1
 
 OFF_HEAD, OFF_TAIL, OFF_COUNT, OFF_UNFINISHED = 64, 72, 80, 88
@@ -53,7 +57,10 @@ OFF_SEQ_JOIN, OFF_JOIN_SLEEPERS = 112, 116
 RING = 128
 REC = 8  # a record's header: u32 length, u32 tag
 
-TAG_PICKLE, TAG_BYTES, TAG_PICKLE_OOB, TAG_WRAP = 1, 2, 3, 0xFFFFFFFF
+TAG_PICKLE, TAG_BYTES, TAG_PICKLE_OOB, TAG_BATCH, TAG_WRAP = 1, 2, 3, 4, 0xFFFFFFFF
+BATCH_HEAD = 8  # a batch record's u32 items, u32 taken
+#: put_many puts up to this many objects in one batch record (one pickle of their list).
+BATCH_ITEMS = 64
 #: The most out-of-band buffers one record may carry (more are pickled in-band).
 MAX_OOB_BUFFERS = 1024
 

@@ -24,6 +24,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 from .._errors import CorruptSegment
 from . import lock_layout, sync_wait
 from .queue_layout import (
+    BATCH_HEAD,
     MAX_OOB_BUFFERS,
     OFF_COUNT,
     OFF_GET_SLEEPERS,
@@ -37,6 +38,7 @@ from .queue_layout import (
     OFF_UNFINISHED,
     REC,
     RING,
+    TAG_BATCH,
     TAG_BYTES,
     TAG_PICKLE,
     TAG_PICKLE_OOB,
@@ -44,7 +46,7 @@ from .queue_layout import (
     record_size,
 )
 
-QUEUE_VERSION = 1
+QUEUE_VERSION = 2
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 SLICE_NS = sync_wait.SLICE_NS
 SPIN_NS = 20_000
@@ -54,7 +56,9 @@ _U32 = struct.Struct("<I")
 _REC = struct.Struct("<II")
 _ALL_SIGNALS = set(signal.Signals)
 
-Item = Tuple[int, bytes]
+#: A take as ``get``/``get_many`` give it: (tag, payload); from a batch of n items, the
+#: items first..stop-1: (TAG_BATCH, pickle, first, stop, n).
+Item = Tuple[Any, ...]
 
 
 def _block_signals_python() -> Any:
@@ -152,6 +156,21 @@ def oob_loads(payload: Any) -> Any:
     return pickle.loads(pieces[0], buffers=pieces[1:])
 
 
+def decoded(item: Item) -> List[Any]:
+    """The objects of one take (raw, as ``get``/``get_many`` give it): unpickled, or bytes."""
+    tag, payload = item[0], item[1]
+    if tag == TAG_PICKLE:
+        return [pickle.loads(payload)]
+    if tag == TAG_PICKLE_OOB:
+        return [oob_loads(bytearray(payload))]
+    if tag == TAG_BATCH:
+        batch = pickle.loads(payload)
+        if type(batch) is not list or len(batch) != item[4]:
+            raise _corrupt("a batch record's pickle does not hold its items")
+        return batch[item[2] : item[3]]
+    return [bytes(payload)]
+
+
 def _corrupt(what: str) -> CorruptSegment:
     return CorruptSegment(f"queue ring is damaged: {what}")
 
@@ -231,8 +250,14 @@ class PyRingCore:
             size = record_size(length)
             if size > room or size > tail - pos:
                 break
+            if tag == TAG_BATCH:  # counts as the items not taken yet
+                n, taken = _REC.unpack_from(buf, RING + at + REC) if length >= BATCH_HEAD else (0, 0)
+                if n == 0 or taken >= n:
+                    break
+                count += n - taken
+            else:
+                count += 1
             pos += size
-            count += 1
         self._set64(OFF_TAIL, pos)
         self._set64(OFF_COUNT, count)
         if self.joinable and self._u64(OFF_UNFINISHED) < count:
@@ -277,7 +302,7 @@ class PyRingCore:
             raise _corrupt("head and tail do not fit the ring")
         return head, tail
 
-    def _append(self, data: Any, tag: int) -> bool:
+    def _append(self, data: Any, tag: int, items: int = 1) -> bool:
         head, tail = self._ends()
         cap = self.capacity
         length = len(data)
@@ -289,7 +314,7 @@ class PyRingCore:
         skip = cap - at if cap - at < size else 0
         if cap - (tail - head) < skip + size:
             return False
-        if self.maxsize and self._u64(OFF_COUNT) >= self.maxsize:
+        if self.maxsize and self._u64(OFF_COUNT) + items > self.maxsize:
             return False
         buf = self._buf()
         if skip:
@@ -299,12 +324,12 @@ class PyRingCore:
         _REC.pack_into(buf, RING + at, length, tag)
         buf[RING + at + REC : RING + at + REC + length] = data
         self._set64(OFF_TAIL, tail + size)
-        self._set64(OFF_COUNT, self._u64(OFF_COUNT) + 1)
+        self._set64(OFF_COUNT, self._u64(OFF_COUNT) + items)
         if self.joinable:
-            self._set64(OFF_UNFINISHED, self._u64(OFF_UNFINISHED) + 1)
+            self._set64(OFF_UNFINISHED, self._u64(OFF_UNFINISHED) + items)
         return True
 
-    def _take(self) -> Optional[Item]:
+    def _take(self, max_items: int = 1) -> Optional[Item]:
         head, tail = self._ends()
         cap, buf = self.capacity, self._buf()
         while True:
@@ -326,11 +351,22 @@ class PyRingCore:
             size = record_size(length)
             if size > room or size > tail - head:
                 raise _corrupt("a record is longer than the ring holds")
-            payload = bytes(buf[RING + at + REC : RING + at + REC + length])
-            self._set64(OFF_HEAD, head + size)
-            if self._u64(OFF_COUNT):
-                self._set64(OFF_COUNT, self._u64(OFF_COUNT) - 1)
-            return tag, payload
+            got = 1
+            item: Item
+            if tag == TAG_BATCH:
+                n, taken = _REC.unpack_from(buf, RING + at + REC) if length >= BATCH_HEAD else (0, 0)
+                if n == 0 or taken >= n:
+                    raise _corrupt("a batch record's counts do not add up")
+                got = min(n - taken, max_items)
+                item = (tag, bytes(buf[RING + at + REC + BATCH_HEAD : RING + at + REC + length]), taken, taken + got, n)
+            else:
+                item = (tag, bytes(buf[RING + at + REC : RING + at + REC + length]))
+            if tag == TAG_BATCH and taken + got < n:
+                _U32.pack_into(buf, RING + at + REC + 4, taken + got)  # commit: the batch's taken count
+            else:
+                self._set64(OFF_HEAD, head + size)  # commit: head
+            self._set64(OFF_COUNT, max(0, self._u64(OFF_COUNT) - got))
+            return item
 
     # ------------------------------------------------------------ the methods (as in C)
 
@@ -348,12 +384,24 @@ class PyRingCore:
         views = [memoryview(item).cast("B") for item in items]
         for view in views:
             self._check_size(len(view))
+        return self._put_records([(view, tag, 1) for view in views], timeout_ns)
+
+    def put_batch(self, data: Any, n: int, timeout_ns: int) -> bool:
+        """One record holding the ``n`` items whose list ``data`` is the pickle of."""
+        self._buf()
+        if not 0 < n <= 0xFFFFFFFF or (self.maxsize and n > self.maxsize):
+            raise ValueError(f"a batch of {n} items cannot go into this queue (maxsize {self.maxsize})")
+        record = _REC.pack(n, 0) + memoryview(data).cast("B")
+        self._check_size(len(record))
+        return self._put_records([(record, TAG_BATCH, n)], timeout_ns) == 1
+
+    def _put_records(self, records: List[Tuple[Any, int, int]], timeout_ns: int) -> int:
         end = -1 if timeout_ns < 0 else time.monotonic_ns() + timeout_ns
         done, spun = 0, False
         mask = self._lock()
         try:
-            while done < len(views):
-                if self._append(views[done], tag):
+            while done < len(records):
+                if self._append(*records[done]):
                     done += 1
                     continue
                 w = self._count_out(OFF_SEQ_GET, OFF_GET_SLEEPERS)
@@ -385,14 +433,15 @@ class PyRingCore:
     def get_many(self, max_items: int, timeout_ns: int) -> List[Item]:
         self._buf()
         out: List[Item] = []
+        items = 0
         end = -1 if timeout_ns < 0 else time.monotonic_ns() + timeout_ns
         spun = timeout_ns == 0
         mask = self._lock()
         try:
             while True:
-                while len(out) < max_items:
+                while items < max_items:
                     try:
-                        item = self._take()
+                        item = self._take(max_items - items)
                     except CorruptSegment:
                         if out:
                             break  # return what was taken; the next call meets the damage again
@@ -400,6 +449,7 @@ class PyRingCore:
                     if item is None:
                         break
                     out.append(item)
+                    items += item[3] - item[2] if item[0] == TAG_BATCH else 1
                 if out or max_items <= 0:
                     break
                 left = -1 if end < 0 else end - time.monotonic_ns()
@@ -445,17 +495,21 @@ class PyRingCore:
         if not self.put(data, TAG_BYTES, ns):
             raise queue.Full
 
+    def get_objs(self, max_items: int, timeout_ns: int) -> List[Any]:
+        """get_many's items as objects. (C keeps the list a batch unpickled to for this
+        process's next take from it; the twin unpickles the batch each time.)"""
+        out: List[Any] = []
+        for item in self.get_many(max_items, timeout_ns):
+            out += decoded(item)
+        return out
+
     def get_obj(self, block: bool = True, timeout: Optional[float] = None) -> Any:
         ns = wait_ns(block, timeout)
         self._buf()
         item = self.get(ns)
         if item is None:
             raise queue.Empty
-        if item[0] == TAG_PICKLE:
-            return pickle.loads(item[1])
-        if item[0] == TAG_PICKLE_OOB:
-            return oob_loads(bytearray(item[1]))
-        return item[1]
+        return decoded(item)[0]
 
     def recv_bytes(self, block: bool = True, timeout: Optional[float] = None) -> bytes:
         ns = wait_ns(block, timeout)
@@ -463,7 +517,9 @@ class PyRingCore:
         item = self.get(ns)
         if item is None:
             raise queue.Empty
-        return item[1]
+        if item[0] == TAG_BATCH:  # an item put with put_many comes as its own pickle, as one put with put
+            return pickle.dumps(decoded(item)[0], PROTOCOL)
+        return bytes(item[1])
 
     def task_done(self) -> None:
         self._buf()
@@ -558,6 +614,7 @@ __all__: Sequence[str] = [
     "PyRingCore",
     "RingCore",
     "block_signals",
+    "decoded",
     "new_core",
     "oob_loads",
     "oob_parts",
