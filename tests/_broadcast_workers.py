@@ -4,31 +4,13 @@ from __future__ import annotations
 
 import os
 import random
-import struct
 import time
-import zlib
-from typing import Any, List, Optional, Tuple
+from typing import Any, List
 
-# A self-checking message: pid, sequence number, filler length, filler, then a CRC32 of all that.
-_HEAD = struct.Struct("<IIH")
-_CRC = struct.Struct("<I")
+# The self-checking messages (pid, sequence number, filler, CRC32) are the queue tests' own.
+from _queue_workers import check, message
 
-
-def message(pid: int, seq: int, rng: random.Random, max_filler: int = 200) -> bytes:
-    filler = rng.getrandbits(8 * 256).to_bytes(256, "little")[: rng.randrange(max_filler + 1)]
-    body = _HEAD.pack(pid, seq, len(filler)) + filler
-    return body + _CRC.pack(zlib.crc32(body))
-
-
-def check(data: bytes) -> Optional[Tuple[int, int]]:
-    """(pid, seq) of an intact message; None for a torn or forged one."""
-    if len(data) < _HEAD.size + _CRC.size:
-        return None
-    body, (crc,) = data[: -_CRC.size], _CRC.unpack(data[-_CRC.size :])
-    pid, seq, n = _HEAD.unpack_from(body)
-    if zlib.crc32(body) != crc or len(body) != _HEAD.size + n:
-        return None
-    return pid, seq
+__all__ = ["check", "message", "publish_forever", "read_forever", "receive", "subscribe_by_name_and_receive"]
 
 
 def receive(sub: Any, n: int, ready: Any, out: Any) -> None:

@@ -7,6 +7,7 @@ Real processes, real /dev/shm, real signals; timeouts are only safety nets.
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 import os
@@ -17,12 +18,16 @@ import select
 import signal
 import struct
 import subprocess
+import threading
 import time
-from typing import Any, Callable, List, Tuple
+import traceback
+import warnings
+from typing import Any, Callable, Dict, List, Tuple
 
 import _broadcast_workers as workers
 import pytest
-from conftest import PYTHON, fork_child, kill_and_reap, run_pure_python, wait_until
+from conftest import PYTHON, fork_child, kill_and_reap, run_pure_python, wait_exit, wait_until
+from test_defect_space import private_shm_available, run_in_private_shm  # noqa: F401 - a fixture
 
 import shmem
 from shmem._kinds import broadcast_layout, sync_wait
@@ -54,6 +59,47 @@ def drain(sub: Subscriber) -> List[Any]:
             out.append(("lost", lost.count))
         except queue.Empty:
             return out
+
+
+def in_child(body: Callable[[], Any], timeout: float = 60) -> Any:
+    """Run ``body`` in a forked child, with a deadline: its result (pickled back through a
+    pipe); its exception's traceback fails the test; a child that hangs is SIGKILLed and
+    fails it too (a deadlock shows as a failure, never as a hung test run)."""
+    r, w = os.pipe()
+
+    def child() -> None:
+        os.close(r)
+        try:
+            out = pickle.dumps(("ok", body()))
+        except BaseException:
+            out = pickle.dumps(("error", traceback.format_exc()))
+        with os.fdopen(w, "wb") as f:
+            f.write(out)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() of a threaded process
+        pid = fork_child(child)
+    os.close(w)
+    chunks: List[bytes] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([r], [], [], left)[0]:
+                kill_and_reap(pid)
+                pytest.fail(f"the child hung (a deadlock?) after {timeout} s")
+            chunk = os.read(r, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(r)
+    code = wait_exit(pid)
+    assert chunks, f"the child died with {code} without a word (a signal? -7 is SIGBUS, -11 SIGSEGV)"
+    status, value = pickle.loads(b"".join(chunks))
+    assert status == "ok", f"in the child:\n{value}"
+    assert code == 0
+    return value
 
 
 # ------------------------------------------------------------------ 1. the API
@@ -460,7 +506,385 @@ def test_damaged_words_and_records_raise_corrupt_segment(damage: Tuple[int, byte
     bc.close()
 
 
-# ------------------------------------------------------------------ 5. the ctypes path
+# ------------------------------------------------------------------ 5. signal handlers
+#
+# publish and get take the mutex with every signal blocked: a Python signal handler that
+# used the broadcast while its own thread held the mutex would meet the error-checking
+# mutex (EDEADLK) or deadlock. A real SIGALRM every 0.2 ms, 1000 handler calls, in a child
+# with a deadline; every message must come through intact, in publish order, once.
+
+SIGNAL_CALLS = 1000
+
+
+def _no_signal_blocked() -> bool:
+    return not signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+def _publishing_handler_run() -> Dict[str, Any]:
+    bc = Broadcast(capacity=1 << 20)
+    sub = bc.subscribe()
+    order: Dict[int, Any] = {}  # message number -> the message, as publish numbered it
+    numbers = itertools.count(1)
+    fired = [0]
+
+    def handler(signum: int, frame: Any) -> None:
+        # CPython may run a handler inside another: next() gives each its own number.
+        n = next(numbers)
+        fired[0] = max(fired[0], n)
+        msg = ("sig", n, b"s" * (n % 300))
+        order[bc.publish(msg)] = msg
+
+    got: List[Any] = []
+    main_put = 0
+    old = signal.signal(signal.SIGALRM, handler)
+    deadline = time.monotonic() + 40
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
+        while fired[0] < SIGNAL_CALLS and time.monotonic() < deadline:
+            msg = ("main", main_put, b"m" * (main_put % 500))
+            order[bc.publish(msg)] = msg  # signals land inside publish ...
+            main_put += 1
+            got.append(sub.get(timeout=10))
+            # ... and inside get: more gets than the main thread publishes, so this one
+            # mostly sleeps until a handler's publish wakes it.
+            if len(got) < main_put + fired[0]:
+                got.append(sub.get(timeout=10))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        signal.signal(signal.SIGALRM, old)
+    got.extend(sub.get(False) for _ in range(bc.published - len(got)))
+    with pytest.raises(queue.Empty):
+        sub.get_nowait()
+    result = {
+        "fired": fired[0],
+        "main_put": main_put,
+        "in_order": got == [order[i] for i in range(len(order))],
+        "all": len(got) == len(order) == main_put + fired[0],
+        "unblocked": _no_signal_blocked(),
+        "mutex": mutex_word(bc),
+        "sleepers": words(bc)[5],
+    }
+    sub.close()
+    bc.close()
+    return result
+
+
+def test_a_signal_handler_publishes_while_the_main_thread_publishes_and_gets() -> None:
+    out = in_child(_publishing_handler_run)
+    assert out["fired"] >= SIGNAL_CALLS, out
+    assert out["in_order"] and out["all"], out
+    assert out["unblocked"] and out["mutex"] == 0 and out["sleepers"] == 0, out
+
+
+def _getting_handler_run() -> Dict[str, Any]:
+    bc = Broadcast(capacity=1 << 20)
+    sub_main, sub_sig = bc.subscribe(), bc.subscribe()
+    order: Dict[int, Any] = {}
+    calls, empties, lost = [0], [0], [0]
+    busy = [False]
+    from_handler: List[Any] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        # One handler at a time on sub_sig (a nested one would use the subscriber the outer
+        # one is inside of, not "another subscriber"): the nested call just returns.
+        if busy[0]:
+            return
+        busy[0] = True
+        try:
+            calls[0] += 1
+            try:
+                from_handler.append(sub_sig.get(False))
+            except queue.Empty:
+                empties[0] += 1
+            except MessagesLost:
+                lost[0] += 1
+        finally:
+            busy[0] = False
+
+    got: List[Any] = []
+    timed_out = 0
+    i = 0
+    old = signal.signal(signal.SIGALRM, handler)
+    deadline = time.monotonic() + 40
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
+        while calls[0] < SIGNAL_CALLS and time.monotonic() < deadline:
+            msg = ("main", i, b"m" * (i % 400))
+            order[bc.publish(msg)] = msg
+            i += 1
+            got.append(sub_main.get(timeout=10))
+            # Nothing more is published: this get sleeps, the signals land inside it.
+            try:
+                got.append(sub_main.get(timeout=0.0005))
+            except queue.Empty:
+                timed_out += 1
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        signal.signal(signal.SIGALRM, old)
+    rest = [sub_sig.get(False) for _ in range(bc.published - sub_sig.position)]
+    expected = [order[n] for n in range(len(order))]
+    result = {
+        "calls": calls[0],
+        "timed_out": timed_out,
+        "lost": lost[0],
+        "main_in_order": got == expected,
+        "handler_in_order": from_handler + rest == expected,
+        "handler_got": len(from_handler),
+        "unblocked": _no_signal_blocked(),
+        "mutex": mutex_word(bc),
+        "sleepers": words(bc)[5],
+    }
+    sub_main.close()
+    sub_sig.close()
+    bc.close()
+    return result
+
+
+def test_a_signal_handler_gets_from_another_subscriber_while_the_main_thread_gets() -> None:
+    out = in_child(_getting_handler_run)
+    assert out["calls"] >= SIGNAL_CALLS and out["timed_out"] > 0 and out["handler_got"] > 0, out
+    assert out["main_in_order"] and out["handler_in_order"] and out["lost"] == 0, out
+    assert out["unblocked"] and out["mutex"] == 0 and out["sleepers"] == 0, out
+
+
+def _same_subscriber_run() -> Dict[str, Any]:
+    bc = Broadcast(capacity=1 << 20)
+    sub = bc.subscribe()
+    got: List[Any] = []
+    calls = [0]
+
+    def handler(signum: int, frame: Any) -> None:
+        calls[0] += 1
+        try:
+            got.append(sub.get(False))
+        except queue.Empty:
+            pass
+
+    n = 0
+    old = signal.signal(signal.SIGALRM, handler)
+    deadline = time.monotonic() + 40
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
+        while calls[0] < SIGNAL_CALLS and time.monotonic() < deadline:
+            bc.publish(n)
+            n += 1
+            if n % 2:
+                try:
+                    got.append(sub.get(False))
+                except queue.Empty:  # a handler got it first
+                    pass
+            else:
+                try:
+                    got.append(sub.get(timeout=0.0005))  # mostly sleeps: a handler may get it meanwhile
+                except queue.Empty:
+                    pass
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        signal.signal(signal.SIGALRM, old)
+    while sub.pending():
+        got.append(sub.get(False))
+    result = {"calls": calls[0], "exactly_once_in_order": got == list(range(n)), "got": len(got), "n": n}
+    sub.close()
+    bc.close()
+    return result
+
+
+def test_a_signal_handler_gets_from_the_subscriber_the_main_thread_is_getting_from() -> None:
+    """The handler and the main thread share one subscriber: between them they must get
+    every message once, in order - a handler that ran between a get taking its message
+    and moving the subscriber's position got that message a second time."""
+    out = in_child(_same_subscriber_run)
+    assert out["calls"] >= SIGNAL_CALLS and out["exactly_once_in_order"], out
+
+
+# ------------------------------------------------------------------ 6. fork and closed descriptors
+
+
+def test_fork_while_another_thread_is_blocked_in_get() -> None:
+    """A thread sleeps in get (the mutex free, counted as a sleeper) when the process forks:
+    the child publishes through its copy of the handle, reads with its copy of the
+    subscription and with a new one, closes them and exits; the thread gets the child's
+    message, the block stays (the parent still has it open) and works on."""
+    bc = Broadcast(capacity=4096)
+    sub = bc.subscribe()
+    name = bc.name
+    for i in range(5):
+        got: List[Any] = []
+        t = threading.Thread(target=lambda: got.append(sub.get(timeout=60)))
+        t.start()
+        assert wait_until(lambda: words(bc)[5] >= 1, 10), "the thread never slept in get()"
+
+        def child(i: int = i) -> None:
+            new = Subscriber(name)  # type: ignore[arg-type]
+            seq = bc.publish(("for the thread", i))
+            assert new.get(timeout=10) == ("for the thread", i)
+            # The child's copy of the sleeping thread's subscription reads on from where it was.
+            assert sub.position == seq and sub.get(timeout=10) == ("for the thread", i)
+            bc.publish_bytes(b"from the child")
+            assert new.get(timeout=10) == sub.get(timeout=10) == b"from the child"
+            new.close()
+            sub.close()
+            bc.close()
+
+        in_child(child, timeout=30)  # its failure shows with its traceback
+        t.join(30)
+        assert not t.is_alive() and got == [("for the thread", i)]
+        assert sub.get(timeout=10) == b"from the child"
+        assert name in os.listdir(SHM_DIR)
+        assert mutex_word(bc) == 0
+    bc.publish("after")
+    assert sub.get(timeout=10) == "after" and sub.pending() == 0
+    sub.close()
+    bc.close()
+
+
+def test_fork_while_another_thread_publishes() -> None:
+    """A thread publishes all the time (it holds the mutex at many a fork): every child
+    subscribes, publishes, finds its own message among the thread's, intact and in order."""
+    with Broadcast(capacity=4 << 20) as bc, bc.subscribe() as sub:  # far more than 20 forks' worth
+        name = bc.name
+        stop = threading.Event()
+
+        def publisher() -> None:
+            k = 0
+            while not stop.is_set():
+                bc.publish(("t", k))
+                k += 1
+                time.sleep(0.0002)
+
+        t = threading.Thread(target=publisher)
+        t.start()
+        try:
+            for i in range(20):
+
+                def child(i: int = i) -> None:
+                    new = Subscriber(name)  # type: ignore[arg-type]
+                    bc.publish(("child", i))
+                    last = -1
+                    while True:
+                        msg = new.get(timeout=10)
+                        if msg == ("child", i):
+                            break
+                        assert msg[0] == "t" and msg[1] > last, msg
+                        last = msg[1]
+                    new.close()
+                    bc.close()
+
+                in_child(child, timeout=30)
+        finally:
+            stop.set()
+            t.join(30)
+        children, last = [], -1
+        for msg in drain(sub):
+            assert not isinstance(msg, tuple) or msg[0] != "lost", "the subscriber lost messages"
+            kind, value = pickle.loads(msg)
+            if kind == "child":
+                children.append(value)
+            else:
+                assert kind == "t" and value == last + 1
+                last = value
+        assert children == list(range(20)) and mutex_word(bc) == 0
+
+
+CLOSERANGE_CHILD = r"""
+import json, os, sys
+from shmem._kinds.broadcast import Broadcast, MessagesLost, Subscriber
+bc = Broadcast(capacity=4096)
+sub = bc.subscribe()
+bc.publish("before")
+os.closerange(3, 1024)
+# Fill the low descriptors with files of ours: a stale fd the broadcast kept would hit them.
+paths = [os.path.join(sys.argv[1], f"f{i}") for i in range(16)]
+fds = [os.open(p, os.O_RDWR | os.O_CREAT, 0o600) for p in paths]
+r, w = os.pipe()
+out = {"first": sub.get(timeout=10)}
+got = []
+for i in range(300):  # wraps the 4 KiB ring many times
+    bc.publish_bytes(i.to_bytes(4, "little") * (i % 20))
+    got.append(sub.get_bytes(timeout=10))
+out["wraps"] = got == [i.to_bytes(4, "little") * (i % 20) for i in range(300)]
+try:
+    sub.get(timeout=0.05)  # a wait on the futex needs no descriptor
+except Exception as err:
+    out["empty"] = type(err).__name__
+late = Subscriber(bc.name)  # opened by name after the purge
+bc2 = Broadcast(capacity=4096)  # and a new broadcast
+with bc2.subscribe() as sub2:
+    bc2.publish(2)
+    out["bc2"] = sub2.get(timeout=10)
+bc.publish("late")
+out["late"] = late.get(timeout=10)
+for handle in (late, sub, bc, bc2):
+    handle.close()
+os.close(w)
+out["pipe"] = os.read(r, 100).decode()
+out["sizes"] = [os.fstat(fd).st_size for fd in fds]  # open still, and nothing written
+print(json.dumps(out))
+"""
+
+
+def test_the_broadcast_survives_closerange_and_writes_no_unrelated_fd(tmp_path: Any) -> None:
+    run = subprocess.run([PYTHON, "-c", CLOSERANGE_CHILD, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out == {
+        "first": "before",
+        "wraps": True,
+        "empty": "Empty",
+        "bc2": 2,
+        "late": "late",
+        "pipe": "",
+        "sizes": [0] * 16,
+    }
+
+
+# ------------------------------------------------------------------ 7. full /dev/shm
+
+FULL_CHILD = r"""
+import json, os, sys, shmem
+out = {"errors": []}
+for name in (None, sys.argv[1]):  # a generated name and a given one
+    try:
+        shmem.Broadcast(name, capacity=4 << 20)
+    except OSError as err:
+        out["errors"].append([type(err).__name__, isinstance(err, shmem.NoSpace)])
+out["left"] = sorted(os.listdir("/dev/shm"))  # hidden, half-made files included
+st = os.statvfs("/dev/shm")
+out["all_space_free"] = st.f_bfree == st.f_blocks
+# Two 600 KiB rings in 1 MiB: the second is refused at creation; the first keeps all its
+# memory - writing every byte of its ring (a sparse block would SIGBUS here) and reading back.
+with shmem.Broadcast(capacity=600 << 10) as first, first.subscribe() as sub:
+    try:
+        shmem.Broadcast(capacity=600 << 10)
+    except OSError as err:
+        out["errors"].append([type(err).__name__, isinstance(err, shmem.NoSpace)])
+    out["first"] = []
+    for i in range(3):  # 900 KiB through the ring: every byte of it written
+        first.publish_bytes(bytes([i]) * (300 << 10))
+        out["first"].append(sub.get_bytes(timeout=10) == bytes([i]) * (300 << 10))
+    out["first_left"] = len(os.listdir("/dev/shm"))
+with shmem.Broadcast(sys.argv[1], capacity=64 << 10) as bc, bc.subscribe() as sub:  # one that fits works
+    bc.publish_bytes(bytes(60 << 10))
+    out["fits"] = len(sub.get_bytes(timeout=10))
+out["left_at_end"] = sorted(os.listdir("/dev/shm"))
+print(json.dumps(out))
+"""
+
+
+def test_a_full_dev_shm_raises_no_space(shm_name: Callable[[], str], private_shm_available: None) -> None:  # noqa: F811
+    out = run_in_private_shm(FULL_CHILD, shm_name())
+    assert out == {
+        "errors": [["NoSpace", True], ["NoSpace", True], ["NoSpace", True]],
+        "left": [],
+        "all_space_free": True,
+        "first": [True] * 3,
+        "first_left": 1,
+        "fits": 60 << 10,
+        "left_at_end": [],
+    }
+
+
+# ------------------------------------------------------------------ 8. the ctypes path
 
 
 @pytest.mark.skipif(PURE, reason="this is the pure-Python run already")

@@ -304,25 +304,34 @@ class _Ring:
             expected += 1
             pos += size
 
-    def get(self, want: int, hint: int, timeout_ns: int) -> Tuple[int, int, Any, int]:
-        """(status, seq, payload-or-tag info, hint): status 0 = message (payload is (tag, data)),
-        1 = lost (seq: where to continue, payload: how many), 2 = nothing in time."""
+    def get(self, sub: Subscriber, timeout_ns: int) -> Tuple[int, Any]:
+        """(status, info): status 0 = message (info: (tag, data)), 1 = lost (info: (how many,
+        where to continue)), 2 = nothing in time.
+
+        The subscriber's position (``sub._seq``, ``sub._hint``) is read and moved here, under
+        the mutex with signals blocked: a signal handler that calls ``get`` on the same
+        subscriber (after this one got its message, or while it sleeps) never sees the old
+        position, so no message is got twice. (It was read and moved by the caller, outside
+        the blocked section: a handler between the two got the same message again.)"""
         buf = self.buf()
         end = -1 if timeout_ns < 0 else time.monotonic_ns() + timeout_ns
         mask = self.lock()
         try:
             while True:
+                want, hint = sub._seq, sub._hint  # anew after each sleep: a handler may have moved it
                 next_seq, oldest, head, tail = self.ends()
                 if want < oldest:
-                    return 1, oldest, oldest - want, head
+                    sub._seq, sub._hint = oldest, head
+                    return 1, (oldest - want, oldest)
                 if want > next_seq:
                     raise _corrupt(f"the publisher is at message {next_seq}, behind this subscriber's {want}")
                 if want < next_seq:
                     tag, data, after = self.find(want, hint, oldest, head, tail)
-                    return 0, want, (tag, data), after
+                    sub._seq, sub._hint = want + 1, after
+                    return 0, (tag, data)
                 left = -1 if end < 0 else end - time.monotonic_ns()
                 if end >= 0 and left <= 0:
-                    return 2, want, None, hint
+                    return 2, None
                 # Sleep one slice with the mutex free, counted as a sleeper.
                 seen = _U32.unpack_from(buf, OFF_SEQ_WORD)[0]
                 _U32.pack_into(buf, OFF_SLEEPERS, (_U32.unpack_from(buf, OFF_SLEEPERS)[0] + 1) & 0xFFFFFFFF)
@@ -527,13 +536,11 @@ class Subscriber(_Handle):
 
     def _next(self, block: bool, timeout: Optional[float]) -> Tuple[int, bytes]:
         ring = self._use("get")
-        status, seq, payload, hint = ring.get(self._seq, self._hint, wait_ns(block, timeout))
+        status, info = ring.get(self, wait_ns(block, timeout))  # moves self._seq and self._hint
         if status == 0:
-            self._seq, self._hint = seq + 1, hint
-            return payload  # type: ignore[no-any-return]
+            return info  # type: ignore[no-any-return]
         if status == 1:
-            self._seq, self._hint = seq, hint
-            raise MessagesLost(payload, seq)
+            raise MessagesLost(*info)
         raise Empty
 
     def get(self, block: bool = True, timeout: Optional[float] = None) -> Any:
