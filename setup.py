@@ -34,6 +34,7 @@ setup(
         Extension(
             "shmem._queue",
             ["src/shmem/_queue.c"],
+            depends=["src/shmem/_plain.h"],
             optional=not REQUIRED,
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"],
         ),

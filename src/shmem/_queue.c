@@ -34,6 +34,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "_plain.h"
+
 #define QUEUE_VERSION 2
 #define NS 1000000000LL
 #define SLICE_NS 50000000LL
@@ -56,6 +58,7 @@
 #define TAG_PICKLE 1
 #define TAG_OOB 3 /* a pickle and its out-of-band buffers (queue_ring.oob_parts lays them out) */
 #define TAG_BATCH 4 /* put_many's: u32 items, u32 taken, then the pickle of a list of the items */
+#define TAG_PLAIN 5 /* small builtins without pickle (_plain.h) */
 #define BATCH_HEAD 8
 
 typedef struct {
@@ -671,10 +674,13 @@ batch_settle(QueueCore *self, const took_t *t, PyObject *list)
         Py_CLEAR(self->batch_items);
 }
 
-/* One whole-record take's object: unpickled, or the bytes themselves. */
+/* One whole-record take's object: decoded, unpickled, or the bytes themselves. */
 static PyObject *
 decode_record(const took_t *t)
 {
+    if (t->tag == TAG_PLAIN)
+        return plain_decode(PyBytes_AS_STRING(t->payload), PyBytes_GET_SIZE(t->payload),
+                            corrupt_error ? corrupt_error : PyExc_ValueError);
     if (t->tag == TAG_PICKLE || t->tag == TAG_OOB)
         return PyObject_CallOneArg(t->tag == TAG_OOB ? oob_loads_fn : loads_fn, t->payload);
     Py_INCREF(t->payload);
@@ -1091,6 +1097,45 @@ wait_arg(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, Py_ssize_t 
     return (long long)(seconds * 1e9);
 }
 
+/* Put `obj` in the ring: small builtins (a tuple of numbers and strs, a dict...) in the plain
+ * encoding, an array or other buffer with its bytes beside its pickle, the rest pickled.
+ * 1 put, 0 no room in time, -1 error. */
+static int
+put_object(QueueCore *self, PyObject *obj, long long ns)
+{
+    if (PyObject_CheckBuffer(obj) && !PyBytes_CheckExact(obj) && !PyByteArray_CheckExact(obj)) {
+        /* pickle protocol 5: oob_parts gives the record's parts, or bytes if none went out of band */
+        PyObject *parts = PyObject_CallOneArg(oob_parts_fn, obj);
+        if (parts == NULL)
+            return -1;
+        int rc = PyList_Check(parts) ? put_parts(self, parts, TAG_OOB, ns) : put_data(self, parts, TAG_PICKLE, ns);
+        Py_DECREF(parts);
+        return rc;
+    }
+    plain_out out;
+    plain_out_init(&out);
+    int encoded = plain_encode_into(&out, obj, 0);
+    if (encoded != 0) {
+        int rc = -1;
+        if (encoded > 0) {
+            Py_buffer view;
+            view.buf = out.data;
+            view.len = out.len;
+            rc = put_one(self, &view, 1, TAG_PLAIN, 1, ns);
+        }
+        plain_out_free(&out);
+        return rc;
+    }
+    plain_out_free(&out);
+    PyObject *call[2] = {obj, protocol_obj};
+    PyObject *data = PyObject_Vectorcall(dumps_fn, call, 2, NULL);
+    if (data == NULL)
+        return -1;
+    int rc = put_data(self, data, TAG_PICKLE, ns);
+    Py_DECREF(data);
+    return rc;
+}
+
 static PyObject *
 qc_put_obj(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
@@ -1101,24 +1146,7 @@ qc_put_obj(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *k
     long long ns = wait_arg(args, nargs, kwnames, 1);
     if (ns == -2 || check_bound(self) < 0)
         return NULL;
-    int rc;
-    PyObject *obj = args[0];
-    if (PyObject_CheckBuffer(obj) && !PyBytes_CheckExact(obj) && !PyByteArray_CheckExact(obj)) {
-        /* An array or other buffer: its bytes go into the ring beside the pickle, not through it
-         * (pickle protocol 5); oob_parts gives the record's parts, or bytes if none went out of band. */
-        PyObject *parts = PyObject_CallOneArg(oob_parts_fn, obj);
-        if (parts == NULL)
-            return NULL;
-        rc = PyList_Check(parts) ? put_parts(self, parts, TAG_OOB, ns) : put_data(self, parts, 1, ns);
-        Py_DECREF(parts);
-    } else {
-        PyObject *call[2] = {obj, protocol_obj};
-        PyObject *data = PyObject_Vectorcall(dumps_fn, call, 2, NULL);
-        if (data == NULL)
-            return NULL;
-        rc = put_data(self, data, 1, ns);
-        Py_DECREF(data);
-    }
+    int rc = put_object(self, args[0], ns);
     if (rc < 0)
         return NULL;
     if (rc == 0) {
@@ -1195,7 +1223,7 @@ qc_recv_bytes(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject
     if (take_first(self, args, nargs, kwnames, &t) < 0)
         return NULL;
     PyObject *out;
-    if (t.tag == TAG_BATCH) { /* an item put with put_many comes as its own pickle, as one put with put */
+    if (t.tag == TAG_BATCH || t.tag == TAG_PLAIN) { /* an object comes as its pickle, however it was put */
         PyObject *obj = decode_one(self, &t);
         PyObject *call[2] = {obj, protocol_obj};
         out = obj == NULL ? NULL : PyObject_Vectorcall(dumps_fn, call, 2, NULL);
@@ -1305,7 +1333,33 @@ restore_signals(PyObject *module, PyObject *mask)
     Py_RETURN_NONE;
 }
 
+/* plain_encode(obj) -> bytes, or None when obj is outside the plain codec; plain_decode(data) -> obj.
+ * The queue calls the codec itself; these are for its twin's parity tests. */
+static PyObject *
+m_plain_encode(PyObject *module, PyObject *obj)
+{
+    plain_out out;
+    plain_out_init(&out);
+    int rc = plain_encode_into(&out, obj, 0);
+    PyObject *result = rc < 0 ? NULL : rc == 0 ? (Py_INCREF(Py_None), Py_None) : PyBytes_FromStringAndSize(out.data, out.len);
+    plain_out_free(&out);
+    return result;
+}
+
+static PyObject *
+m_plain_decode(PyObject *module, PyObject *data)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    PyObject *obj = plain_decode(view.buf, view.len, corrupt_error ? corrupt_error : PyExc_ValueError);
+    PyBuffer_Release(&view);
+    return obj;
+}
+
 static PyMethodDef module_methods[] = {
+    {"plain_encode", (PyCFunction)m_plain_encode, METH_O, "The plain encoding of obj, or None (pickle it)."},
+    {"plain_decode", (PyCFunction)m_plain_decode, METH_O, "The object a plain encoding holds."},
     {"block_signals", (PyCFunction)block_signals, METH_NOARGS, "Block every signal in this thread; the old mask."},
     {"restore_signals", (PyCFunction)restore_signals, METH_O, "Restore a mask block_signals() returned."},
     {"_set_corrupt", (PyCFunction)set_corrupt, METH_O, "The exception for a damaged ring."},

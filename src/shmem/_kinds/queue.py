@@ -7,8 +7,9 @@ deadlocked (its documentation warns so). A shmem queue is a ring of records
 in one block (``queue_layout`` draws it), written and read in place under a
 robust mutex (``queue_ring``; C in ``shmem._queue``):
 
-* ``put`` pickles the object and copies it into the ring; ``get`` copies it
-  out and unpickles it - in the calling thread: no feeder thread, nothing
+* ``put`` encodes the object (small builtins in the plain encoding,
+  ``queue_plain``; the rest pickled) and copies it into the ring; ``get``
+  copies it out and decodes it - in the calling thread: no feeder thread, nothing
   buffered in the process, so a ``put`` that returned is in the queue.
 * A process killed anywhere inside ``put`` or ``get`` costs nothing: its
   half-written record was never committed, its half-taken one is still there;

@@ -24,6 +24,8 @@ A queue is one block (kind ``queue``)::
                    items - one pickle for them all, ~4x cheaper than n. A take of items
                    taken..k-1 commits by storing k in ``taken`` (by moving head when k == n);
                    ``count`` and ``repair`` count the n - taken items left;
+                 tag 5: an object made of small builtins only, in the plain encoding
+                   (``queue_plain``: no pickle either way);
                  0xFFFFFFFF: a wrap record - the rest of the ring up to its end is unused, the
                  next record is at ring offset 0.
 
@@ -57,7 +59,7 @@ OFF_SEQ_JOIN, OFF_JOIN_SLEEPERS = 112, 116
 RING = 128
 REC = 8  # a record's header: u32 length, u32 tag
 
-TAG_PICKLE, TAG_BYTES, TAG_PICKLE_OOB, TAG_BATCH, TAG_WRAP = 1, 2, 3, 4, 0xFFFFFFFF
+TAG_PICKLE, TAG_BYTES, TAG_PICKLE_OOB, TAG_BATCH, TAG_PLAIN, TAG_WRAP = 1, 2, 3, 4, 5, 0xFFFFFFFF
 BATCH_HEAD = 8  # a batch record's u32 items, u32 taken
 #: put_many puts up to this many objects in one batch record (one pickle of their list).
 BATCH_ITEMS = 64

@@ -22,7 +22,7 @@ import time
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from .._errors import CorruptSegment
-from . import lock_layout, sync_wait
+from . import lock_layout, queue_plain, sync_wait
 from .queue_layout import (
     BATCH_HEAD,
     MAX_OOB_BUFFERS,
@@ -42,6 +42,7 @@ from .queue_layout import (
     TAG_BYTES,
     TAG_PICKLE,
     TAG_PICKLE_OOB,
+    TAG_PLAIN,
     TAG_WRAP,
     record_size,
 )
@@ -159,6 +160,8 @@ def oob_loads(payload: Any) -> Any:
 def decoded(item: Item) -> List[Any]:
     """The objects of one take (raw, as ``get``/``get_many`` give it): unpickled, or bytes."""
     tag, payload = item[0], item[1]
+    if tag == TAG_PLAIN:
+        return [queue_plain.decode(payload)]
     if tag == TAG_PICKLE:
         return [pickle.loads(payload)]
     if tag == TAG_PICKLE_OOB:
@@ -478,7 +481,11 @@ class PyRingCore:
         ns = wait_ns(block, timeout)
         self._buf()
         if isinstance(obj, (bytes, bytearray)) or not _exports_buffer(obj):
-            done = self.put(pickle.dumps(obj, PROTOCOL), TAG_PICKLE, ns)
+            plain = queue_plain.encode(obj)  # as in C: small builtins without pickle
+            if plain is not None:
+                done = self.put(plain, TAG_PLAIN, ns)
+            else:
+                done = self.put(pickle.dumps(obj, PROTOCOL), TAG_PICKLE, ns)
         else:  # as in C: an array's bytes beside its pickle
             parts = oob_parts(obj)
             done = self.put_parts(parts, TAG_PICKLE_OOB, ns) if isinstance(parts, list) else self.put(parts, 1, ns)
@@ -517,7 +524,7 @@ class PyRingCore:
         item = self.get(ns)
         if item is None:
             raise queue.Empty
-        if item[0] == TAG_BATCH:  # an item put with put_many comes as its own pickle, as one put with put
+        if item[0] in (TAG_BATCH, TAG_PLAIN):  # an object comes as its pickle, however it was put
             return pickle.dumps(decoded(item)[0], PROTOCOL)
         return bytes(item[1])
 
