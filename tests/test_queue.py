@@ -347,6 +347,75 @@ def test_put_many_counts_items_for_maxsize_qsize_and_task_done() -> None:
     q.close()
 
 
+def _ready(sel: Any, timeout: float) -> List[Any]:
+    return [key.fileobj for key, _ in sel.select(timeout)]
+
+
+def _eventually_not_ready(sel: Any) -> bool:
+    """The watcher drains its pipe soon after the queue empties (it needs the GIL to)."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if not sel.select(0.05):
+            return True
+    return False
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded")  # the watcher threads: on purpose
+def test_fileno_is_readable_while_the_queue_holds_an_item_for_selectors() -> None:
+    import selectors
+
+    q1, q2 = shmem.Queue(), shmem.Queue()
+    sel = selectors.DefaultSelector()
+    sel.register(q1, selectors.EVENT_READ)
+    sel.register(q2, selectors.EVENT_READ)
+    assert _ready(sel, 0.1) == []
+    pid = fork_child(lambda: (time.sleep(0.2), q2.put("from a child")) and None)
+    assert _ready(sel, 30) == [q2]  # woken by another process's put, q1 still quiet
+    assert wait_exit(pid) == 0
+    assert q2.get_nowait() == "from a child"
+    assert _eventually_not_ready(sel), "still readable long after the queue emptied"
+    q1.put_many([1, 2])
+    assert _ready(sel, 30) == [q1]
+    assert q1.get_many() == [1, 2]
+    assert _eventually_not_ready(sel)
+    fd = q1.fileno()
+    assert q1.fileno() == fd  # one watcher per handle
+    threads = [t for t in threading.enumerate() if t.name.startswith("shmem queue watcher")]
+    assert len(threads) == 2
+    sel.close()
+    q1.close()
+    q2.close()
+    assert not any(t.is_alive() for t in threads), "close() left a watcher thread"
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed with its queue (nothing else opened it since: one thread here)
+    with pytest.raises(ValueError):
+        q1.fileno()
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded")  # the watcher thread: on purpose
+def test_fileno_in_a_forked_child_watches_with_a_pipe_of_its_own() -> None:
+    import selectors
+
+    q = shmem.Queue()
+    parent_pipe = os.fstat(q.fileno()).st_ino
+
+    def child() -> None:
+        fd = q.fileno()
+        assert os.fstat(fd).st_ino != parent_pipe  # the parent's thread did not come along: a new watcher
+        sel = selectors.DefaultSelector()
+        sel.register(fd, selectors.EVENT_READ)
+        assert sel.select(30), "the child's watcher never saw the parent's put"
+        assert q.get_nowait() == "to the child"
+        q.close()
+
+    pid = fork_child(child)
+    time.sleep(0.2)
+    q.put("to the child")
+    assert wait_exit(pid) == 0
+    assert q.empty()
+    q.close()
+
+
 # ------------------------------------------------------------------ 4. crash safety
 
 
@@ -519,6 +588,7 @@ CLOSERANGE_CHILD = r"""
 import json, os, shmem, sys
 q = shmem.Queue(capacity=4096)
 q.put("before")
+q.fileno()  # a watcher thread and its pipe, whose numbers closerange frees for others
 os.closerange(3, 1024)
 # Fill the low descriptors with files of ours: a stale fd the queue kept would hit them.
 paths = [os.path.join(sys.argv[1], f"f{i}") for i in range(16)]
@@ -532,6 +602,13 @@ out["bytes"] = q.recv_bytes(timeout=10) == b"bytes"
 q2 = shmem.Queue()  # and a new queue after the purge
 q2.put(1)
 out["q2"] = q2.get(timeout=10)
+import selectors
+fd = q.fileno()  # a new pipe: the old one's numbers are other files' now
+q.put("sel")
+sel = selectors.DefaultSelector()
+sel.register(fd, selectors.EVENT_READ)
+out["select"] = bool(sel.select(10)) and q.get_nowait() == "sel"
+sel.close()
 name = q.name
 q.close()
 q2.close()
@@ -546,7 +623,15 @@ def test_the_queue_survives_closerange_and_writes_no_unrelated_fd(tmp_path: Any)
     run = subprocess.run([PYTHON, "-c", CLOSERANGE_CHILD, str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
-    assert out == {"first": "before", "many": True, "bytes": True, "q2": 1, "pipe": "", "sizes": [0] * 16}
+    assert out == {
+        "first": "before",
+        "many": True,
+        "bytes": True,
+        "q2": 1,
+        "select": True,
+        "pipe": "",
+        "sizes": [0] * 16,
+    }
 
 
 # ------------------------------------------------------------------ 8. hostile blocks
@@ -711,6 +796,8 @@ CORE = [
     "test_put_many_batches_come_out_one_by_one_exactly_once_to_every_kind_of_taker",
     "test_an_item_got_from_a_batch_is_not_kept_alive_by_the_queue",
     "test_put_many_counts_items_for_maxsize_qsize_and_task_done",
+    "test_fileno_is_readable_while_the_queue_holds_an_item_for_selectors",
+    "test_fileno_in_a_forked_child_watches_with_a_pipe_of_its_own",
     "test_producer_sigkilled_at_random_instants",
     "test_consumer_sigkilled_at_random_instants",
     "test_holder_of_the_internal_mutex_sigkilled",

@@ -52,6 +52,8 @@
 #define OFF_PUT_SLEEPERS 108
 #define OFF_SEQ_JOIN 112
 #define OFF_JOIN_SLEEPERS 116
+#define OFF_SEQ_WATCH 120 /* futex word fileno()'s watcher threads sleep on */
+#define OFF_WATCHERS 124  /* watchers asleep there (a hint, zeroed by whoever wakes them) */
 #define RING 128
 #define REC 8 /* a record's header: u32 payload length, u32 tag */
 #define TAG_WRAP 0xFFFFFFFFu
@@ -244,6 +246,19 @@ count_out(QueueCore *self, int seq_off, int sleepers_off)
     *U32(self, sleepers_off) -= 1;
     __atomic_store_n(U32(self, seq_off), *U32(self, seq_off) + 1, __ATOMIC_RELEASE);
     return 1;
+}
+
+/* After a put, or a get that left the queue empty (mutex free): wake every fileno() watcher, if
+ * any is asleep - one atomic load when none is. A watcher that died leaves its count behind: one
+ * wake-up for nobody, then it is zeroed. */
+static void
+notify_watchers(QueueCore *self)
+{
+    if (__atomic_load_n(U32(self, OFF_WATCHERS), __ATOMIC_ACQUIRE) == 0)
+        return;
+    __atomic_store_n(U32(self, OFF_WATCHERS), 0, __ATOMIC_RELAXED);
+    __atomic_fetch_add(U32(self, OFF_SEQ_WATCH), 1, __ATOMIC_RELEASE);
+    wake(self, OFF_SEQ_WATCH, INT32_MAX);
 }
 
 /* Spin (GIL held, mutex free) until `count` differs from `empty_or_full`'s reading or the time is
@@ -497,6 +512,8 @@ put_records(QueueCore *self, const record_t *recs, Py_ssize_t n, long long timeo
     q_unlock(self);
     if (w)
         wake(self, OFF_SEQ_GET, 1);
+    if (done)
+        notify_watchers(self);
     return done;
 }
 
@@ -615,9 +632,12 @@ take_records(QueueCore *self, took_t *took, Py_ssize_t max_entries, uint64_t max
             return -1;
     }
     int w = n ? count_out(self, OFF_SEQ_PUT, OFF_PUT_SLEEPERS) : 0;
+    int emptied = n && *U64(self, OFF_COUNT) == 0;
     q_unlock(self);
     if (w)
         wake(self, OFF_SEQ_PUT, 1);
+    if (emptied)
+        notify_watchers(self);
     return n;
 }
 
@@ -898,6 +918,43 @@ qc_get_objs(QueueCore *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "nL", &max_items, &timeout_ns) || check_bound(self) < 0)
         return NULL;
     return take_many(self, max_items, timeout_ns, 1);
+}
+
+/* watch(nonempty, timeout_ns) -> whether the queue holds an item, once that differs from
+ * `nonempty` or the time (at most one slice) is up: what a fileno() watcher thread waits in. */
+static PyObject *
+qc_watch(QueueCore *self, PyObject *args)
+{
+    int known;
+    long long timeout_ns;
+    if (!PyArg_ParseTuple(args, "pL", &known, &timeout_ns) || check_bound(self) < 0)
+        return NULL;
+    if (timeout_ns < 0 || timeout_ns > SLICE_NS)
+        timeout_ns = SLICE_NS;
+    uint32_t seen = __atomic_load_n(U32(self, OFF_SEQ_WATCH), __ATOMIC_ACQUIRE);
+    __atomic_fetch_add(U32(self, OFF_WATCHERS), 1, __ATOMIC_ACQ_REL); /* counted in, then look */
+    int nonempty = __atomic_load_n(U64(self, OFF_COUNT), __ATOMIC_ACQUIRE) != 0;
+    if (nonempty == known) {
+        struct timespec ts = {(time_t)(timeout_ns / NS), (long)(timeout_ns % NS)};
+        Py_BEGIN_ALLOW_THREADS
+        syscall(SYS_futex, U32(self, OFF_SEQ_WATCH), FUTEX_WAIT, seen, &ts, NULL, 0);
+        Py_END_ALLOW_THREADS
+        if (check_bound(self) < 0) /* released while we slept: the mapping may be gone */
+            return NULL;
+        nonempty = __atomic_load_n(U64(self, OFF_COUNT), __ATOMIC_ACQUIRE) != 0;
+    }
+    return PyBool_FromLong(nonempty);
+}
+
+/* wake_watchers(): wake every watcher now (a handle stopping its own). */
+static PyObject *
+qc_wake_watchers(QueueCore *self, PyObject *unused)
+{
+    if (check_bound(self) < 0)
+        return NULL;
+    __atomic_store_n(U32(self, OFF_WATCHERS), 1, __ATOMIC_RELAXED);
+    notify_watchers(self);
+    Py_RETURN_NONE;
 }
 
 static PyObject *
@@ -1242,6 +1299,8 @@ static PyMethodDef qc_methods[] = {
     {"get_objs", (PyCFunction)qc_get_objs, METH_VARARGS, "get_objs(max_items, timeout_ns) -> list of objects"},
     {"put_batch", (PyCFunction)qc_put_batch, METH_VARARGS, "put_batch(pickle, n, timeout_ns) -> bool: n items, one record"},
     {"qsize", (PyCFunction)qc_qsize, METH_NOARGS, "qsize() -> int"},
+    {"watch", (PyCFunction)qc_watch, METH_VARARGS, "watch(nonempty, timeout_ns) -> bool: the queue's state once it differs"},
+    {"wake_watchers", (PyCFunction)qc_wake_watchers, METH_NOARGS, "wake_watchers(): wake every watch()"},
     {"task_done", (PyCFunction)qc_task_done, METH_NOARGS, "task_done()"},
     {"join", (PyCFunction)qc_join, METH_VARARGS, "join(timeout_ns) -> bool"},
     {"state", (PyCFunction)qc_state, METH_NOARGS, "state() -> (head, tail, count, unfinished, gs, ps)"},

@@ -35,13 +35,15 @@ from __future__ import annotations
 
 import pickle
 import queue as _stdlib_queue
+import threading
 import time
 from typing import Any, Iterable, List, Optional, Tuple
 
+from .._core import forks
 from .._core.block import Block
 from .._core.header import KIND_NAMES, KIND_QUEUE
 from .._errors import CorruptSegment
-from . import named_block, queue_layout, queue_ring
+from . import named_block, queue_layout, queue_ring, queue_watch
 from .queue_layout import (
     BATCH_HEAD,
     BATCH_ITEMS,
@@ -60,6 +62,17 @@ Full = _stdlib_queue.Full
 
 _PROTOCOL = queue_ring.PROTOCOL
 _dumps = pickle.dumps
+
+
+_watch_lock = threading.Lock()  # one watcher per handle, whichever thread asks first
+
+
+def _reset_watch_lock() -> None:
+    global _watch_lock
+    _watch_lock = threading.Lock()  # another thread may have held it at the fork
+
+
+forks.reset_in_child(_reset_watch_lock)
 
 
 def _capacity(capacity: Optional[int]) -> int:
@@ -100,6 +113,7 @@ class Queue:
     _core: Any = None  # class defaults: a half-built queue can still be closed and shown
     _block: Optional[Block] = None
     _closed = True
+    _watcher: Optional[queue_watch.Watcher] = None
 
     def __init__(
         self, maxsize: int = 0, *, name: Optional[str] = None, capacity: Optional[int] = None, ctx: Any = None
@@ -276,6 +290,26 @@ class Queue:
         comes as its pickle). Raises ``queue.Empty`` when none came in time."""
         return self._ring("get").recv_bytes(block, timeout)  # type: ignore[no-any-return]
 
+    def fileno(self) -> int:
+        """A file descriptor that is readable while the queue holds an item
+        (shmem's own), for ``selectors``, ``select`` or ``loop.add_reader``.
+
+        Readable means an item may be there: another consumer may take it
+        first, so read with ``get_nowait()`` and expect ``queue.Empty``. The
+        first call starts a watcher thread for this handle, asleep in the
+        kernel until the queue changes between empty and not; ``close()``
+        ends it and closes the descriptor (``queue_watch`` says more).
+        """
+        core = self._ring("watch")
+        assert self._block is not None
+        with _watch_lock:
+            watcher = self._watcher
+            if watcher is None or not watcher.usable():
+                if watcher is not None:
+                    watcher.stop()
+                watcher = self._watcher = queue_watch.Watcher(core, self._block.name)
+            return watcher.fileno()
+
     # ------------------------------------------------------------ the end
 
     def close(self) -> None:
@@ -283,8 +317,10 @@ class Queue:
         The queue lives on while other handles have it open; the last one to
         close (or to exit) removes it."""
         self._closed = True
-        core, block = self._core, self._block
-        self._core = self._block = None
+        core, block, watcher = self._core, self._block, self._watcher
+        self._core = self._block = self._watcher = None
+        if watcher is not None:
+            watcher.stop()  # out of the queue's memory before the mapping may go
         for bound in ("put", "get", "send_bytes", "recv_bytes"):
             vars(self).pop(bound, None)  # the class's methods then say the queue is closed
         if core is not None:

@@ -14,6 +14,9 @@ A queue is one block (kind ``queue``)::
                        anyone trusts: a sleeper that died leaves one too many, which costs one
                        wake-up for nobody, and then it is gone)
                   112  u32 seq_join, 116 u32 join_sleepers: join() waits there
+                  120  u32 seq_watch, 124 u32 watchers: fileno()'s watcher threads wait there
+                       for the queue to change between empty and not (bumped, and every
+                       watcher woken, by a put and by a get that empties the queue)
     offset 128   the ring: ``capacity`` bytes (a multiple of 8) of records, each
                    u32 length, u32 tag, payload padded to 8 bytes
                  tag 1: a pickle; 2: bytes (send_bytes); 3: a pickle with out-of-band buffers
@@ -56,6 +59,7 @@ FLAG_JOINABLE = 1
 OFF_HEAD, OFF_TAIL, OFF_COUNT, OFF_UNFINISHED = 64, 72, 80, 88
 OFF_SEQ_GET, OFF_SEQ_PUT, OFF_GET_SLEEPERS, OFF_PUT_SLEEPERS = 96, 100, 104, 108
 OFF_SEQ_JOIN, OFF_JOIN_SLEEPERS = 112, 116
+OFF_SEQ_WATCH, OFF_WATCHERS = 120, 124
 RING = 128
 REC = 8  # a record's header: u32 length, u32 tag
 
@@ -73,7 +77,7 @@ MIN_CAPACITY = 64
 MAX_CAPACITY = 1 << 40
 
 _KIND_HEADER = struct.Struct("<8sHHIQQ16s")
-_CONTROL = struct.Struct("<QQQQIIIIII")
+_CONTROL = struct.Struct("<QQQQIIIIIIII")
 
 
 class QueueHeader(NamedTuple):
@@ -152,7 +156,7 @@ def queue_state(extra: bytes, data: bytes) -> Optional[QueueState]:
         return None
     if len(data) < RING:
         return None
-    head, tail, count, unfinished, _, _, get_sleepers, put_sleepers, _, _ = _CONTROL.unpack_from(data, OFF_HEAD)
+    head, tail, count, unfinished, _, _, get_sleepers, put_sleepers, *_ = _CONTROL.unpack_from(data, OFF_HEAD)
     used = tail - head
     if not 0 <= used <= header.capacity:
         return None

@@ -34,8 +34,10 @@ from .queue_layout import (
     OFF_SEQ_GET,
     OFF_SEQ_JOIN,
     OFF_SEQ_PUT,
+    OFF_SEQ_WATCH,
     OFF_TAIL,
     OFF_UNFINISHED,
+    OFF_WATCHERS,
     REC,
     RING,
     TAG_BATCH,
@@ -292,6 +294,32 @@ class PyRingCore:
                 self._set32(sleepers_off, self._u32(sleepers_off) - 1)
         return mask
 
+    def _notify_watchers(self) -> None:
+        """As in C: after a put, or a get that emptied the queue, wake fileno()'s watchers if any sleep."""
+        if self._u32(OFF_WATCHERS):
+            self._set32(OFF_WATCHERS, 0)
+            self._set32(OFF_SEQ_WATCH, self._u32(OFF_SEQ_WATCH) + 1)
+            self._wake(OFF_SEQ_WATCH, 0x7FFFFFFF)
+
+    def watch(self, known: bool, timeout_ns: int) -> bool:
+        """Whether the queue holds an item, once that differs from ``known`` or the time
+        (at most one slice) is up: what a fileno() watcher thread waits in."""
+        self._buf()
+        if timeout_ns < 0 or timeout_ns > SLICE_NS:
+            timeout_ns = SLICE_NS
+        seen = self._u32(OFF_SEQ_WATCH)
+        self._set32(OFF_WATCHERS, self._u32(OFF_WATCHERS) + 1)  # counted in, then look
+        nonempty = self._u64(OFF_COUNT) != 0
+        if nonempty == bool(known):
+            self._calls.wait(OFF_SEQ_WATCH, seen, timeout_ns)
+            nonempty = self._u64(OFF_COUNT) != 0
+        return nonempty
+
+    def wake_watchers(self) -> None:
+        self._buf()
+        self._set32(OFF_WATCHERS, 1)
+        self._notify_watchers()
+
     def _spin(self, seen_count: int) -> None:
         end = time.monotonic_ns() + SPIN_NS
         while self._u64(OFF_COUNT) == seen_count and time.monotonic_ns() < end:
@@ -427,6 +455,8 @@ class PyRingCore:
             self._unlock(mask)
         if w:
             self._wake(OFF_SEQ_GET, 1)
+        if done:
+            self._notify_watchers()
         return done
 
     def get(self, timeout_ns: int) -> Optional[Item]:
@@ -466,10 +496,13 @@ class PyRingCore:
                     continue
                 mask = self._sleep_once(mask, OFF_SEQ_GET, OFF_GET_SLEEPERS, left)
             w = bool(out) and self._count_out(OFF_SEQ_PUT, OFF_PUT_SLEEPERS)
+            emptied = bool(out) and self._u64(OFF_COUNT) == 0
         finally:
             self._unlock(mask)
         if w:
             self._wake(OFF_SEQ_PUT, 1)
+        if emptied:
+            self._notify_watchers()
         return out
 
     def qsize(self) -> int:
