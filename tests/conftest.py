@@ -117,6 +117,35 @@ def drop_cached_array_mappings() -> Iterator[None]:
     gc.collect()
 
 
+#: Every C-backed name of ``shmem._platform._linux`` and its pure-Python twin,
+#: with the calls the twin makes. The C functions (``shmem._platform._fastpath``)
+#: make their system calls directly, and the platform calls them whatever ``os``
+#: holds: a test that replaces one of these os functions (to make a step fail,
+#: stall or be recorded) must select the twins - ``python_platform`` - or its
+#: replacement is never called. A child process can select them from this
+#: mapping too (test_defect_create_attach's stalled creator).
+PYTHON_PLATFORM_TWINS = {
+    "_build": "_build_python",  # os.open, os.fstat, os.fchmod, os.posix_fallocate, os.pwrite
+    "_link": "_link_python",  # os.link
+    "_open_same": "_open_same_python",  # os.open, os.fstat
+    "_unlink_same": "_unlink_same_python",  # os.stat, os.unlink
+    "_open_block_fast": "_open_block_python",  # os.open, fcntl.fcntl, os.fstat
+    "_identity": "_identity_python",  # os.fstat
+    "_close_if": "_close_if_python",  # os.fstat, os.close
+}
+
+
+@pytest.fixture
+def python_platform(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For tests that replace ``os`` functions the platform layer calls: for the
+    test, ``shmem._platform._linux`` calls its pure-Python twins, which call
+    ``os`` (the C fast paths would bypass the replacement)."""
+    from shmem._platform import _linux
+
+    for name, twin in PYTHON_PLATFORM_TWINS.items():
+        monkeypatch.setattr(_linux, name, getattr(_linux, twin))
+
+
 STDLIB_FAILS = "the standard library has this defect"
 
 

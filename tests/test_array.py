@@ -559,6 +559,7 @@ def test_threads_unpickling_at_once_share_one_mapping() -> None:
 
 
 @pytest.mark.parametrize("make", ["full", "array"])
+@pytest.mark.usefixtures("python_platform")  # os.pwrite is called, not bypassed in C
 def test_contents_are_written_before_the_block_is_published(make: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """full() and array() fill the block before it gets its name: an attacher that
     knows the name never sees the array half filled."""

@@ -116,6 +116,7 @@ def test_full_fills_every_item_whatever_the_size(shape: Any, value: Any, dtype: 
         arr.unlink()
 
 
+@pytest.mark.usefixtures("python_platform")  # os.pwrite is called, not bypassed in C
 def test_full_writes_a_bounded_piece_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
     """64 MiB of a value: written as copies of one 1 MiB piece, never as one buffer."""
     sizes: List[int] = []

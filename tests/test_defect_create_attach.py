@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import stat
 import subprocess
@@ -13,7 +14,7 @@ import time
 from typing import Any, List
 
 import pytest
-from conftest import PYTHON, SHM_DIR, implementations
+from conftest import PYTHON, PYTHON_PLATFORM_TWINS, SHM_DIR, implementations
 from test_defects import (
     BOTH,
     STDLIB,
@@ -31,9 +32,15 @@ import shmem._kinds.raw
 # ================================================================ 3. attach during creation
 
 STALLED_CREATOR = r"""
-import importlib, os, sys
+import importlib, json, os, sys
 mod = importlib.import_module(sys.argv[1])
 name, size, step = sys.argv[2], int(sys.argv[3]), sys.argv[4]
+if mod.__name__.startswith("shmem"):
+    # shmem's C fast path never calls the os function stalled below: select its
+    # pure-Python twins, as the python_platform fixture does (PYTHON_PLATFORM_TWINS).
+    from shmem._platform import _linux
+    for attribute, twin in json.loads(sys.argv[5]).items():
+        setattr(_linux, attribute, getattr(_linux, twin))
 real = getattr(os, step)
 
 def stalled(*args):
@@ -73,7 +80,7 @@ def test_attach_during_creation_sees_no_block_or_the_whole_block(impl: Any, shm_
             shm.close()
 
     proc = subprocess.Popen(
-        [PYTHON, "-c", STALLED_CREATOR, impl.__name__, name, str(size), step],
+        [PYTHON, "-c", STALLED_CREATOR, impl.__name__, name, str(size), step, json.dumps(PYTHON_PLATFORM_TWINS)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -81,6 +88,7 @@ def test_attach_during_creation_sees_no_block_or_the_whole_block(impl: Any, shm_
     )
     try:
         assert proc.stdout is not None and proc.stdin is not None
+        # The stall was honoured: the creator is inside the replaced os function.
         assert proc.stdout.readline() == "stalled\n"
         # The creation is under way: the stdlib's file exists under the name already;
         # shmem builds the block unnamed and links it only once it is complete.
@@ -190,17 +198,21 @@ FAILING_STEPS = [
 
 
 @pytest.mark.parametrize("step,err", FAILING_STEPS, ids=[s for s, _ in FAILING_STEPS])
+@pytest.mark.usefixtures("python_platform")  # the os functions replaced are called, not bypassed in C
 def test_failed_create_leaves_nothing(step: str, err: int, shm_name: Any) -> None:
     """shmem only: the stdlib also removes its file on these failures."""
     name = shm_name()
+    calls: List[str] = []
 
     def failing(*args: Any, **kwargs: Any) -> Any:
+        calls.append(step)
         raise OSError(err, os.strerror(err))
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(shmem._core.block.mmap if step == "mmap" else os, step, failing)
         with pytest.raises(OSError) as info:
             shmem.SharedMemory(name, create=True, size=4096)
+    assert calls == [step], "the injected failure was never reached"
     assert info.value.errno == err
     if err == errno.ENOSPC:
         assert isinstance(info.value, shmem.NoSpace)
@@ -208,6 +220,7 @@ def test_failed_create_leaves_nothing(step: str, err: int, shm_name: Any) -> Non
 
 
 @pytest.mark.parametrize("impl", implementations())
+@pytest.mark.usefixtures("python_platform")  # shmem's posix_fallocate is called, not bypassed in C
 def test_failed_create_never_removes_a_block_it_did_not_make(impl: Any, shm_name: Any) -> None:
     """While a creation is under way another process puts its own block under
     the name (stdlib: after unlinking the half-made one). The creation then
@@ -215,8 +228,10 @@ def test_failed_create_never_removes_a_block_it_did_not_make(impl: Any, shm_name
     name = shm_name()
     path = path_of(name)
     step = "ftruncate" if is_stdlib(impl) else "posix_fallocate"
+    calls: List[str] = []
 
     def replaced_then_failing(*args: Any, **kwargs: Any) -> Any:
+        calls.append(step)
         if os.path.lexists(path):
             os.unlink(path)
         make_foreign_file(path, b"other")
@@ -227,6 +242,7 @@ def test_failed_create_never_removes_a_block_it_did_not_make(impl: Any, shm_name
             mp.setattr(os, step, replaced_then_failing)
             with pytest.raises(OSError):
                 impl.SharedMemory(name, create=True, size=4096)
+        assert calls == [step], "the injected failure was never reached"
         assert os.path.lexists(path), "the failed create removed another process's block"
         assert read_file(path) == b"other"
     finally:

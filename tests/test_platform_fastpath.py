@@ -10,6 +10,10 @@ required under CI, and the same answers as their pure-Python twins in
   reused by another file. The two give equal results or the same exception.
 * A signal whose handler raises ends a wait for the users lock on the C path
   with the handler's exception and no descriptor left open.
+* The create path's ``build``, ``link``, ``open_same`` and ``unlink_same``
+  give what their twins give. The platform calls the C functions whatever
+  ``os`` holds; a test that replaces an os function selects the twins with the
+  ``python_platform`` fixture, and then the replacement sees every call.
 """
 
 from __future__ import annotations
@@ -335,10 +339,9 @@ def test_build_unnamed_turns_a_file_too_big_into_no_space_on_both_paths(monkeypa
             _linux.build_unnamed((1 << 63) - 1, [(0, b"x")], "name")
 
 
-def test_a_replaced_os_function_sees_every_call_of_the_create_path(
-    monkeypatch: pytest.MonkeyPatch, shm_name: Callable[[], str]
-) -> None:
-    """Fault injection replaces os functions: while one is replaced, the twin runs."""
+def _record_create_path_calls(monkeypatch: pytest.MonkeyPatch, shm_name: Callable[[], str]) -> List[str]:
+    """Create and remove a block with the create path's os functions replaced by
+    recorders; the names of those called, in order."""
     calls: List[str] = []
     for name in ("posix_fallocate", "pwrite", "link", "unlink"):
         real = getattr(os, name)
@@ -346,7 +349,25 @@ def test_a_replaced_os_function_sees_every_call_of_the_create_path(
     block = shmem.SharedMemory(shm_name(), create=True, size=4096, track=False)
     block.close()
     block.unlink()
-    assert calls == ["posix_fallocate", "pwrite", "link", "unlink"]
+    return calls
+
+
+@pytest.mark.usefixtures("python_platform")
+def test_a_replaced_os_function_sees_every_call_of_the_create_path_under_python_platform(
+    monkeypatch: pytest.MonkeyPatch, shm_name: Callable[[], str]
+) -> None:
+    """Fault injection replaces os functions: python_platform makes the twins
+    run, so a replacement sees every call - on the C path too."""
+    assert _record_create_path_calls(monkeypatch, shm_name) == ["posix_fallocate", "pwrite", "link", "unlink"]
+
+
+@needs_c
+def test_the_platform_calls_the_c_path_whatever_os_holds(
+    monkeypatch: pytest.MonkeyPatch, shm_name: Callable[[], str]
+) -> None:
+    """Production code does not look for replaced os functions: without
+    python_platform the C functions make the create path's calls themselves."""
+    assert _record_create_path_calls(monkeypatch, shm_name) == []
 
 
 @needs_c

@@ -108,8 +108,7 @@ def build_unnamed(total: int, pieces: Sequence[Tuple[int, bytes]], name: str) ->
     if total >= _PRECHECK_BYTES:
         _precheck(total, name)
     lone = type(pieces) is list and len(pieces) == 1
-    build = _build if _BUILD_CALLS == (os.open, os.fstat, os.fchmod, os.posix_fallocate, os.pwrite) else _build_python
-    raw = build(SHM_DIR, _CREATE_UNNAMED, total, pieces if lone else ())
+    raw = _build(SHM_DIR, _CREATE_UNNAMED, total, pieces if lone else ())
     fd = raw[0]
     if fd < 0:
         raise _build_error(raw[1], raw[2], total, name)
@@ -189,8 +188,7 @@ def open_published(name: str, inode: int) -> int:
     published as the file with this inode; SegmentNotFound if the name leads
     elsewhere already (removed and re-created by another process)."""
     try:
-        open_same = _open_same if _OPEN_CALLS == (os.open, os.fstat) else _open_same_python
-        fd = open_same(path_of(name), _OPEN_EXISTING, inode)
+        fd = _open_same(path_of(name), _OPEN_EXISTING, inode)
     except OSError as err:
         raise _translate(err, name) from err
     if fd < 0:
@@ -221,7 +219,7 @@ def publish(fd: int, name: str) -> None:
     a name without privileges (open(2)); link() would link the /proc symlink itself.
     """
     try:
-        (_link if os.link is _LINK_CALL else _link_python)(fd, path_of(name))
+        _link(fd, path_of(name))
     except OSError as err:
         raise _translate(err, name) from err
 
@@ -433,8 +431,7 @@ def unlink_same(name: str, inode: int) -> None:
     window between the check and the unlink is two syscalls wide.
     """
     try:
-        unlink_same = _unlink_same if _UNLINK_CALLS == (os.stat, os.unlink) else _unlink_same_python
-        removed = unlink_same(path_of(name), inode)
+        removed = _unlink_same(path_of(name), inode)
     except OSError as err:
         raise _translate(err, name) from err
     if not removed:
@@ -784,17 +781,13 @@ def process_alive(who: ProcessIdentity) -> Optional[bool]:
     return _start_time(who.pid) == who.start_time
 
 
+# Each C fast path or its pure-Python twin, chosen once here and called
+# unconditionally. The C functions make their system calls directly, never
+# through ``os``: code that replaces an os function (fault injection) must
+# select the twins too - the tests do, with the ``python_platform`` fixture.
 _open_block_fast = _fastpath.open_block if _fastpath is not None else _open_block_python
 _identity = _fastpath.identity if _fastpath is not None else _identity_python
 _close_if = _fastpath.close_if if _fastpath is not None else _close_if_python
-# The create path's C functions stand in for these os functions. While one of
-# them is replaced (fault injection; a test stalling or failing one step), the
-# pure-Python twin runs instead: the replacement sees every call it would see
-# without the C module. A tuple comparison per call, ~0.1 us.
-_BUILD_CALLS = (os.open, os.fstat, os.fchmod, os.posix_fallocate, os.pwrite)
-_OPEN_CALLS = (os.open, os.fstat)
-_LINK_CALL = os.link
-_UNLINK_CALLS = (os.stat, os.unlink)
 _build = _fastpath.build if _fastpath is not None else _build_python
 _link = _fastpath.link if _fastpath is not None else _link_python
 _open_same = _fastpath.open_same if _fastpath is not None else _open_same_python
