@@ -40,6 +40,7 @@ _LAZY = {
     "Event": "._kinds.event",
     "JoinableQueue": "._kinds.queue",
     "Lock": "._kinds.lock",
+    "ObjectRef": "._kinds.objects",
     "Queue": "._kinds.queue",
     "RLock": "._kinds.lock",
     "Semaphore": "._kinds.semaphore",
@@ -49,8 +50,11 @@ _LAZY = {
     "Subscriber": "._kinds.broadcast",
     "array": "._kinds.array",
     "attach_array": "._kinds.array",
+    "delete": "._kinds.objects",
     "empty": "._kinds.array",
     "full": "._kinds.array",
+    "get": "._kinds.objects",
+    "put": "._kinds.objects",
     "zeros": "._kinds.array",
 }
 
@@ -62,6 +66,7 @@ if TYPE_CHECKING:
     from ._kinds.event import Event
     from ._kinds.lock import Lock, RLock
     from ._kinds.manager import SharedMemoryManager
+    from ._kinds.objects import ObjectRef, delete, get, put
     from ._kinds.queue import JoinableQueue, Queue, SimpleQueue
     from ._kinds.semaphore import BoundedSemaphore, Semaphore
 
@@ -93,6 +98,7 @@ __all__ = [
     "Lock",
     "MessagesLost",
     "NoSpace",
+    "ObjectRef",
     "OwnerDiedWarning",
     "Queue",
     "RLock",
@@ -114,11 +120,14 @@ __all__ = [
     "WriterStalled",
     "array",
     "attach_array",
+    "delete",
     "empty",
     "full",
     "gc",
+    "get",
     "inspect_segment",
     "list_segments",
+    "put",
     "remove_segment",
     "shared_memory",
     "zeros",

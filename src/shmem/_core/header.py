@@ -75,6 +75,7 @@ KIND_SEMAPHORE = 6
 KIND_BARRIER = 7
 KIND_QUEUE = 8
 KIND_BROADCAST = 9
+KIND_OBJECT = 10
 KIND_NAMES = {
     KIND_RAW: "raw",
     KIND_LIST: "list",
@@ -86,6 +87,7 @@ KIND_NAMES = {
     KIND_BARRIER: "barrier",
     KIND_QUEUE: "queue",
     KIND_BROADCAST: "broadcast",
+    KIND_OBJECT: "object",
 }
 
 FLAG_AUTO_REMOVE = 1

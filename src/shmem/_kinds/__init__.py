@@ -39,6 +39,8 @@ queue      ``type``: ``"Queue"`` or ``"JoinableQueue"``; ``capacity`` (the
            adds the fill level, read from the block's data
 broadcast  ``type``: ``"Broadcast"``; ``capacity`` (the ring's bytes) -
            ``_segments`` adds ``published``, ``held``, ``used_bytes``
+object     ``pickle_bytes``, ``buffers`` (how many out-of-band buffers),
+           ``buffer_bytes`` (their bytes) - ``shmem.put``'s
 =========  ==============================================================
 """
 
@@ -54,6 +56,7 @@ from .._core.header import (
     KIND_EVENT,
     KIND_LIST,
     KIND_LOCK,
+    KIND_OBJECT,
     KIND_QUEUE,
     KIND_SEMAPHORE,
     Header,
@@ -150,4 +153,18 @@ def described(header: Header) -> Described:
         text = describe_broadcast(header.extra)  # validates the header
         bc = parse_broadcast(header.extra, header.size)
         return Described(text, (("type", "Broadcast"), ("capacity", bc.capacity)))
+    if header.kind == KIND_OBJECT:
+        from .object_layout import describe as describe_object
+        from .object_layout import parse as parse_object
+
+        text = describe_object(header.extra, header.size)  # validates the header
+        layout = parse_object(header.extra, header.size)
+        return Described(
+            text,
+            (
+                ("pickle_bytes", layout.pickle_length),
+                ("buffers", len(layout.buffers)),
+                ("buffer_bytes", sum(length for _, length in layout.buffers)),
+            ),
+        )
     return Described("", ())

@@ -1,0 +1,319 @@
+"""Any picklable object, by reference: ``shmem.put``, ``shmem.get``, ``shmem.delete``.
+
+``ref = shmem.put(obj)`` pickles ``obj`` once (protocol 5) and returns an
+``ObjectRef``: a few dozen bytes that pickle to any process on the machine
+(``Pool``/``Process`` arguments, queues) or travel as ``str(ref)`` to an
+unrelated program. ``shmem.get(ref)`` gives the object back; its out-of-band
+buffers - NumPy arrays, and anything else pickle protocol 5 hands out - are
+read-only views into shared memory, not copies (``copy=True``: private,
+writable copies). There is no daemon: an object is a block, and blocks live by
+shmem's lifecycle rules.
+
+Where objects live:
+
+* **Small objects** (a pickle of at most ``INLINE_MAX`` bytes, no buffers)
+  travel inside the reference itself: no block, no file, no descriptor - a
+  million small puts cost a million small refs and nothing in /dev/shm.
+* **The rest** are one block each (``object_layout`` draws it), written whole
+  before it has a name, so no process ever sees half an object, and a ``put``
+  killed at any instant leaves nothing behind.
+
+Lifetime: an object lives while some process holds an ``ObjectRef`` to it (the
+one ``put`` returned, or one unpickled or parsed from text), or until
+``delete(ref)``. Views that ``get`` returned keep the object's memory for as
+long as they live, even after that, and are never invalidated under their
+holder. When the last process lets go of its last reference to an object -
+dropping it, exiting or being killed - the object's name is removed and its
+memory goes with the last view: a process that drops a reference removes the
+object if no other holds one; if another still did, and dies instead of
+letting go, the process looks again at its next ``put`` or let-go, and the
+creator's reaper removes it when the creator is gone too. A reference only
+counts while it is an ``ObjectRef`` in a process: one in flight (pickled in a
+queue, or a ``str`` in a file) does not keep its object - keep yours until the
+receiver has made its own.
+
+Trust: ``get`` unpickles an object only when the caller asks for it by its
+reference, and only if the block under that name is the very block the
+reference names (its inode and random id). Blocks are mode 0600: only your
+user's processes can read them. Do not ``get`` references from other users.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import pickle
+from typing import Any, Iterable, List, Optional, Tuple, Union, cast
+
+from .. import _platform
+from .._core.block import Block, UsersLease
+from .._core.header import KIND_NAMES, KIND_OBJECT
+from .._core.lifecycle import USERS_LOCK
+from .._errors import CorruptSegment, SegmentNotFound
+from . import object_layout
+
+#: A pickle of at most this many bytes (and no out-of-band buffer) travels inside its reference.
+INLINE_MAX = 512
+_PREFIX_BLOCK = "shmem-object:"
+_PREFIX_INLINE = "shmem-object-inline:"
+_GONE = "the object was deleted, or every process holding a reference to it let go"
+
+
+class ObjectRef:
+    """A reference to an object ``shmem.put`` stored: pass it to any process
+    (it pickles to a few dozen bytes), ``shmem.get`` it there. Compares equal
+    to every other reference to the same object. ``str(ref)`` is a text form
+    that ``shmem.get`` also takes."""
+
+    __slots__ = ("_name", "_block_id", "_inode", "_inline", "_hold", "__weakref__")
+    _name: Optional[str]  # the object's block; None: inline
+    _block_id: int  # the block's random id and inode: the very block, not a later one of that name
+    _inode: int
+    _inline: Optional[bytes]  # the pickle itself, for a small object
+    _hold: Any  # the creator's Block, or this process's UsersLease; None: let go (or inline)
+
+    def __init__(self) -> None:
+        raise TypeError("an ObjectRef comes from shmem.put(), or from shmem.get()'s text form")
+
+    @classmethod
+    def _make(cls, name: Optional[str], block_id: int, inode: int, inline: Optional[bytes], hold: Any) -> ObjectRef:
+        ref = object.__new__(cls)
+        ref._name, ref._block_id, ref._inode, ref._inline, ref._hold = name, block_id, inode, inline, hold
+        return ref
+
+    @property
+    def name(self) -> Optional[str]:
+        """The object's block (None: the object travels inside the reference)."""
+        return self._name
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        return (_received, (self._name, self._block_id, self._inode, self._inline))
+
+    def __str__(self) -> str:
+        if self._inline is not None:
+            return _PREFIX_INLINE + base64.b64encode(self._inline).decode("ascii")
+        return f"{_PREFIX_BLOCK}{self._name}:{self._block_id:x}:{self._inode}"
+
+    def __repr__(self) -> str:
+        if self._inline is not None:
+            return f"<shmem.ObjectRef inline, {len(self._inline)} bytes>"
+        return f"<shmem.ObjectRef {self._name!r}{'' if self._hold is not None else ' (gone)'}>"
+
+    def _key(self) -> Tuple[Any, ...]:
+        return (self._name, self._block_id, self._inode, self._inline)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ObjectRef) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __del__(self) -> None:
+        if getattr(self, "_hold", None) is not None and os is not None:  # os: None late at shutdown
+            _let_go(self)
+
+
+def put(obj: Any) -> ObjectRef:
+    """Store ``obj`` for any process on this machine; its reference.
+
+    Raises:
+        pickle.PicklingError, TypeError, ...: what pickling ``obj`` raises -
+            before anything is made.
+        NoSpace: /dev/shm cannot hold it (nothing is left behind).
+    """
+    buffers: List[pickle.PickleBuffer] = []
+    data = pickle.dumps(obj, 5, buffer_callback=buffers.append)
+    try:
+        raws = [buffer.raw() for buffer in buffers]  # BufferError: not contiguous
+    except BufferError:
+        raws, data = [], pickle.dumps(obj, 5)
+    if len(raws) > object_layout.MAX_BUFFERS:
+        raws, data = [], pickle.dumps(obj, 5)
+    if not raws and len(data) <= INLINE_MAX:
+        return ObjectRef._make(None, 0, 0, data, None)
+    _look_again()
+    layout = object_layout.plan(len(data), [raw.nbytes for raw in raws])
+    # The buffers go as memoryviews (os.pwrite takes any buffer): copied once, into the block.
+    pieces = cast(List[Tuple[int, bytes]], [(0, data)] + [(o, raw) for (o, _), raw in zip(layout.buffers, raws)])
+    block = Block.create(
+        None, layout.size, kind=KIND_OBJECT, extra=object_layout.kind_header(layout), initial=pieces, track=True
+    )
+    assert block.header is not None
+    return ObjectRef._make(block.name, block.header.block_id, block.inode, None, block)
+
+
+def get(ref: Union[ObjectRef, str, Iterable[Union[ObjectRef, str]]], *, copy: bool = False) -> Any:
+    """The object ``ref`` refers to (a list of them for a list of references).
+
+    Args:
+        ref: An ``ObjectRef``, its ``str()``, or a list (any iterable) of those.
+        copy: False (default): out-of-band buffers (NumPy arrays...) are
+            read-only views into shared memory, valid while you hold them.
+            True: private, writable copies.
+
+    Raises:
+        SegmentNotFound: the object is gone (deleted, or everyone let go of it).
+        CorruptSegment: the block under that name is damaged.
+        TypeError, ValueError: ``ref`` is not a reference.
+    """
+    if isinstance(ref, (ObjectRef, str)):
+        return _get_one(_as_ref(ref), copy)
+    try:
+        refs = [_as_ref(r) for r in ref]
+    except TypeError:
+        kind = type(ref).__name__
+        raise TypeError(f"shmem.get takes an ObjectRef, its str() or a list of them, not {kind}") from None
+    return [_get_one(r, copy) for r in refs]
+
+
+def delete(ref: Union[ObjectRef, str]) -> None:
+    """Remove the object now: no process can ``get`` it afterwards (views
+    already made stay valid). Deleting an object twice, or one that is gone,
+    does nothing; an object that travels inside its reference has nothing to free."""
+    ref = _as_ref(ref)
+    if ref._name is None:
+        return
+    try:
+        _platform.unlink_same(ref._name, ref._inode)  # only if the name still is that block
+    except OSError:
+        pass
+
+
+# ===================================================================== references
+
+
+def _received(name: Optional[str], block_id: int, inode: int, inline: Optional[bytes]) -> ObjectRef:
+    """An unpickled (or parsed) reference: it counts this process as a holder of the
+    object, with a users lease. Never raises for an object that is gone: ``get`` says so."""
+    if name is None:
+        return ObjectRef._make(None, 0, 0, inline, None)
+    try:
+        lease: Optional[UsersLease] = UsersLease(name)
+    except (OSError, ValueError):
+        lease = None
+    if lease is not None and lease.inode != inode:  # the name went to another block since
+        lease.release()
+        lease = None
+    return ObjectRef._make(name, block_id, inode, None, lease)
+
+
+def _as_ref(ref: Any) -> ObjectRef:
+    if isinstance(ref, ObjectRef):
+        return ref
+    if not isinstance(ref, str):
+        raise TypeError(f"expected an ObjectRef or its str(), not {type(ref).__name__}")
+    if ref.startswith(_PREFIX_INLINE):
+        try:
+            inline = base64.b64decode(ref[len(_PREFIX_INLINE) :], validate=True)
+        except ValueError:
+            raise ValueError(f"not a shmem object reference: {ref[:80]!r}") from None
+        return _received(None, 0, 0, inline)
+    parts = ref[len(_PREFIX_BLOCK) :].split(":") if ref.startswith(_PREFIX_BLOCK) else []
+    try:
+        name, block_id, inode = parts[0], int(parts[1], 16), int(parts[2])
+    except (IndexError, ValueError):
+        raise ValueError(f"not a shmem object reference: {ref[:80]!r}") from None
+    if len(parts) != 3 or block_id < 0 or inode < 0:
+        raise ValueError(f"not a shmem object reference: {ref[:80]!r}")
+    return _received(name, block_id, inode, None)
+
+
+# Objects this process let go of while another process still held them: if those
+# die instead of letting go, nobody else would remove the object before this
+# process exits (then its reaper does). A few are looked at again at every put
+# and let-go. Never shared with a forked child (it starts with its own list).
+_pending: List[Tuple[str, int]] = []
+_pending_pid = os.getpid()
+PENDING_LOOKS = 8
+
+
+def _let_go(ref: ObjectRef) -> None:
+    """This reference is gone: release what it held, and remove the object if no
+    process holds it any more (an exclusive users lock says so)."""
+    hold, ref._hold = ref._hold, None
+    name, inode = ref._name, ref._inode
+    hold.release()
+    if name is not None and _remove_if_unused(name, inode) is False:
+        _remember(name, inode)
+    _look_again()
+
+
+def _remove_if_unused(name: str, inode: int) -> Optional[bool]:
+    """True: removed; False: still held by some process; None: gone already (or
+    not that block any more: not ours to judge)."""
+    try:
+        opened = _platform.open_existing(name)
+    except OSError:
+        return None
+    try:
+        if opened.inode != inode:
+            return None
+        if not _platform.try_lock_exclusive(opened.fd, USERS_LOCK):
+            return False
+        try:
+            _platform.unlink_same(name, inode)  # under the lock: an attacher waits, then finds it gone
+        except OSError:
+            return None
+        return True
+    finally:
+        os.close(opened.fd)
+
+
+def _remember(name: str, inode: int) -> None:
+    global _pending_pid
+    if _pending_pid != os.getpid():
+        _pending.clear()
+        _pending_pid = os.getpid()
+    _pending.append((name, inode))
+
+
+def _look_again() -> None:
+    """Try the oldest few objects let go of while held elsewhere again."""
+    if not _pending or _pending_pid != os.getpid():
+        return
+    for _ in range(min(PENDING_LOOKS, len(_pending))):
+        name, inode = _pending.pop(0)
+        if _remove_if_unused(name, inode) is False:
+            _pending.append((name, inode))
+
+
+# ===================================================================== getting
+
+
+def _get_one(ref: ObjectRef, copy: bool) -> Any:
+    if ref._inline is not None:
+        return pickle.loads(ref._inline)
+    name = ref._name
+    assert name is not None
+    if ref._hold is None:
+        raise SegmentNotFound(name, _GONE)
+    try:
+        block = Block.attach(name, readonly=True, track=False)  # the reference holds the lease
+    except SegmentNotFound:
+        raise SegmentNotFound(name, _GONE) from None
+    try:
+        header = block.header
+        if block.inode != ref._inode or header is None or header.block_id != ref._block_id:
+            raise SegmentNotFound(name, _GONE + " (the name leads to another block now)")
+        if header.kind != KIND_OBJECT:
+            raise CorruptSegment(f"shared memory block {name!r} holds a {KIND_NAMES[header.kind]} block, not an object")
+        try:
+            layout = object_layout.parse(header.extra, block.size)
+        except CorruptSegment as err:
+            raise CorruptSegment(f"shared memory block {name!r}: {err}") from None
+        assert block.mapping is not None
+        view = memoryview(block.mapping)
+        data = view[: layout.pickle_length]
+        buffers: List[Any] = [view[offset : offset + length] for offset, length in layout.buffers]
+        if copy:
+            buffers = [bytearray(b) for b in buffers]
+        try:
+            return pickle.loads(data, buffers=buffers)
+        finally:
+            data.release()
+            view.release()
+    finally:
+        block.release()  # the mapping stays while views of it live
+
+
+__all__ = ["INLINE_MAX", "ObjectRef", "delete", "get", "put"]
