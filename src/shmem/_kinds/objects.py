@@ -129,9 +129,9 @@ def put(obj: Any) -> ObjectRef:
         raws, data = [], pickle.dumps(obj, 5)
     if len(raws) > object_layout.MAX_BUFFERS:
         raws, data = [], pickle.dumps(obj, 5)
+    _look_again()  # every put, inline ones too: one check when nothing is pending
     if not raws and len(data) <= INLINE_MAX:
         return ObjectRef._make(None, 0, 0, data, None)
-    _look_again()
     layout = object_layout.plan(len(data), [raw.nbytes for raw in raws])
     # The buffers go as memoryviews (os.pwrite takes any buffer): copied once, into the block.
     pieces = cast(List[Tuple[int, bytes]], [(0, data)] + [(o, raw) for (o, _), raw in zip(layout.buffers, raws)])
