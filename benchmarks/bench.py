@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Every shmem benchmark, one after the other: the README's benchmark command.
 
-    python benchmarks/bench.py [--quick] [--only core,list,arrays,manager,locks,queues]
+    python benchmarks/bench.py [--quick] [--only core,list,arrays,manager,locks,queues,objects]
 
 Each suite measures shmem and its baselines in the same run and prints ratios;
 see benchmarks/README.md. Suites whose optional requirements are missing
@@ -24,6 +24,7 @@ SUITES = {
     "manager": ("bench_manager.py", None),
     "locks": ("bench_locks.py", None),
     "queues": ("bench_queues.py", None),
+    "objects": ("bench_objects.py", "numpy"),
 }
 
 

@@ -1,0 +1,231 @@
+#!/usr/bin/env python3
+"""shmem.put / shmem.get against Ray's object store and multiprocessing (issue 14).
+
+Rows, each measured in this run:
+
+* first put in a fresh process, start-up included: a new interpreter (with
+  its bytecode cache written, as after ``pip install``) imports shmem, then
+  puts a 1 MiB array - the put starts the process tree's reaper. Against
+  ``ray.init`` + ``ray.put``. Import and first put are shown apart; the goal
+  (<= 10 ms) is checked on their sum. NumPy's import is left out: both sides
+  need it.
+* put of a large float64 array (1 GiB; --quick 64 MiB) - against ``ray.put``.
+  Goal: <= 1x Ray.
+* get of that array in another process (a warm worker, timed there): zero-copy,
+  so it must not grow with the size - two sizes are shown. Goal: <= 1 ms.
+* small objects (a dict of 10 ints): put in this process, get in another, by
+  reference through a shmem.Queue, objects/s - against the dict itself through
+  multiprocessing.Queue, and Ray put + get by a task. Goal: >= 10x Ray.
+
+Ray is compared when installed (``pip install shmem[bench]``), else its rows
+say so. Results are medians of a few rounds on a shared machine: read ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+from _common import GiB, MiB, fmt_ns, remove_prefixed, shm_free_bytes, size_label
+
+import shmem
+
+now = time.perf_counter_ns
+# The run's own block names (shmem.put names its blocks with SHMEM_NAME_PREFIX): cleaned up at the end.
+PREFIX = os.environ.get("SHMBENCH_PREFIX") or f"shmbenchobj{os.getpid()}_"
+os.environ["SHMBENCH_PREFIX"] = PREFIX
+os.environ["SHMEM_NAME_PREFIX"] = PREFIX
+SMALL = {f"k{i}": i for i in range(10)}
+
+FIRST_PUT = r"""
+import sys, time
+import numpy as np
+arr = np.ones(1 << 17)
+t0 = time.perf_counter_ns()
+if sys.argv[1] == "shmem":
+    import shmem
+    t1 = time.perf_counter_ns()
+    ref = shmem.put(arr)
+else:
+    import ray
+    t1 = time.perf_counter_ns()
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ref = ray.put(arr)
+t2 = time.perf_counter_ns()
+print(t1 - t0, t2 - t1)
+"""
+
+
+def first_put(which: str) -> Optional[Tuple[float, float]]:
+    """(import, first put) in ns, in a new interpreter allowed to write its bytecode cache."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    run = subprocess.run([sys.executable, "-c", FIRST_PUT, which], capture_output=True, text=True, timeout=600, env=env)
+    if run.returncode != 0:
+        print(f"first put ({which}) failed: {run.stderr[-500:]}", file=sys.stderr)
+        return None
+    imported, put = run.stdout.strip().splitlines()[-1].split()
+    return float(imported), float(put)
+
+
+def timed_get(ref: Any, rounds: int) -> float:
+    """In a worker: the median time of shmem.get(ref) plus reading one element (no copy)."""
+    samples = []
+    for _ in range(rounds):
+        t0 = now()
+        arr = shmem.get(ref)
+        float(arr[-1])
+        samples.append(now() - t0)
+        del arr
+    return float(statistics.median(samples))
+
+
+def consume(q: Any, n: int, done: Any) -> None:
+    total = 0
+    for _ in range(n):
+        item = q.get()
+        total += len(shmem.get(item) if isinstance(item, shmem.ObjectRef) else item)
+    done.put(total)
+
+
+def size_of(obj: Any) -> int:
+    """Ray's task for the small-object row: the worker gets the object, says its size."""
+    return len(obj)
+
+
+def small_rate(ctx: Any, n: int, by_ref: bool) -> float:
+    q = shmem.Queue() if by_ref else ctx.Queue()
+    done = ctx.Queue()
+    worker = ctx.Process(target=consume, args=(q, n, done))
+    worker.start()
+    t0 = now()
+    for _ in range(n):
+        q.put(shmem.put(SMALL) if by_ref else SMALL)
+    done.get(timeout=600)
+    elapsed = now() - t0
+    worker.join()
+    q.close()
+    return n / (elapsed / 1e9)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes and counts")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round, no Ray: that it runs")
+    parser.add_argument("--json", help="also write the figures as JSON")
+    args = parser.parse_args()
+    big = 4 * MiB if args.smoke else 64 * MiB if args.quick else GiB
+    small_n = 500 if args.smoke else 20_000 if args.quick else 100_000
+    rounds = 1 if args.smoke else 3 if args.quick else 5
+    try:
+        if args.smoke:
+            raise ImportError("not in a smoke run")
+        import ray  # noqa: F401 - optional
+    except ImportError:
+        ray = None
+    rows: Dict[str, Any] = {}
+    goals: List[str] = []
+
+    first_put("shmem")  # untimed: writes the bytecode cache, as pip install does
+    ours = [x for x in (first_put("shmem") for _ in range(rounds)) if x is not None]
+    imported = statistics.median(x[0] for x in ours)
+    put_first = statistics.median(x[1] for x in ours)
+    rows["fresh process: import shmem"] = {"shmem": imported}
+    rows["fresh process: first put (starts the reaper)"] = {"shmem": put_first}
+    if ray is not None:
+        theirs = first_put("ray")
+        if theirs is not None:
+            rows["fresh process: import shmem"]["ray (import ray)"] = theirs[0]
+            rows["fresh process: first put (starts the reaper)"]["ray (ray.init + ray.put)"] = theirs[1]
+    first = imported + put_first
+    goals.append(
+        f"first put in a fresh process, start-up included, <= 10 ms: import {fmt_ns(imported)} + put "
+        f"{fmt_ns(put_first)} = {fmt_ns(first)} -> {'met' if first <= 10e6 else 'NOT met'}"
+    )
+
+    if shm_free_bytes() < 3 * big:
+        big = 64 * MiB
+    arr = np.ones(big // 8)
+    puts = []
+    for _ in range(rounds):
+        t0 = now()
+        ref = shmem.put(arr)
+        puts.append(now() - t0)
+        del ref
+    rows[f"put {size_label(big)}"] = {"shmem": statistics.median(puts)}
+    ray_put: Optional[float] = None
+    if ray is not None:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        samples = []
+        for _ in range(rounds):
+            t0 = now()
+            r = ray.put(arr)
+            samples.append(now() - t0)
+            del r
+        ray_put = statistics.median(samples)
+        rows[f"put {size_label(big)}"]["ray"] = ray_put
+        ratio = rows[f"put {size_label(big)}"]["shmem"] / ray_put
+        goals.append(f"put of {size_label(big)} <= 1x Ray: {ratio:.2f}x -> {'met' if ratio <= 1 else 'NOT met'}")
+    else:
+        goals.append(f"put of {size_label(big)} <= 1x Ray: Ray not installed, not measured")
+
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        gets = {}
+        for size in (MiB, big):
+            ref = shmem.put(np.ones(size // 8))
+            gets[size] = pool.apply(timed_get, (ref, 5 if args.smoke else 50 if args.quick else 200))
+            del ref
+        rows["get in another process"] = {size_label(s): t for s, t in gets.items()}
+    worst = max(gets.values())
+    goals.append(
+        "get in another process <= 1 ms at every size: "
+        + ", ".join(f"{size_label(s)} {fmt_ns(t)}" for s, t in gets.items())
+        + f" -> {'met' if worst <= 1e6 else 'NOT met'}"
+    )
+    del arr
+
+    by_ref = statistics.median([small_rate(ctx, small_n, True) for _ in range(rounds)])
+    mp_rate = statistics.median([small_rate(ctx, small_n, False) for _ in range(rounds)])
+    rows["small objects/s, put here + get there"] = {
+        "shmem": by_ref,
+        "multiprocessing.Queue (the dict itself)": mp_rate,
+    }
+    if ray is not None:
+        get_len = ray.remote(size_of)
+        t0 = now()
+        for _ in range(small_n // 10):
+            ray.get(get_len.remote(ray.put(SMALL)))
+        ray_rate = (small_n // 10) / ((now() - t0) / 1e9)
+        rows["small objects/s, put here + get there"]["ray"] = ray_rate
+        goals.append(
+            f"small objects >= 10x Ray: {by_ref / ray_rate:.1f}x -> {'met' if by_ref >= 10 * ray_rate else 'NOT met'}"
+        )
+        ray.shutdown()
+    else:
+        goals.append("small objects >= 10x Ray: Ray not installed, not measured")
+
+    for title, row in rows.items():
+        cells = ", ".join(
+            f"{k}: {fmt_ns(v) if 'objects/s' not in title else f'{v:,.0f}/s'}" for k, v in row.items() if v
+        )
+        print(f"{title:40} {cells}")
+    print(f"small objects vs multiprocessing.Queue of the dict itself: {by_ref / mp_rate:.2f}x")
+    for line in goals:
+        print("goal:", line)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"results": rows, "goals": goals}, f, indent=1)
+    remove_prefixed(PREFIX)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
