@@ -111,6 +111,7 @@ def distinct_batch(item: Any) -> List[Any]:
     number, real, text = item
     return [(number + i, real + i, f"{text} {i}") for i in range(BATCH)]
 
+
 ARRAY_BYTES = MiB
 # Room for several arrays in flight, so that the producer of the array row does not wait on every put.
 ARRAY_RING = 16 * MiB
