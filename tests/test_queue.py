@@ -798,6 +798,7 @@ CORE = [
     "test_put_many_counts_items_for_maxsize_qsize_and_task_done",
     "test_fileno_is_readable_while_the_queue_holds_an_item_for_selectors",
     "test_fileno_in_a_forked_child_watches_with_a_pipe_of_its_own",
+    "test_aio_get_waiters_share_the_queues_descriptor_and_each_gets_an_item",
     "test_producer_sigkilled_at_random_instants",
     "test_consumer_sigkilled_at_random_instants",
     "test_holder_of_the_internal_mutex_sigkilled",
@@ -883,6 +884,29 @@ def test_aio_get_and_put_wait_in_the_event_loop_not_in_a_thread() -> None:
     producer.join(60)
     assert got == "hello" and producer.exitcode == 0
     assert ticks >= 5, "the event loop did not run while get() waited"
+    q.close()
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded")  # the queue's watcher thread
+def test_aio_get_waiters_share_the_queues_descriptor_and_each_gets_an_item() -> None:
+    """Several coroutines of one loop wait on one queue: a loop keeps one reader per
+    descriptor, so a waiter that replaced another's would leave it asleep until its timeout."""
+    import asyncio
+
+    import shmem.aio
+
+    q = shmem.Queue()
+
+    async def main() -> List[Any]:
+        waiters = [asyncio.ensure_future(shmem.aio.get(q, timeout=60)) for _ in range(3)]
+        await asyncio.sleep(0.1)  # all three asleep on the descriptor
+        pid = fork_child(lambda: q.put_many(["a", "b", "c"]))
+        got = await asyncio.wait_for(asyncio.gather(*waiters), 30)
+        assert wait_exit(pid) == 0
+        assert not shmem.aio._readers, "a reader was left registered"
+        return got
+
+    assert sorted(asyncio.run(main())) == ["a", "b", "c"]
     q.close()
 
 

@@ -21,7 +21,8 @@ themselves; these functions add timeouts, events, conditions and barriers::
 
 Waiting does not park a thread: the coroutine tries, then sleeps in the event
 loop between tries (at most 5 ms apart), so a release is noticed up to 5 ms
-late. ``shmem.RLock`` is refused (so is a Condition over one): it belongs to
+late. ``get`` does better: it sleeps on the queue's ``fileno()``, and an item
+wakes it at once. ``shmem.RLock`` is refused (so is a Condition over one): it belongs to
 a thread, and every coroutine of one event loop runs in the same thread, so
 they would all "own" it.
 
@@ -35,7 +36,8 @@ Timeouts here must be None or non-negative (ValueError otherwise).
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, TypeVar
+import asyncio
+from typing import Any, Callable, Dict, Optional, Set, Tuple, TypeVar
 
 from ._kinds import barrier as _barrier
 from ._kinds import condition as _condition
@@ -45,7 +47,7 @@ from ._kinds.event import Event
 from ._kinds.lock import Lock, RLock
 from ._kinds.queue import Queue
 from ._kinds.semaphore import Semaphore
-from ._kinds.sync_async import MAX_DELAY, poll
+from ._kinds.sync_async import MAX_DELAY, deadline, left, poll
 
 __all__ = ["MAX_DELAY", "acquire", "get", "put", "wait", "wait_barrier", "wait_condition", "wait_condition_for"]
 
@@ -178,6 +180,11 @@ async def get(q: Queue, timeout: Optional[float] = None) -> Any:
     """``q.get(timeout=timeout)`` in the event loop: the first item of a
     ``shmem.Queue`` (``SimpleQueue``, ``JoinableQueue``), waiting without a thread.
 
+    The coroutine sleeps in the event loop on the queue's ``fileno()`` (a
+    readiness pipe its watcher thread keeps: one per queue handle, not per
+    waiter), so an item wakes it at once and an idle wait costs no CPU. Any
+    number of coroutines of one loop may wait on one queue.
+
     Raises:
         queue.Empty: nothing came within ``timeout`` seconds.
         TypeError: ``q`` is not a shmem queue.
@@ -187,18 +194,52 @@ async def get(q: Queue, timeout: Optional[float] = None) -> Any:
 
     if not isinstance(q, Queue):
         raise TypeError(f"shmem.aio.get takes a shmem queue, not {type(q).__name__}")
-    got: List[Any] = []
-
-    def attempt() -> bool:
+    end = deadline(timeout, "shmem.aio.get")
+    fd = -1
+    while True:
         try:
-            got.append(Queue.get(q, False))
+            return Queue.get(q, False)
         except _stdlib_queue.Empty:
-            return False
-        return True
+            pass
+        remaining = left(end)
+        if remaining == 0:
+            raise _stdlib_queue.Empty
+        if fd < 0:
+            fd = q.fileno()
+            continue  # look once more: the watcher only reports changes from now on
+        await _readable(fd, remaining)
 
-    if not await poll(attempt, timeout, "shmem.aio.get"):
-        raise _stdlib_queue.Empty
-    return got[0]
+
+# Coroutines waiting for a descriptor to become readable, per (event loop, fd): a loop
+# keeps one reader callback per descriptor, so the waiters of one queue share it.
+_readers: Dict[Tuple[Any, int], Set[Any]] = {}
+
+
+async def _readable(fd: int, timeout: Optional[float]) -> None:
+    """Wait (at most ``timeout`` seconds) until ``fd`` is readable, or the time is up."""
+    loop = asyncio.get_running_loop()
+    key = (loop, fd)
+    ready = loop.create_future()
+    waiters = _readers.get(key)
+    if waiters is None:
+        waiters = _readers[key] = set()
+
+        def wake_all() -> None:
+            for waiter in list(_readers.get(key, ())):
+                if not waiter.done():
+                    waiter.set_result(None)
+
+        loop.add_reader(fd, wake_all)
+    waiters.add(ready)
+    try:
+        await asyncio.wait_for(ready, timeout)
+    except asyncio.TimeoutError:
+        pass
+    finally:
+        waiters.discard(ready)
+        if not waiters:
+            del _readers[key]
+            loop.remove_reader(fd)
 
 
 async def put(q: Queue, obj: Any, timeout: Optional[float] = None) -> None:
