@@ -32,7 +32,7 @@ from conftest import PYTHON, fork_child, kill_and_reap, run_pure_python, wait_ex
 from test_defect_space import private_shm_available, run_in_private_shm  # noqa: F401 - a fixture
 
 import shmem
-from shmem._kinds import lock_layout, queue_layout, queue_ring, sync_wait
+from shmem._kinds import lock_layout, queue_layout, queue_plain, queue_ring, sync_wait
 
 SHM_DIR = "/dev/shm"
 PURE = os.environ.get("SHMEM_PURE_PYTHON", "") not in ("", "0")
@@ -748,6 +748,7 @@ def _parity_script(core: Any, mapping: Any) -> List[Any]:
     step(lambda: core.put_batch(pickle.dumps(["x"] * 3), 3, 0))
     step(lambda: core.put_batch(b"", 0, 0))  # no items
     step(lambda: core.put_batch(b"z" * 300, 2, 0))  # too big
+    step(lambda: core.put_batch(queue_plain.encode([7, "x", None]), 3, 0, True))  # a plain batch
     step(lambda: core.qsize())
     step(lambda: core.get(0))
     step(lambda: core.get_many(2, 0))

@@ -61,6 +61,8 @@
 #define TAG_OOB 3 /* a pickle and its out-of-band buffers (queue_ring.oob_parts lays them out) */
 #define TAG_BATCH 4 /* put_many's: u32 items, u32 taken, then the pickle of a list of the items */
 #define TAG_PLAIN 5 /* small builtins without pickle (_plain.h) */
+#define TAG_PLAIN_BATCH 6 /* a batch whose list is in the plain encoding */
+#define IS_BATCH(tag) ((tag) == TAG_BATCH || (tag) == TAG_PLAIN_BATCH)
 #define BATCH_HEAD 8
 
 typedef struct {
@@ -130,7 +132,7 @@ repair(QueueCore *self)
         uint64_t size = rec_size(length);
         if (size > room || size > tail - pos)
             break;
-        if (tag == TAG_BATCH) { /* counts as the items not taken yet */
+        if (IS_BATCH(tag)) { /* counts as the items not taken yet */
             uint32_t *counts = (uint32_t *)(self->base + RING + at + REC);
             if (length < BATCH_HEAD || counts[0] == 0 || counts[1] >= counts[0])
                 break;
@@ -314,7 +316,7 @@ typedef struct {
 static inline uint64_t
 took_items(const took_t *t)
 {
-    return t->tag == TAG_BATCH ? (uint64_t)(t->stop - t->first) : 1;
+    return IS_BATCH(t->tag) ? (uint64_t)(t->stop - t->first) : 1;
 }
 
 /* Room for a record of `size` bytes holding `items` items at tail (with a wrap record first if it
@@ -409,7 +411,7 @@ take_one(QueueCore *self, took_t *t, uint64_t max_items, int use_cache)
         uint64_t got = 1;
         t->tag = tag;
         t->cached = 0;
-        if (tag == TAG_BATCH) {
+        if (IS_BATCH(tag)) {
             if (length < BATCH_HEAD || counts[0] == 0 || counts[1] >= counts[0])
                 return corrupt("a batch record's counts do not add up");
             t->n = counts[0];
@@ -431,7 +433,7 @@ take_one(QueueCore *self, took_t *t, uint64_t max_items, int use_cache)
         }
         if (t->payload == NULL)
             return -1;
-        if (tag == TAG_BATCH && t->stop < t->n)
+        if (IS_BATCH(tag) && t->stop < t->n)
             counts[1] = t->stop; /* commit: the batch's taken count (one aligned store), then count */
         else
             *U64(self, OFF_HEAD) = head + size; /* commit: head, then count */
@@ -660,7 +662,10 @@ batch_list(const took_t *t)
         Py_INCREF(t->payload);
         return t->payload;
     }
-    PyObject *list = PyObject_CallOneArg(loads_fn, t->payload);
+    PyObject *list = t->tag == TAG_PLAIN_BATCH
+                         ? plain_decode(PyBytes_AS_STRING(t->payload), PyBytes_GET_SIZE(t->payload),
+                                        corrupt_error ? corrupt_error : PyExc_ValueError)
+                         : PyObject_CallOneArg(loads_fn, t->payload);
     if (list != NULL && (!PyList_CheckExact(list) || PyList_GET_SIZE(list) != (Py_ssize_t)t->n)) {
         Py_DECREF(list);
         corrupt("a batch record's pickle does not hold its items");
@@ -711,7 +716,7 @@ decode_record(const took_t *t)
 static int
 decode_into(QueueCore *self, const took_t *t, PyObject *out)
 {
-    if (t->tag != TAG_BATCH) {
+    if (!IS_BATCH(t->tag)) {
         PyObject *obj = decode_record(t);
         if (obj == NULL)
             return -1;
@@ -738,7 +743,7 @@ decode_into(QueueCore *self, const took_t *t, PyObject *out)
 static PyObject *
 raw_item(QueueCore *self, const took_t *t)
 {
-    if (t->tag != TAG_BATCH)
+    if (!IS_BATCH(t->tag))
         return Py_BuildValue("(kO)", (unsigned long)t->tag, t->payload);
     if (t->stop == t->n && self->batch_items != NULL && self->batch_pos == t->pos)
         Py_CLEAR(self->batch_items); /* its last items went this way */
@@ -852,15 +857,16 @@ qc_put_many(QueueCore *self, PyObject *args)
     return done < 0 ? NULL : PyLong_FromSsize_t(done);
 }
 
-/* put_batch(pickle, n, timeout_ns) -> bool: one batch record of the n items the pickle (of a list
- * of them) holds. The items count one each towards maxsize, qsize and task_done. */
+/* put_batch(data, n, timeout_ns, plain=False) -> bool: one batch record of the n items whose list
+ * `data` encodes: a pickle, or (plain) the plain encoding. The items count one each towards maxsize, qsize and task_done. */
 static PyObject *
 qc_put_batch(QueueCore *self, PyObject *args)
 {
     PyObject *data;
     unsigned long long n;
     long long timeout_ns;
-    if (!PyArg_ParseTuple(args, "OKL", &data, &n, &timeout_ns) || check_bound(self) < 0)
+    int plain = 0;
+    if (!PyArg_ParseTuple(args, "OKL|p", &data, &n, &timeout_ns, &plain) || check_bound(self) < 0)
         return NULL;
     if (n == 0 || n > UINT32_MAX || (self->maxsize && n > self->maxsize)) {
         PyErr_Format(PyExc_ValueError, "a batch of %llu items cannot go into this queue (maxsize %llu)", n,
@@ -873,7 +879,7 @@ qc_put_batch(QueueCore *self, PyObject *args)
     views[0].len = BATCH_HEAD;
     if (PyObject_GetBuffer(data, &views[1], PyBUF_SIMPLE) < 0)
         return NULL;
-    int rc = put_one(self, views, 2, TAG_BATCH, (uint32_t)n, timeout_ns);
+    int rc = put_one(self, views, 2, plain ? TAG_PLAIN_BATCH : TAG_BATCH, (uint32_t)n, timeout_ns);
     PyBuffer_Release(&views[1]);
     return rc < 0 ? NULL : PyBool_FromLong(rc);
 }
@@ -1251,7 +1257,7 @@ take_first(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *k
 static PyObject *
 decode_one(QueueCore *self, const took_t *t)
 {
-    if (t->tag != TAG_BATCH)
+    if (!IS_BATCH(t->tag))
         return decode_record(t);
     PyObject *list = batch_list(t);
     if (list == NULL)
@@ -1280,7 +1286,7 @@ qc_recv_bytes(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject
     if (take_first(self, args, nargs, kwnames, &t) < 0)
         return NULL;
     PyObject *out;
-    if (t.tag == TAG_BATCH || t.tag == TAG_PLAIN) { /* an object comes as its pickle, however it was put */
+    if (IS_BATCH(t.tag) || t.tag == TAG_PLAIN) { /* an object comes as its pickle, however it was put */
         PyObject *obj = decode_one(self, &t);
         PyObject *call[2] = {obj, protocol_obj};
         out = obj == NULL ? NULL : PyObject_Vectorcall(dumps_fn, call, 2, NULL);

@@ -236,12 +236,13 @@ class Queue:
     def put_many(self, objs: Iterable[Any], block: bool = True, timeout: Optional[float] = None) -> None:
         """Put every object of ``objs``, in order (shmem's own; faster-fifo's name).
 
-        Up to 64 objects at a time go into one record as one pickle of their
-        list - several times cheaper than a pickle each - and come out one by
+        Up to 64 objects at a time go into one record, their list encoded once
+        (in the plain encoding when it holds small builtins only, else as one
+        pickle) - several times cheaper than one each - and come out one by
         one to ``get``, or together to ``get_many``; each counts as an item for
-        ``qsize``, ``maxsize`` and ``task_done``. Being one pickle, a batch keeps
-        what its objects share: an object put twice in one call, or a part two
-        objects have in common, arrives as one object to a process that gets
+        ``qsize``, ``maxsize`` and ``task_done``. Being encoded as one, a batch
+        keeps the lists and dicts its objects share: one put twice in one call,
+        or held by two of them, arrives as one object to a process that gets
         both (as ``pickle.loads(pickle.dumps(objs))`` would give it).
 
         Raises ``queue.Full`` if the time ran out first: the objects before the
@@ -260,9 +261,10 @@ class Queue:
                 if not done:
                     raise Full
                 continue
-            data = _dumps(chunk, _PROTOCOL)
+            plain = queue_ring.plain_encode(chunk)  # small builtins: no pickle either way
+            data = plain if plain is not None else _dumps(chunk, _PROTOCOL)
             if record_size(BATCH_HEAD + len(data)) <= self._capacity // 2:
-                done = core.put_batch(data, len(chunk), left)
+                done = core.put_batch(data, len(chunk), left, plain is not None)
             else:  # large objects: a record each, so that no batch needs most of the ring
                 done = core.put_many([_dumps(obj, _PROTOCOL) for obj in chunk], TAG_PICKLE, left) == len(chunk)
             if not done:

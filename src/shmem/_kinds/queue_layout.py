@@ -29,6 +29,7 @@ A queue is one block (kind ``queue``)::
                    ``count`` and ``repair`` count the n - taken items left;
                  tag 5: an object made of small builtins only, in the plain encoding
                    (``queue_plain``: no pickle either way);
+                 tag 6: a batch as tag 4 whose list is in the plain encoding;
                  0xFFFFFFFF: a wrap record - the rest of the ring up to its end is unused, the
                  next record is at ring offset 0.
 
@@ -63,7 +64,8 @@ OFF_SEQ_WATCH, OFF_WATCHERS = 120, 124
 RING = 128
 REC = 8  # a record's header: u32 length, u32 tag
 
-TAG_PICKLE, TAG_BYTES, TAG_PICKLE_OOB, TAG_BATCH, TAG_PLAIN, TAG_WRAP = 1, 2, 3, 4, 5, 0xFFFFFFFF
+TAG_PICKLE, TAG_BYTES, TAG_PICKLE_OOB, TAG_BATCH, TAG_PLAIN, TAG_PLAIN_BATCH, TAG_WRAP = 1, 2, 3, 4, 5, 6, 0xFFFFFFFF
+BATCH_TAGS = (TAG_BATCH, TAG_PLAIN_BATCH)
 BATCH_HEAD = 8  # a batch record's u32 items, u32 taken
 #: put_many puts up to this many objects in one batch record (one pickle of their list).
 BATCH_ITEMS = 64

@@ -25,6 +25,7 @@ from .._errors import CorruptSegment
 from . import lock_layout, queue_plain, sync_wait
 from .queue_layout import (
     BATCH_HEAD,
+    BATCH_TAGS,
     MAX_OOB_BUFFERS,
     OFF_COUNT,
     OFF_GET_SLEEPERS,
@@ -45,6 +46,7 @@ from .queue_layout import (
     TAG_PICKLE,
     TAG_PICKLE_OOB,
     TAG_PLAIN,
+    TAG_PLAIN_BATCH,
     TAG_WRAP,
     record_size,
 )
@@ -168,8 +170,8 @@ def decoded(item: Item) -> List[Any]:
         return [pickle.loads(payload)]
     if tag == TAG_PICKLE_OOB:
         return [oob_loads(bytearray(payload))]
-    if tag == TAG_BATCH:
-        batch = pickle.loads(payload)
+    if tag in BATCH_TAGS:
+        batch = queue_plain.decode(payload) if tag == TAG_PLAIN_BATCH else pickle.loads(payload)
         if type(batch) is not list or len(batch) != item[4]:
             raise _corrupt("a batch record's pickle does not hold its items")
         return batch[item[2] : item[3]]
@@ -255,7 +257,7 @@ class PyRingCore:
             size = record_size(length)
             if size > room or size > tail - pos:
                 break
-            if tag == TAG_BATCH:  # counts as the items not taken yet
+            if tag in BATCH_TAGS:  # counts as the items not taken yet
                 n, taken = _REC.unpack_from(buf, RING + at + REC) if length >= BATCH_HEAD else (0, 0)
                 if n == 0 or taken >= n:
                     break
@@ -384,7 +386,7 @@ class PyRingCore:
                 raise _corrupt("a record is longer than the ring holds")
             got = 1
             item: Item
-            if tag == TAG_BATCH:
+            if tag in BATCH_TAGS:
                 n, taken = _REC.unpack_from(buf, RING + at + REC) if length >= BATCH_HEAD else (0, 0)
                 if n == 0 or taken >= n:
                     raise _corrupt("a batch record's counts do not add up")
@@ -392,7 +394,7 @@ class PyRingCore:
                 item = (tag, bytes(buf[RING + at + REC + BATCH_HEAD : RING + at + REC + length]), taken, taken + got, n)
             else:
                 item = (tag, bytes(buf[RING + at + REC : RING + at + REC + length]))
-            if tag == TAG_BATCH and taken + got < n:
+            if tag in BATCH_TAGS and taken + got < n:
                 _U32.pack_into(buf, RING + at + REC + 4, taken + got)  # commit: the batch's taken count
             else:
                 self._set64(OFF_HEAD, head + size)  # commit: head
@@ -417,14 +419,14 @@ class PyRingCore:
             self._check_size(len(view))
         return self._put_records([(view, tag, 1) for view in views], timeout_ns)
 
-    def put_batch(self, data: Any, n: int, timeout_ns: int) -> bool:
-        """One record holding the ``n`` items whose list ``data`` is the pickle of."""
+    def put_batch(self, data: Any, n: int, timeout_ns: int, plain: bool = False) -> bool:
+        """One record holding the ``n`` items whose list ``data`` encodes (a pickle, or plain)."""
         self._buf()
         if not 0 < n <= 0xFFFFFFFF or (self.maxsize and n > self.maxsize):
             raise ValueError(f"a batch of {n} items cannot go into this queue (maxsize {self.maxsize})")
         record = _REC.pack(n, 0) + memoryview(data).cast("B")
         self._check_size(len(record))
-        return self._put_records([(record, TAG_BATCH, n)], timeout_ns) == 1
+        return self._put_records([(record, TAG_PLAIN_BATCH if plain else TAG_BATCH, n)], timeout_ns) == 1
 
     def _put_records(self, records: List[Tuple[Any, int, int]], timeout_ns: int) -> int:
         end = -1 if timeout_ns < 0 else time.monotonic_ns() + timeout_ns
@@ -482,7 +484,7 @@ class PyRingCore:
                     if item is None:
                         break
                     out.append(item)
-                    items += item[3] - item[2] if item[0] == TAG_BATCH else 1
+                    items += item[3] - item[2] if item[0] in BATCH_TAGS else 1
                 if out or max_items <= 0:
                     break
                 left = -1 if end < 0 else end - time.monotonic_ns()
@@ -557,7 +559,7 @@ class PyRingCore:
         item = self.get(ns)
         if item is None:
             raise queue.Empty
-        if item[0] in (TAG_BATCH, TAG_PLAIN):  # an object comes as its pickle, however it was put
+        if item[0] in (TAG_BATCH, TAG_PLAIN_BATCH, TAG_PLAIN):  # an object comes as its pickle, however it was put
             return pickle.dumps(decoded(item)[0], PROTOCOL)
         return bytes(item[1])
 
@@ -620,6 +622,8 @@ RingCore: Any
 #: critical section written in Python (the twin's, the broadcast's). C when shmem._queue is built.
 block_signals: Callable[[], Any]
 restore_signals: Callable[[Any], None]
+#: The plain encoding of an object, or None (pickle it): C when shmem._queue is built.
+plain_encode: Callable[[Any], Optional[bytes]]
 try:
     if lock_layout.PURE_REQUESTED:
         raise ImportError("pure Python requested (SHMEM_PURE_PYTHON)")
@@ -631,6 +635,7 @@ try:
     _queue._set_codec(pickle.dumps, pickle.loads, PROTOCOL, queue.Full, queue.Empty, oob_parts, oob_loads)
     RingCore = _queue.QueueCore
     block_signals, restore_signals = _queue.block_signals, _queue.restore_signals
+    plain_encode = _queue.plain_encode
     ACCELERATED = True
 except ImportError as err:
     if lock_layout.SPEEDUPS_REQUIRED:
@@ -640,6 +645,7 @@ except ImportError as err:
         ) from err
     RingCore = PyRingCore
     block_signals, restore_signals = _block_signals_python, _restore_signals_python
+    plain_encode = queue_plain.encode
     ACCELERATED = False
 
 
@@ -658,6 +664,7 @@ __all__: Sequence[str] = [
     "new_core",
     "oob_loads",
     "oob_parts",
+    "plain_encode",
     "restore_signals",
     "wait_ns",
 ]
