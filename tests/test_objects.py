@@ -762,3 +762,19 @@ def test_objects_survive_closerange_and_write_no_unrelated_fd(tmp_path: Any, shm
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out == {"get": True, "get2": 40_000.0, "gone2": True, "sizes": [0] * 16}
     assert wait_until(lambda: blocks_with_prefix(shm_prefix) == [], 10)
+
+
+def test_small_builtins_travel_plain_encoded_and_a_damaged_text_form_is_corrupt_segment() -> None:
+    """A small object of builtins only is carried in the plain encoding (its get runs no
+    unpickler); one with anything else is a pickle; both compare as the object put."""
+    import base64
+
+    plain = shmem.put({"id": 7, "tags": ("a", "b"), "score": 1.5})
+    pickled = shmem.put(collections.OrderedDict(a=1))
+    assert plain.name is None and pickled.name is None
+    assert not plain._inline.startswith(b"\x80") and pickled._inline.startswith(b"\x80")  # type: ignore[union-attr]
+    assert shmem.get(str(plain)) == {"id": 7, "tags": ("a", "b"), "score": 1.5}
+    assert shmem.get(pickled) == collections.OrderedDict(a=1)
+    damaged = "shmem-object-inline:" + base64.b64encode(b"\x09\xff\xff\xff\x7f").decode()
+    with pytest.raises(shmem.CorruptSegment):
+        shmem.get(damaged)

@@ -13,7 +13,9 @@ Where objects live:
 
 * **Small objects** (a pickle of at most ``INLINE_MAX`` bytes, no buffers)
   travel inside the reference itself: no block, no file, no descriptor - a
-  million small puts cost a million small refs and nothing in /dev/shm.
+  million small puts cost a million small refs and nothing in /dev/shm. Made
+  of small builtins only, they go in the queue's plain encoding
+  (``queue_plain``), which decoding cannot make run any code.
 * **The rest** are one block each (``object_layout`` draws it), written whole
   before it has a name, so no process ever sees half an object, and a ``put``
   killed at any instant leaves nothing behind.
@@ -51,6 +53,7 @@ from .._core.header import KIND_NAMES, KIND_OBJECT
 from .._core.lifecycle import USERS_LOCK
 from .._errors import CorruptSegment, SegmentNotFound
 from . import object_layout
+from .queue_ring import plain_decode, plain_encode
 
 #: A pickle of at most this many bytes (and no out-of-band buffer) travels inside its reference.
 INLINE_MAX = 512
@@ -121,6 +124,10 @@ def put(obj: Any) -> ObjectRef:
             before anything is made.
         NoSpace: /dev/shm cannot hold it (nothing is left behind).
     """
+    _look_again()  # every put, inline ones too: one check when nothing is pending
+    plain = plain_encode(obj)  # small builtins: no pickle either way, and get runs no code
+    if plain is not None and len(plain) <= INLINE_MAX:
+        return ObjectRef._make(None, 0, 0, plain, None)
     buffers: List[pickle.PickleBuffer] = []
     data = pickle.dumps(obj, 5, buffer_callback=buffers.append)
     try:
@@ -129,7 +136,6 @@ def put(obj: Any) -> ObjectRef:
         raws, data = [], pickle.dumps(obj, 5)
     if len(raws) > object_layout.MAX_BUFFERS:
         raws, data = [], pickle.dumps(obj, 5)
-    _look_again()  # every put, inline ones too: one check when nothing is pending
     if not raws and len(data) <= INLINE_MAX:
         return ObjectRef._make(None, 0, 0, data, None)
     layout = object_layout.plan(len(data), [raw.nbytes for raw in raws])
@@ -281,8 +287,10 @@ def _look_again() -> None:
 
 
 def _get_one(ref: ObjectRef, copy: bool) -> Any:
-    if ref._inline is not None:
-        return pickle.loads(ref._inline)
+    inline = ref._inline
+    if inline is not None:
+        # A pickle starts with its PROTO opcode (0x80); the plain encoding with a type code below 10.
+        return pickle.loads(inline) if inline[:1] == b"\x80" else plain_decode(inline)
     name = ref._name
     assert name is not None
     if ref._hold is None:

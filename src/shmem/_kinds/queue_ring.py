@@ -622,8 +622,9 @@ RingCore: Any
 #: critical section written in Python (the twin's, the broadcast's). C when shmem._queue is built.
 block_signals: Callable[[], Any]
 restore_signals: Callable[[Any], None]
-#: The plain encoding of an object, or None (pickle it): C when shmem._queue is built.
+#: The plain encoding of an object, or None (pickle it), and back: C when shmem._queue is built.
 plain_encode: Callable[[Any], Optional[bytes]]
+plain_decode: Callable[[Any], Any]
 try:
     if lock_layout.PURE_REQUESTED:
         raise ImportError("pure Python requested (SHMEM_PURE_PYTHON)")
@@ -635,7 +636,7 @@ try:
     _queue._set_codec(pickle.dumps, pickle.loads, PROTOCOL, queue.Full, queue.Empty, oob_parts, oob_loads)
     RingCore = _queue.QueueCore
     block_signals, restore_signals = _queue.block_signals, _queue.restore_signals
-    plain_encode = _queue.plain_encode
+    plain_encode, plain_decode = _queue.plain_encode, _queue.plain_decode
     ACCELERATED = True
 except ImportError as err:
     if lock_layout.SPEEDUPS_REQUIRED:
@@ -645,7 +646,7 @@ except ImportError as err:
         ) from err
     RingCore = PyRingCore
     block_signals, restore_signals = _block_signals_python, _restore_signals_python
-    plain_encode = queue_plain.encode
+    plain_encode, plain_decode = queue_plain.encode, queue_plain.decode
     ACCELERATED = False
 
 
@@ -664,6 +665,7 @@ __all__: Sequence[str] = [
     "new_core",
     "oob_loads",
     "oob_parts",
+    "plain_decode",
     "plain_encode",
     "restore_signals",
     "wait_ns",
