@@ -392,6 +392,37 @@ def test_fileno_is_readable_while_the_queue_holds_an_item_for_selectors() -> Non
         q1.fileno()
 
 
+def test_a_signal_handler_calling_fileno_while_the_main_thread_is_inside_it() -> None:
+    """fileno() holds a lock while it starts the watcher: a handler calling it in between
+    would wait for itself forever, unless signals are blocked there."""
+
+    def body() -> None:
+        q = shmem.Queue()
+        calls = [0]
+
+        def handler(signum: int, frame: Any) -> None:
+            q.fileno()
+            calls[0] += 1
+
+        signal.signal(signal.SIGALRM, handler)
+        signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
+        try:
+            deadline = time.monotonic() + 10
+            while calls[0] < 300 and time.monotonic() < deadline:
+                q.fileno()
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        assert calls[0] >= 300, calls[0]
+        watchers = [t for t in threading.enumerate() if t.name.startswith("shmem queue watcher")]
+        assert len(watchers) == 1, watchers  # one per handle, however often it was asked
+        q.put("x")
+        assert q.get(timeout=10) == "x"
+        q.close()
+
+    pid = fork_child(body)
+    assert wait_exit(pid, timeout=60) == 0
+
+
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded")  # the watcher thread: on purpose
 def test_fileno_in_a_forked_child_watches_with_a_pipe_of_its_own() -> None:
     import selectors
@@ -799,6 +830,7 @@ CORE = [
     "test_put_many_counts_items_for_maxsize_qsize_and_task_done",
     "test_fileno_is_readable_while_the_queue_holds_an_item_for_selectors",
     "test_fileno_in_a_forked_child_watches_with_a_pipe_of_its_own",
+    "test_a_signal_handler_calling_fileno_while_the_main_thread_is_inside_it",
     "test_aio_get_waiters_share_the_queues_descriptor_and_each_gets_an_item",
     "test_producer_sigkilled_at_random_instants",
     "test_consumer_sigkilled_at_random_instants",

@@ -304,13 +304,20 @@ class Queue:
         """
         core = self._ring("watch")
         assert self._block is not None
-        with _watch_lock:
-            watcher = self._watcher
-            if watcher is None or not watcher.usable():
-                if watcher is not None:
-                    watcher.stop()
-                watcher = self._watcher = queue_watch.Watcher(core, self._block.name)
-            return watcher.fileno()
+        # Signals blocked: a handler calling fileno() while this thread holds the lock would
+        # wait for itself. (The watcher thread, started in here, keeps them blocked: the kernel
+        # then hands process signals to threads that run Python's handlers.)
+        mask = queue_ring.block_signals()
+        try:
+            with _watch_lock:
+                watcher = self._watcher
+                if watcher is None or not watcher.usable():
+                    if watcher is not None:
+                        watcher.stop()
+                    watcher = self._watcher = queue_watch.Watcher(core, self._block.name)
+                return watcher.fileno()
+        finally:
+            queue_ring.restore_signals(mask)
 
     # ------------------------------------------------------------ the end
 
