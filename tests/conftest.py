@@ -20,12 +20,16 @@ import itertools
 import multiprocessing
 import multiprocessing.shared_memory
 import os
+import pickle
 import secrets
+import select
 import signal
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, Iterator, List, Optional, Set
+import traceback
+import warnings
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set
 
 import pytest
 
@@ -369,3 +373,44 @@ def wait_exit(pid: int, timeout: float = 30) -> int:
         time.sleep(0.01)
     kill_and_reap(pid)
     pytest.fail(f"child {pid} hung")
+
+
+def in_child(body: Callable[[], Any], timeout: float = 60) -> Any:
+    """Run ``body`` in a forked child, with a deadline: its result (pickled back through a
+    pipe); its exception's traceback fails the test; a child that hangs is SIGKILLed and
+    fails it too (a deadlock shows as a failure, never as a hung test run)."""
+    r, w = os.pipe()
+
+    def child() -> None:
+        os.close(r)
+        try:
+            out = pickle.dumps(("ok", body()))
+        except BaseException:
+            out = pickle.dumps(("error", traceback.format_exc()))
+        with os.fdopen(w, "wb") as f:
+            f.write(out)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() of a threaded process
+        pid = fork_child(child)
+    os.close(w)
+    chunks: List[bytes] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([r], [], [], left)[0]:
+                kill_and_reap(pid)
+                pytest.fail(f"the child hung (a deadlock?) after {timeout} s")
+            chunk = os.read(r, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(r)
+    code = wait_exit(pid)
+    assert chunks, f"the child died with {code} without a word (a signal? -7 is SIGBUS, -11 SIGSEGV)"
+    status, value = pickle.loads(b"".join(chunks))
+    assert status == "ok", f"in the child:\n{value}"
+    assert code == 0
+    return value

@@ -20,13 +20,11 @@ import struct
 import subprocess
 import threading
 import time
-import traceback
-import warnings
 from typing import Any, Callable, Dict, List, Tuple
 
 import _broadcast_workers as workers
 import pytest
-from conftest import PYTHON, fork_child, kill_and_reap, run_pure_python, wait_exit, wait_until
+from conftest import PYTHON, fork_child, in_child, kill_and_reap, run_pure_python, wait_until
 from test_defect_space import private_shm_available, run_in_private_shm  # noqa: F401 - a fixture
 
 import shmem
@@ -59,47 +57,6 @@ def drain(sub: Subscriber) -> List[Any]:
             out.append(("lost", lost.count))
         except queue.Empty:
             return out
-
-
-def in_child(body: Callable[[], Any], timeout: float = 60) -> Any:
-    """Run ``body`` in a forked child, with a deadline: its result (pickled back through a
-    pipe); its exception's traceback fails the test; a child that hangs is SIGKILLed and
-    fails it too (a deadlock shows as a failure, never as a hung test run)."""
-    r, w = os.pipe()
-
-    def child() -> None:
-        os.close(r)
-        try:
-            out = pickle.dumps(("ok", body()))
-        except BaseException:
-            out = pickle.dumps(("error", traceback.format_exc()))
-        with os.fdopen(w, "wb") as f:
-            f.write(out)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork() of a threaded process
-        pid = fork_child(child)
-    os.close(w)
-    chunks: List[bytes] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([r], [], [], left)[0]:
-                kill_and_reap(pid)
-                pytest.fail(f"the child hung (a deadlock?) after {timeout} s")
-            chunk = os.read(r, 1 << 16)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        os.close(r)
-    code = wait_exit(pid)
-    assert chunks, f"the child died with {code} without a word (a signal? -7 is SIGBUS, -11 SIGSEGV)"
-    status, value = pickle.loads(b"".join(chunks))
-    assert status == "ok", f"in the child:\n{value}"
-    assert code == 0
-    return value
 
 
 # ------------------------------------------------------------------ 1. the API

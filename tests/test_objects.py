@@ -15,7 +15,6 @@ import multiprocessing
 import os
 import pickle
 import random
-import select
 import signal
 import struct
 import subprocess
@@ -23,7 +22,7 @@ import threading
 import time
 import traceback
 import warnings
-from typing import Any, Callable, List, Optional
+from typing import Any, List, Optional
 
 import _objects_workers as workers
 import pytest
@@ -32,6 +31,7 @@ from conftest import (
     PYTHON,
     blocks_with_prefix,
     fork_child,
+    in_child,
     kill_and_reap,
     mapped_with_prefix,
     wait_exit,
@@ -54,46 +54,6 @@ SHM_DIR = "/dev/shm"
 
 def listed() -> List[str]:
     return os.listdir(SHM_DIR)
-
-
-def in_child(body: Callable[[], Any], timeout: float = 60) -> Any:
-    """Run ``body`` in a forked child with a deadline; its result comes back pickled
-    through a pipe. A hang (deadlock) is SIGKILLed and fails the test."""
-    r, w = os.pipe()
-
-    def child() -> None:
-        os.close(r)
-        try:
-            out = pickle.dumps(("ok", body()))
-        except BaseException:
-            out = pickle.dumps(("error", traceback.format_exc()))
-        with os.fdopen(w, "wb") as f:
-            f.write(out)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pid = fork_child(child)
-    os.close(w)
-    chunks: List[bytes] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([r], [], [], left)[0]:
-                kill_and_reap(pid)
-                pytest.fail(f"the child hung (a deadlock?) after {timeout} s")
-            chunk = os.read(r, 1 << 16)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        os.close(r)
-    code = wait_exit(pid)
-    assert chunks, f"the child died with {code} without a word (-11 is SIGSEGV, -7 SIGBUS)"
-    status, value = pickle.loads(b"".join(chunks))
-    assert status == "ok", f"in the child:\n{value}"
-    assert code == 0
-    return value
 
 
 def base_chain(obj: Any) -> List[Any]:
