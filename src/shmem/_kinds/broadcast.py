@@ -42,7 +42,7 @@ import time
 from typing import Any, Optional, Tuple
 
 from .._core.block import Block
-from .._core.header import KIND_BROADCAST, KIND_NAMES
+from .._core.header import KIND_BROADCAST
 from .._errors import CorruptSegment, MessagesLost
 from . import broadcast_layout, named_block, sync_wait
 from .broadcast_layout import (
@@ -362,13 +362,7 @@ class _Ring:
 
 def _open(name: Optional[str], capacity: int, create: bool) -> Tuple[Block, _Ring]:
     def check_attached(block: Block) -> BroadcastHeader:
-        header = block.header
-        if header is None or header.kind != KIND_BROADCAST:
-            found = "a block made without shmem" if header is None else f"a {KIND_NAMES[header.kind]} block"
-            raise CorruptSegment(
-                f"shared memory block {block.name!r} holds {found}, not a broadcast: "
-                "open it with the class that made it (shmem.list_segments() says which kind it is)"
-            )
+        header = named_block.header_of_kind(block, KIND_BROADCAST, "a broadcast")
         parsed = broadcast_layout.parse_kind_header(header.extra, block.size)
         assert block.mapping is not None
         broadcast_layout.check_mutex(block.mapping[:RING], block.name)

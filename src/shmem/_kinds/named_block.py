@@ -22,8 +22,9 @@ from typing import Callable, Optional, Sequence, Tuple, TypeVar
 
 from .. import _platform
 from .._core.block import Block, Piece
+from .._core.header import KIND_NAMES, Header
 from .._core.lifecycle import USERS_LOCK
-from .._errors import SegmentExists, SegmentNotFound
+from .._errors import CorruptSegment, SegmentExists, SegmentNotFound
 
 T = TypeVar("T")
 
@@ -67,6 +68,20 @@ def create_or_attach(
             raise
         return block, checked
     raise SegmentNotFound(str(name), "the block kept vanishing between create and attach")
+
+
+def header_of_kind(block: Block, kind: int, what: str) -> Header:
+    """The header of ``block``, attached by a class that opens blocks of ``kind``
+    only (``what`` names them: "a queue"); CorruptSegment naming what it holds
+    instead, and how to find out which class made it."""
+    header = block.header
+    if header is None or header.kind != kind:
+        found = "a block made without shmem" if header is None else f"a {KIND_NAMES[header.kind]} block"
+        raise CorruptSegment(
+            f"shared memory block {block.name!r} holds {found}, not {what}: "
+            "open it with the class that made it (shmem.list_segments() says which kind it is)"
+        )
+    return header
 
 
 def remove_if_unused(block: Block) -> None:

@@ -41,7 +41,7 @@ from typing import Any, Iterable, List, Optional, Tuple
 
 from .._core import forks
 from .._core.block import Block
-from .._core.header import KIND_NAMES, KIND_QUEUE
+from .._core.header import KIND_QUEUE
 from .._errors import CorruptSegment
 from . import named_block, queue_layout, queue_ring, queue_watch
 from .queue_layout import (
@@ -126,13 +126,7 @@ class Queue:
         joinable = self._joinable
 
         def check_attached(block: Block) -> QueueHeader:
-            header = block.header
-            if header is None or header.kind != KIND_QUEUE:
-                found = "a block made without shmem" if header is None else f"a {KIND_NAMES[header.kind]} block"
-                raise CorruptSegment(
-                    f"shared memory block {block.name!r} holds {found}, not a queue: "
-                    "open it with the class that made it (shmem.list_segments() says which kind it is)"
-                )
+            header = named_block.header_of_kind(block, KIND_QUEUE, "a queue")
             parsed = queue_layout.parse_kind_header(header.extra, block.size)
             assert block.mapping is not None
             queue_layout.check_mutex(block.mapping[: queue_layout.RING], block.name)
