@@ -10,12 +10,13 @@ import zlib
 from typing import Any, List, Optional, Tuple
 
 # A self-checking message: pid, sequence number, filler length, filler, then a CRC32 of all that.
-_HEAD = struct.Struct("<IIH")
+_HEAD = struct.Struct("<III")
 _CRC = struct.Struct("<I")
 
 
-def message(pid: int, seq: int, rng: random.Random, max_filler: int = 200) -> bytes:
-    filler = bytes(rng.getrandbits(8) for _ in range(rng.randrange(max_filler + 1)))
+def message(pid: int, seq: int, rng: random.Random, max_filler: int = 200, min_filler: int = 0) -> bytes:
+    n = rng.randrange(min_filler, max_filler + 1)
+    filler = rng.getrandbits(8 * n).to_bytes(n, "little")
     body = _HEAD.pack(pid, seq, len(filler)) + filler
     return body + _CRC.pack(zlib.crc32(body))
 
@@ -67,8 +68,13 @@ def work_joinable(q: Any, n: int) -> None:
     q.close()
 
 
-def put_forever(q: Any, seed: int) -> None:
-    """A producer to SIGKILL: self-checking messages, numbered from 0, as fast as the ring takes them."""
+#: Filler of a large message: past the size the C ring copies without its mutex (BIG_COPY, 64 KiB).
+LARGE = (70_000, 140_000)
+
+
+def put_forever(q: Any, seed: int, large: bool = False) -> None:
+    """A producer to SIGKILL: self-checking messages, numbered from 0, as fast as the ring takes them
+    (``large``: every other one of LARGE's size)."""
     rng = random.Random(seed)
     pid = os.getpid()
     seq = 0
@@ -77,7 +83,7 @@ def put_forever(q: Any, seed: int) -> None:
             q.put_many([message(pid, seq + i, rng, 60) for i in range(3)])
             seq += 3
         else:
-            q.send_bytes(message(pid, seq, rng))
+            q.send_bytes(message(pid, seq, rng, *(LARGE[::-1] if large and seq % 2 else (200,))))
             seq += 1
 
 

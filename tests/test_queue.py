@@ -42,8 +42,11 @@ PURE = os.environ.get("SHMEM_PURE_PYTHON", "") not in ("", "0")
 
 
 def mutex_word(q: Any) -> int:
-    """The glibc mutex's lock word (0: free)."""
-    return int(struct.unpack_from("<i", q._block.mapping, 0)[0])
+    """The owners (thread ids) in the lock words of the queue's three glibc mutexes - the
+    ring's, the producers', the consumers' - or'ed: 0 when all are free. (A mutex whose
+    holder died and that no one has taken since is free, with only FUTEX_OWNER_DIED set.)"""
+    words = [struct.unpack_from("<I", q._block.mapping, off)[0] for off in queue_layout.MUTEX_OFFSETS]
+    return int((words[0] | words[1] | words[2]) & 0x3FFFFFFF)  # FUTEX_TID_MASK
 
 
 def drain(q: Any) -> List[bytes]:
@@ -450,16 +453,19 @@ def test_fileno_in_a_forked_child_watches_with_a_pipe_of_its_own() -> None:
 # ------------------------------------------------------------------ 4. crash safety
 
 
-def test_producer_sigkilled_at_random_instants() -> None:
-    q = shmem.Queue(capacity=2048)
+@pytest.mark.parametrize("large", [False, True], ids=["small", "large"])
+def test_producer_sigkilled_at_random_instants(large: bool) -> None:
+    """Killed anywhere in a put - large messages are copied with only the producers' mutex
+    held - a producer leaves no torn message, and the queue works on."""
+    q = shmem.Queue(capacity=(1 << 20) if large else 2048)
     rng = random.Random()
     seed = rng.randrange(1 << 30)
     rng.seed(seed)
     rounds, kills, deadline = 0, 0, time.monotonic() + 4
     while rounds < 200 or (rounds < 2000 and time.monotonic() < deadline):
         rounds += 1
-        pid = fork_child(lambda: workers.put_forever(q, rng.randrange(1 << 30)))
-        time.sleep(rng.random() * 0.002)
+        pid = fork_child(lambda: workers.put_forever(q, rng.randrange(1 << 30), large))
+        time.sleep(rng.random() * (0.01 if large else 0.002))
         kill_and_reap(pid)
         kills += 1
         expected = 0
@@ -475,8 +481,11 @@ def test_producer_sigkilled_at_random_instants() -> None:
     q.close()
 
 
-def test_consumer_sigkilled_at_random_instants() -> None:
-    q = shmem.Queue()  # 1 MiB: room for every round's batch even if no consumer ran
+@pytest.mark.parametrize("large", [False, True], ids=["small", "large"])
+def test_consumer_sigkilled_at_random_instants(large: bool) -> None:
+    """Killed anywhere in a get - large messages are copied out with only the consumers'
+    mutex held - a consumer loses at most the message it was taking, and holds no lock."""
+    q = shmem.Queue(capacity=(8 << 20) if large else (1 << 20))
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     r, w = os.pipe()
@@ -486,17 +495,24 @@ def test_consumer_sigkilled_at_random_instants() -> None:
         while kills < 200 or (kills < 600 and time.monotonic() < deadline):
             if kills % 2:
                 q.put_many([workers.message(0, seq + i, rng, 100) for i in range(8)])
+            elif large:  # a large message between small ones
+                for i in range(8):
+                    q.send_bytes(workers.message(0, seq + i, rng, *(workers.LARGE[::-1] if i % 3 == 1 else (100,))))
             else:
                 for i in range(8):
                     q.send_bytes(workers.message(0, seq + i, rng, 100))
             seq += 8
             assert mutex_word(q) == 0, "a lock stayed held"
             pid = fork_child(lambda: workers.get_forever(q, w))
-            time.sleep(rng.random() * 0.0015)
+            time.sleep(rng.random() * (0.004 if large else 0.0015))
             kill_and_reap(pid)
             kills += 1
             got = read_all(r)
             reported.extend(struct.unpack(f"<{len(got) // 4}I", got))
+            if q.qsize() > 32:  # the consumers fell behind (the pure-Python twin's do): take some
+                for data in drain(q):
+                    checked = workers.check(data)
+                    reported.append(0xFFFFFFFF if checked is None else checked[1])
     finally:
         os.close(w)
     os.close(r)
@@ -542,11 +558,81 @@ def test_holder_of_the_internal_mutex_sigkilled() -> None:
     q.close()
 
 
+@pytest.mark.parametrize("side", ["producers", "consumers"])
+def test_holder_of_a_side_mutex_sigkilled(side: str) -> None:
+    """A process dies holding the producers' (or consumers') mutex - as a producer killed while
+    it copies a large record, with a half-written record past the tail: no one ever sees that
+    record, and the next put and get take the mutex over and work."""
+    q = shmem.Queue(capacity=1 << 18)
+    q.put_many(["a", "b"])
+    off = queue_layout.OFF_PUT_MUTEX if side == "producers" else queue_layout.OFF_GET_MUTEX
+    r, w = os.pipe()
+
+    def hold() -> None:
+        calls = sync_wait.calls(q._block.mapping)
+        calls.lock(off)
+        if side == "producers":  # a record written past the tail, never committed
+            tail = struct.unpack_from("<Q", q._block.mapping, queue_layout.OFF_TAIL)[0]
+            at = queue_layout.RING + tail % (1 << 18)
+            struct.pack_into("<II", q._block.mapping, at, 100_000, queue_layout.TAG_BYTES)
+            q._block.mapping[at + 8 : at + 8 + 1000] = b"x" * 1000
+        os.write(w, b"1")
+        time.sleep(60)
+
+    pid = fork_child(hold)
+    os.close(w)
+    assert select.select([r], [], [], 10)[0] and os.read(r, 1) == b"1"
+    os.close(r)
+    assert mutex_word(q) != 0
+    kill_and_reap(pid)
+    q.send_bytes(b"c" * 100_000, timeout=10)  # a large record: copied without the ring's mutex
+    q.put("d", timeout=10)
+    assert q.get_many(2, timeout=10) == ["a", "b"]
+    assert q.recv_bytes(timeout=10) == b"c" * 100_000 and q.get(timeout=10) == "d"
+    assert q.empty() and mutex_word(q) == 0
+    q.close()
+
+
+def test_nowait_calls_do_not_wait_for_a_waiter_on_their_side() -> None:
+    """A producer waiting for room lets go of the producers' mutex, a consumer waiting for an
+    item of the consumers': put_nowait and get_nowait answer at once meanwhile, and the waiters
+    still get their turn."""
+    q = shmem.Queue(maxsize=1)
+    q.put(1)
+    waiter = threading.Thread(target=lambda: q.put(2, timeout=60))
+    waiter.start()
+    assert wait_until(lambda: q._core.state()[5] >= 1, 10), "the thread never slept in put()"
+    started = time.monotonic()
+    with pytest.raises(queue.Full):
+        q.put_nowait(3)
+    assert time.monotonic() - started < 10, "put_nowait waited for the producer asleep in put()"
+    assert q.get(timeout=10) == 1
+    waiter.join(30)
+    assert not waiter.is_alive() and q.get(timeout=10) == 2
+
+    got: List[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(q.get(timeout=60)))
+    waiter.start()
+    assert wait_until(lambda: q._core.state()[4] >= 1, 10), "the thread never slept in get()"
+    started = time.monotonic()
+    with pytest.raises(queue.Empty):
+        q.get_nowait()
+    assert time.monotonic() - started < 10, "get_nowait waited for the consumer asleep in get()"
+    q.put(4)
+    waiter.join(30)
+    assert not waiter.is_alive() and got == [4] and q.empty()
+    q.close()
+
+
 # ------------------------------------------------------------------ 5. signal handlers
 
 
-def test_a_signal_handler_puts_while_the_main_thread_puts_and_gets() -> None:
-    q = shmem.Queue()
+@pytest.mark.parametrize("filler", [0, 100_000], ids=["small", "large"])
+def test_a_signal_handler_puts_while_the_main_thread_puts_and_gets(filler: int) -> None:
+    """Handlers fire every 0.2 ms and put; the main thread's own items (large ones are copied
+    with only a side mutex held) all arrive, and so does every handler's, once."""
+    q = shmem.Queue(capacity=4 << 20)
+    big = b"f" * filler
     fired = [0]
     numbers = itertools.count(1)
 
@@ -564,17 +650,20 @@ def test_a_signal_handler_puts_while_the_main_thread_puts_and_gets() -> None:
     try:
         signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
         while fired[0] < 1000 and time.monotonic() < deadline:
-            q.put(("main", main_put))
+            q.put(("main", main_put, big))
             main_put += 1
-            kind, value = q.get(timeout=10)
-            if kind == "sig":
-                got_sig.append(value)
-            else:
+            while True:  # up to our own item: what is left is the handlers', a few at most
+                kind, value, *rest = q.get(timeout=10)
+                if kind == "sig":
+                    got_sig.append(value)
+                    continue
+                assert rest == [big] and value == main_got
                 main_got += 1
+                break
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0, 0)
         signal.signal(signal.SIGALRM, old)
-    for kind, value in q.get_many(1 << 20, block=False) if not q.empty() else []:
+    for kind, value, *_rest in q.get_many(1 << 20, block=False) if not q.empty() else []:
         if kind == "sig":
             got_sig.append(value)
         else:
@@ -798,6 +887,38 @@ def _parity_script(core: Any, mapping: Any) -> List[Any]:
     return out
 
 
+def _parity_large_script(core: Any, mapping: Any) -> List[Any]:
+    """Records of BIG_COPY bytes or more (C copies them with only a side mutex held) through
+    a 256 KiB ring: a full ring, takes that stop at a large record, a restart at offset 0."""
+    out: List[Any] = []
+
+    def step(fn: Callable[[], Any]) -> None:
+        try:
+            got = fn()
+            out.append(
+                [(x[0], len(x[1]), bytes(x[1][:1])) if isinstance(x, tuple) else x for x in got]
+                if isinstance(got, list)
+                else got
+            )
+        except Exception as err:
+            out.append(type(err).__name__)
+
+    for i in range(4):  # the fourth finds no room
+        step(lambda i=i: core.put(bytes([i]) * 70_000, 2, 0))
+    step(lambda: core.put(b"s" * 10, 2, 0))
+    for _ in range(5):  # each large record comes alone; the small one after them
+        step(lambda: core.get_many(10, 0))
+    step(lambda: core.put(b"r" * 200_000, 2, 0))  # an empty ring restarts at offset 0
+    step(lambda: core.put_many([b"a" * 100, b"b" * 70_000], 2, 0))  # only the first fits
+    step(lambda: core.state())
+    step(lambda: core.get_objs(10, 0))
+    step(lambda: core.get_objs(10, 0))
+    step(lambda: core.put(b"z" * 300_000, 2, 0))  # too big
+    step(lambda: core.qsize())
+    core.release()
+    return out
+
+
 @pytest.mark.skipif(PURE, reason="needs the C ring")
 def test_c_ring_and_pure_python_twin_agree() -> None:
     from shmem import _queue
@@ -813,6 +934,77 @@ def test_c_ring_and_pure_python_twin_agree() -> None:
         shm.unlink()
     assert results[0] == results[1]
     assert "CorruptSegment" in results[0] and "ValueError" in results[0]
+
+    assert _queue.BIG_COPY == queue_layout.BIG_COPY and _queue.RING == queue_layout.RING
+    results = []
+    for cls in (_queue.QueueCore, queue_ring.PyRingCore):
+        shm = shmem.SharedMemory(create=True, size=queue_layout.data_size(1 << 18))
+        assert shm.buf is not None
+        shm.buf[: queue_layout.RING] = queue_layout.initial()
+        results.append(_parity_large_script(cls(shm._block.mapping, 1 << 18, 0, False), shm._block.mapping))
+        shm.close()
+        shm.unlink()
+    assert results[0] == results[1], results
+    assert results[0][3] is False and results[0][5:7] == [[(2, 70_000, b"\0")], [(2, 70_000, b"\1")]]
+
+
+MIXED_CHILD = r"""
+import json, random, sys, threading
+sys.path.insert(0, sys.argv[2])
+import _queue_workers as workers
+import shmem
+from shmem._kinds import queue_ring
+assert queue_ring.RingCore is queue_ring.PyRingCore, "not the pure-Python twin"
+q = shmem.Queue(name=sys.argv[1])
+rng = random.Random(int(sys.argv[3]))
+def send():
+    for i in range(60):
+        q.send_bytes(workers.message(1, i, rng, *(workers.LARGE[::-1] if i % 2 else (200,))), timeout=60)
+sender = threading.Thread(target=send)
+sender.start()
+got = [workers.check(q.recv_bytes(timeout=60)) for _ in range(60)]
+sender.join()
+q.close()
+print(json.dumps(got))
+"""
+
+
+@pytest.mark.skipif(PURE, reason="needs the C ring")
+def test_c_and_pure_python_processes_share_one_queue(shm_name: Callable[[], str]) -> None:
+    """The C ring and its twin follow one protocol (three mutexes, one lock order): a
+    pure-Python process and this one each put 60 large and small messages and take 60, all
+    at once. Every message is taken once, intact, and in its producer's order."""
+    name = shm_name()
+    q = shmem.Queue(name=name, capacity=1 << 20)
+    seed = random.randrange(1 << 30)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHMEM_")}
+    env["SHMEM_PURE_PYTHON"] = "1"
+    child = subprocess.Popen(
+        [PYTHON, "-c", MIXED_CHILD, name, os.path.dirname(os.path.abspath(__file__)), str(seed)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    mine: List[Any] = []
+    taker = threading.Thread(target=lambda: mine.extend(workers.check(q.recv_bytes(timeout=60)) for _ in range(60)))
+    taker.start()
+    rng = random.Random(seed + 1)
+    try:
+        for i in range(60):
+            q.send_bytes(workers.message(2, i, rng, *(workers.LARGE[::-1] if i % 3 else (200,))), timeout=60)
+    finally:
+        taker.join(120)
+        out, err = child.communicate(timeout=120)
+    assert child.returncode == 0, err[-3000:]
+    theirs = [tuple(got) for got in json.loads(out)]
+    assert None not in mine and sorted(mine + theirs) == [(p, i) for p in (1, 2) for i in range(60)]
+    for taken in (mine, theirs):
+        for producer in (1, 2):
+            seqs = [i for p, i in taken if p == producer]
+            assert seqs == sorted(seqs), "out of its producer's order"
+    assert q.empty()
+    q.close()
 
 
 CORE = [
@@ -835,6 +1027,8 @@ CORE = [
     "test_producer_sigkilled_at_random_instants",
     "test_consumer_sigkilled_at_random_instants",
     "test_holder_of_the_internal_mutex_sigkilled",
+    "test_holder_of_a_side_mutex_sigkilled",
+    "test_nowait_calls_do_not_wait_for_a_waiter_on_their_side",
     "test_a_signal_handler_puts_while_the_main_thread_puts_and_gets",
     "test_fork_while_another_thread_is_blocked_in_get",
     "test_damaged_control_words_raise_corrupt_segment",

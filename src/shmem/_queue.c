@@ -1,17 +1,24 @@
 /* shmem._queue: the ring of shmem.Queue, whole in C (src/shmem/_kinds/queue_ring.py has the
  * pure-Python twin, with the same behaviour, and queue_layout.py draws the block).
  *
- * The block: a robust, process-shared, error-checking mutex at offset 0; control words at 64;
- * the ring of variable-length records from RING (128), `capacity` bytes (a multiple of 8).
+ * The block: three robust, process-shared, error-checking mutexes - the ring's at offset 0, the
+ * producers' at 128, the consumers' at 192; control words at 64; the ring of variable-length
+ * records from RING (256), `capacity` bytes (a multiple of 8).
  *
- * Every change to the control words and every copy into or out of the ring happens under the
- * mutex, in this file without running any Python code in between: a signal handler can never
- * run while this process holds it. A producer writes its record past `tail`, then moves `tail`
- * and `count`; a consumer copies its record out, then moves `head` and `count`. A process that
- * dies holding the mutex has committed nothing, or committed a move half-way (tail moved, count
+ * Every change to the control words happens under the ring's mutex, in this file without running
+ * any Python code in between: a signal handler can never run while this process holds it. A
+ * producer holds the producers' mutex from finding room to committing, and a consumer the
+ * consumers' from finding its record to committing, so one side's copy need not hold the ring's
+ * mutex: a large record (BIG_COPY bytes or more) is copied with only its side's mutex held, and a
+ * producer's copy runs while a consumer copies another record out. A producer writes its record
+ * past `tail` (no one reads there), then moves `tail` and `count`; a consumer copies its record
+ * out (no one writes between head and tail), then moves `head` and `count`. A process that dies
+ * holding the ring's mutex has committed nothing, or committed a move half-way (tail moved, count
  * not): the next taker gets EOWNERDEAD and repairs by walking the records from head to tail,
  * counting them again and cutting the ring at the first one that does not add up. So a killed
- * producer's record is never seen, and a killed consumer's record stays in the queue.
+ * producer's record is never seen, and a killed consumer's record stays in the queue; a side
+ * mutex whose holder died needs no repair, as nothing it did outside the ring's mutex is visible.
+ * Lock order: a side's mutex, then the ring's.
  *
  * Everything read from the block is hostile: head, tail and every record length are checked
  * against the capacity before anything is copied.
@@ -20,7 +27,7 @@
  * consumers, seq_put for producers) after counting oneself in the matching sleepers word; the
  * other side pays for a FUTEX_WAKE only when that word is not zero. Sleeps are slices of at
  * most SLICE_NS with the GIL released; Python's signal handlers run between slices, with the
- * mutex not held.
+ * mutex not held - and with neither side mutex held: a handler may call the same queue.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -36,7 +43,7 @@
 
 #include "_plain.h"
 
-#define QUEUE_VERSION 2
+#define QUEUE_VERSION 3
 #define NS 1000000000LL
 #define SLICE_NS 50000000LL
 #define SPIN_NS 20000LL /* how long a taker watches an empty ring before it sleeps */
@@ -54,7 +61,11 @@
 #define OFF_JOIN_SLEEPERS 116
 #define OFF_SEQ_WATCH 120 /* futex word fileno()'s watcher threads sleep on */
 #define OFF_WATCHERS 124  /* watchers asleep there (a hint, zeroed by whoever wakes them) */
-#define RING 128
+#define OFF_MUTEX 0
+#define OFF_PUT_MUTEX 128 /* producers' mutex: held from finding room to committing */
+#define OFF_GET_MUTEX 192 /* consumers' mutex: held from finding a record to committing its take */
+#define RING 256
+#define BIG_COPY 65536 /* a record this long or longer is copied without the ring's mutex */
 #define REC 8 /* a record's header: u32 payload length, u32 tag */
 #define TAG_WRAP 0xFFFFFFFFu
 #define TAG_PICKLE 1
@@ -147,15 +158,31 @@ repair(QueueCore *self)
         *U64(self, OFF_UNFINISHED) = count;
 }
 
-/* Take the mutex; -1 with an exception set if that fails (a signal handler's exception included). */
-static int
-q_lock(QueueCore *self)
+static void
+unlock_at(QueueCore *self, int off)
 {
-    pthread_mutex_t *mutex = (pthread_mutex_t *)self->base;
+    pthread_mutex_unlock((pthread_mutex_t *)(self->base + off));
+}
+
+/* Take the mutex at `off` (OFF_MUTEX, OFF_PUT_MUTEX or OFF_GET_MUTEX). 0: taken. -1: an exception
+ * is set (a signal handler's included). `outer`: the side mutex the caller holds, or -1. Holding
+ * one, a wait that reaches the end of a slice lets it go before it runs Python's signal handlers
+ * (a handler may call this queue), and returns 1: the caller starts its operation over. On -1,
+ * `outer` is let go too. Repairs the ring if the ring mutex's holder died. */
+static int
+lock_at(QueueCore *self, int off, int outer)
+{
+    pthread_mutex_t *mutex = (pthread_mutex_t *)(self->base + off);
     int rc = pthread_mutex_trylock(mutex);
     while (rc == EBUSY || rc == ETIMEDOUT || rc == EINTR) {
-        if (rc != EBUSY && PyErr_CheckSignals() < 0)
-            return -1;
+        if (rc != EBUSY) {
+            if (outer >= 0)
+                unlock_at(self, outer);
+            if (PyErr_CheckSignals() < 0)
+                return -1;
+            if (outer >= 0)
+                return 1;
+        }
         Py_BEGIN_ALLOW_THREADS
 #if __GLIBC_PREREQ(2, 30)
         long long end = monotonic_ns() + SLICE_NS;
@@ -172,11 +199,14 @@ q_lock(QueueCore *self)
         Py_END_ALLOW_THREADS
     }
     if (rc == EOWNERDEAD) {
-        repair(self);
+        if (off == OFF_MUTEX)
+            repair(self);
         rc = pthread_mutex_consistent(mutex);
         if (rc != 0)
             pthread_mutex_unlock(mutex);
     }
+    if (rc != 0 && outer >= 0)
+        unlock_at(self, outer);
     if (rc == EDEADLK) {
         PyErr_SetString(PyExc_RuntimeError, "this thread is inside an operation on this shmem queue already");
         return -1;
@@ -189,10 +219,30 @@ q_lock(QueueCore *self)
     return 0;
 }
 
+/* The ring's mutex alone (task_done, join, state). */
+static int
+q_lock(QueueCore *self)
+{
+    return lock_at(self, OFF_MUTEX, -1);
+}
+
 static void
 q_unlock(QueueCore *self)
 {
-    pthread_mutex_unlock((pthread_mutex_t *)self->base);
+    unlock_at(self, OFF_MUTEX);
+}
+
+/* A side's mutex, then the ring's: 0, or -1 with an exception (neither held then). */
+static int
+lock_side(QueueCore *self, int side)
+{
+    for (;;) {
+        if (lock_at(self, side, -1) < 0)
+            return -1;
+        int rc = lock_at(self, OFF_MUTEX, side);
+        if (rc <= 0)
+            return rc;
+    }
 }
 
 static void
@@ -309,7 +359,8 @@ typedef struct {
                           list this process unpickled from it already */
     uint32_t tag;
     uint32_t first, stop, n; /* a batch: this take got items first..stop-1 of its n */
-    uint64_t pos;            /* a batch: the record's position in the ring (never reused) */
+    uint64_t pos;            /* a batch, or a large record: the record's position in the ring (never reused) */
+    uint32_t length;         /* a large record found by take_one and not taken yet: its payload's bytes */
     int cached;
 } took_t;
 
@@ -334,9 +385,16 @@ room_for(QueueCore *self, uint64_t size, uint32_t items, uint64_t head, uint64_t
     return (long long)skip;
 }
 
-/* Append one record (mutex held). 1: done; 0: no room now; -1: damaged (exception set). */
+/* Where a record goes: found under the ring's mutex, written past the tail, then committed. */
+typedef struct {
+    uint64_t tail; /* the tail it was placed at */
+    uint64_t skip; /* bytes of a wrap record before it (0: none) */
+} spot_t;
+
+/* Room for one record (both the producers' and the ring's mutexes held): 1, with *spot set; 0: no
+ * room now; -1: damaged (exception set). */
 static int
-append_record(QueueCore *self, const record_t *rec)
+find_room(QueueCore *self, const record_t *rec, spot_t *spot)
 {
     uint64_t head = *U64(self, OFF_HEAD), tail = *U64(self, OFF_TAIL), cap = self->capacity;
     if (tail - head > cap || head % 8 || tail % 8)
@@ -345,20 +403,33 @@ append_record(QueueCore *self, const record_t *rec)
     if (head == tail && cap - tail % cap < size) {
         /* An empty ring whose free bytes are split by the end: restart both ends at offset 0, else
          * a record larger than the part left before the end could never be placed. head first: a
-         * crash before tail moves leaves head past tail, which repair() empties. */
+         * crash before tail moves leaves head past tail, which repair() empties. (No consumer is
+         * inside a take: one would have a record between head and tail.) */
         head = tail + (cap - tail % cap);
         *U64(self, OFF_HEAD) = head;
+        *U64(self, OFF_TAIL) = head;
         tail = head;
     }
     long long skip = room_for(self, size, rec->items, head, tail);
     if (skip < 0)
         return 0;
+    spot->tail = tail;
+    spot->skip = (uint64_t)skip;
+    return 1;
+}
+
+/* Write a record at its spot, past the tail: no one reads there, so only the producers' mutex
+ * needs to be held. */
+static void
+write_record(QueueCore *self, const record_t *rec, const spot_t *spot)
+{
     char *ring = self->base + RING;
-    if (skip) {
+    uint64_t cap = self->capacity, tail = spot->tail;
+    if (spot->skip) {
         uint32_t *wrap = (uint32_t *)(ring + tail % cap);
         wrap[0] = 0;
         wrap[1] = TAG_WRAP;
-        tail += (uint64_t)skip;
+        tail += spot->skip;
     }
     uint32_t *header = (uint32_t *)(ring + tail % cap);
     header[0] = (uint32_t)rec->length;
@@ -368,17 +439,28 @@ append_record(QueueCore *self, const record_t *rec)
         memcpy(out, rec->views[i].buf, (size_t)rec->views[i].len);
         out += rec->views[i].len;
     }
-    *U64(self, OFF_TAIL) = tail + size; /* commit: tail, then count (repair recounts between) */
+}
+
+/* Make a written record visible (both mutexes held): tail, then count (repair recounts between).
+ * 0, or 1 if the tail moved since find_room - only a repair of a damaged ring moves it under a
+ * producer - and the record must be placed again. */
+static int
+commit_record(QueueCore *self, const record_t *rec, const spot_t *spot)
+{
+    if (*U64(self, OFF_TAIL) != spot->tail)
+        return 1;
+    *U64(self, OFF_TAIL) = spot->tail + spot->skip + rec_size(rec->length);
     *U64(self, OFF_COUNT) += rec->items;
     if (self->joinable)
         *U64(self, OFF_UNFINISHED) += rec->items;
-    return 1;
+    return 0;
 }
 
-/* Take the first record, or up to `max_items` of a batch record's items (mutex held; no Python
- * code runs: nothing here allocates a tracked object). 1: taken into *t; 0: the ring is empty;
- * -1: damaged (exception set). `use_cache`: a batch this process unpickled already comes as its
- * list (the caller decodes; the raw calls want the pickle). */
+/* Take the first record, or up to `max_items` of a batch record's items (the consumers' and the
+ * ring's mutexes held; no Python code runs: nothing here allocates a tracked object). 1: taken
+ * into *t; 0: the ring is empty; 2: the first record is a large one, not taken (*t has its tag,
+ * pos and length: copy_out takes it); -1: damaged (exception set). `use_cache`: a batch this
+ * process unpickled already comes as its list (the caller decodes; the raw calls want the pickle). */
 static int
 take_one(QueueCore *self, took_t *t, uint64_t max_items, int use_cache)
 {
@@ -425,6 +507,10 @@ take_one(QueueCore *self, took_t *t, uint64_t max_items, int use_cache)
                 t->cached = 1;
             } else
                 t->payload = PyBytes_FromStringAndSize(data + BATCH_HEAD, (Py_ssize_t)(length - BATCH_HEAD));
+        } else if (length >= BIG_COPY) {
+            t->pos = head;
+            t->length = length;
+            return 2;
         } else {
             /* A record with out-of-band buffers comes out writable: the arrays unpickled from it
              * are views of this copy, writable as multiprocessing's are. */
@@ -470,30 +556,67 @@ too_big(QueueCore *self, uint64_t length)
 
 /* Append recs[0..n) in order, in as few locked sections as there is room for, each waiting for
  * room in turn (timeout_ns: -1 forever, 0 not at all). Returns how many were put (all, unless the
- * time ran out), or -1 with an exception. Every record's size was checked (too_big). */
+ * time ran out), or -1 with an exception. Every record's size was checked (too_big). A large
+ * record is copied with the producers' mutex held and the ring's free. */
 static Py_ssize_t
 put_records(QueueCore *self, const record_t *recs, Py_ssize_t n, long long timeout_ns)
 {
     long long end = timeout_ns < 0 ? -1 : monotonic_ns() + timeout_ns;
     Py_ssize_t done = 0;
-    int spun = 0, w = 0;
-    if (q_lock(self) < 0)
-        return -1;
-    while (done < n) {
-        int rc = append_record(self, &recs[done]);
-        if (rc < 0) {
-            q_unlock(self);
+    int spun = 0, w = 0, fresh = 0; /* fresh: put something no sleeper was woken for yet */
+    for (;;) { /* a round: the producers' mutex, then the ring's */
+        if (lock_side(self, OFF_PUT_MUTEX) < 0)
             return -1;
-        }
-        if (rc) {
+        int rc = 0, held = 1;
+        while (done < n) {
+            spot_t spot;
+            rc = find_room(self, &recs[done], &spot);
+            if (rc <= 0)
+                break;
+            if (recs[done].length >= BIG_COPY) {
+                /* Consumers take what is there while this copies (one is woken first, if one
+                 * sleeps and this call put something already). */
+                w = (fresh && count_out(self, OFF_SEQ_GET, OFF_GET_SLEEPERS)) || w;
+                fresh = 0;
+                q_unlock(self);
+                if (w)
+                    wake(self, OFF_SEQ_GET, 1);
+                w = 0;
+                write_record(self, &recs[done], &spot);
+                rc = lock_at(self, OFF_MUTEX, OFF_PUT_MUTEX);
+                if (rc != 0) { /* -1: an exception; 1: signal handlers ran. Nothing held either way. */
+                    held = 0;
+                    break;
+                }
+                if (commit_record(self, &recs[done], &spot) != 0)
+                    continue;
+            } else {
+                write_record(self, &recs[done], &spot);
+                commit_record(self, &recs[done], &spot); /* the ring's mutex was held throughout */
+            }
             done++;
+            fresh = 1;
+        }
+        if (!held) {
+            if (rc < 0)
+                return -1;
             continue;
         }
-        /* Full: let the consumers at what is there, then wait for room. */
+        if (rc < 0) {
+            q_unlock(self);
+            unlock_at(self, OFF_PUT_MUTEX);
+            return -1;
+        }
+        if (done == n)
+            break;
+        /* Full: let the consumers at what is there, then wait for room - without the producers'
+         * mutex, so that another producer's put_nowait does not wait for this one. */
         w = count_out(self, OFF_SEQ_GET, OFF_GET_SLEEPERS) || w;
+        fresh = 0;
         long long left = end < 0 ? -1 : end - monotonic_ns();
         if (end >= 0 && left <= 0)
             break;
+        unlock_at(self, OFF_PUT_MUTEX);
         if (!spun || w) {
             uint64_t seen = *U64(self, OFF_COUNT);
             q_unlock(self);
@@ -503,15 +626,15 @@ put_records(QueueCore *self, const record_t *recs, Py_ssize_t n, long long timeo
             if (!spun)
                 spin(self, seen, SPIN_NS);
             spun = 1;
-            if (q_lock(self) < 0)
-                return -1;
             continue;
         }
         if (sleep_once(self, OFF_SEQ_PUT, OFF_PUT_SLEEPERS, left) < 0)
             return -1;
+        q_unlock(self);
     }
-    w = (done && count_out(self, OFF_SEQ_GET, OFF_GET_SLEEPERS)) || w;
+    w = (fresh && count_out(self, OFF_SEQ_GET, OFF_GET_SLEEPERS)) || w;
     q_unlock(self);
+    unlock_at(self, OFF_PUT_MUTEX);
     if (w)
         wake(self, OFF_SEQ_GET, 1);
     if (done)
@@ -590,9 +713,46 @@ put_parts(QueueCore *self, PyObject *parts, uint32_t tag, long long timeout_ns)
     return rc;
 }
 
+/* Take the large record take_one found (*t: its tag, pos and length), copying it out with the
+ * consumers' mutex held and the ring's free. 1: taken into *t; 0: the ring changed meanwhile,
+ * nothing taken (both mutexes held: look again); -1 with an exception, or 2: signal handlers ran
+ * (neither mutex held, either way). */
+static int
+copy_out(QueueCore *self, took_t *t)
+{
+    uint64_t cap = self->capacity, size = rec_size(t->length);
+    const char *data = self->base + RING + t->pos % cap + REC; /* checked by take_one to fit the ring */
+    q_unlock(self);
+    /* A record with out-of-band buffers comes out writable, as take_one's do. */
+    PyObject *payload = t->tag == TAG_OOB ? PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)t->length)
+                                          : PyBytes_FromStringAndSize(NULL, (Py_ssize_t)t->length);
+    if (payload == NULL) {
+        unlock_at(self, OFF_GET_MUTEX);
+        return -1;
+    }
+    memcpy(t->tag == TAG_OOB ? PyByteArray_AS_STRING(payload) : PyBytes_AS_STRING(payload), data, t->length);
+    int rc = lock_at(self, OFF_MUTEX, OFF_GET_MUTEX);
+    if (rc != 0) {
+        Py_DECREF(payload);
+        return rc < 0 ? -1 : 2;
+    }
+    uint64_t head = *U64(self, OFF_HEAD), tail = *U64(self, OFF_TAIL);
+    if (head != t->pos || tail - head > cap || tail - head < size) { /* a repair cut the ring meanwhile */
+        Py_DECREF(payload);
+        return 0;
+    }
+    *U64(self, OFF_HEAD) = head + size; /* commit: head, then count */
+    uint64_t count = *U64(self, OFF_COUNT);
+    *U64(self, OFF_COUNT) = count > 1 ? count - 1 : 0;
+    t->payload = payload;
+    t->cached = 0;
+    return 1;
+}
+
 /* Take up to `max_items` items into took[0..max_entries), waiting (as timeout_ns says) for the
  * first only. Returns the entries filled, 0 if none came in time, -1 with an exception (then
- * nothing was taken). Builds no Python object that could run code under the mutex. */
+ * nothing was taken). Builds no Python object that could run code under the mutex. A large
+ * record is taken alone (copy_out). */
 static Py_ssize_t
 take_records(QueueCore *self, took_t *took, Py_ssize_t max_entries, uint64_t max_items, long long timeout_ns,
              int use_cache)
@@ -601,13 +761,31 @@ take_records(QueueCore *self, took_t *took, Py_ssize_t max_entries, uint64_t max
     int spun = timeout_ns == 0;
     Py_ssize_t n = 0;
     uint64_t items = 0;
-    if (q_lock(self) < 0)
-        return -1;
-    for (;;) {
+    for (;;) { /* a round: the consumers' mutex, then the ring's */
+        if (lock_side(self, OFF_GET_MUTEX) < 0)
+            return -1;
+        int restart = 0;
         while (n < max_entries && items < max_items) {
             int rc = take_one(self, &took[n], max_items - items, use_cache);
+            if (rc == 2) {
+                if (n > 0)
+                    break; /* a large record goes alone, in the next take */
+                rc = copy_out(self, &took[0]);
+                if (rc == 0)
+                    continue;
+                if (rc < 0)
+                    return -1;
+                if (rc == 2) {
+                    restart = 1;
+                    break;
+                }
+                n = 1;
+                items = 1;
+                break;
+            }
             if (rc < 0 && n == 0) {
                 q_unlock(self);
+                unlock_at(self, OFF_GET_MUTEX);
                 return -1;
             }
             if (rc < 0) /* return what was taken: the next call meets the damage again */
@@ -617,25 +795,29 @@ take_records(QueueCore *self, took_t *took, Py_ssize_t max_entries, uint64_t max
             items += took_items(&took[n]);
             n++;
         }
+        if (restart)
+            continue;
         if (n > 0)
             break;
         long long left = end < 0 ? -1 : end - monotonic_ns();
         if (end >= 0 && left <= 0)
             break;
+        /* Wait without the consumers' mutex: another consumer's get_nowait does not wait for this one. */
+        unlock_at(self, OFF_GET_MUTEX);
         if (!spun) {
             q_unlock(self);
             spin(self, 0, SPIN_NS);
             spun = 1;
-            if (q_lock(self) < 0)
-                return -1;
             continue;
         }
         if (sleep_once(self, OFF_SEQ_GET, OFF_GET_SLEEPERS, left) < 0)
             return -1;
+        q_unlock(self);
     }
     int w = n ? count_out(self, OFF_SEQ_PUT, OFF_PUT_SLEEPERS) : 0;
     int emptied = n && *U64(self, OFF_COUNT) == 0;
     q_unlock(self);
+    unlock_at(self, OFF_GET_MUTEX);
     if (w)
         wake(self, OFF_SEQ_PUT, 1);
     if (emptied)
@@ -1447,7 +1629,8 @@ PyInit__queue(void)
         return NULL;
     Py_INCREF(&QueueCoreType);
     if (PyModule_AddObject(m, "QueueCore", (PyObject *)&QueueCoreType) < 0 ||
-        PyModule_AddIntConstant(m, "QUEUE_VERSION", QUEUE_VERSION) < 0 || PyModule_AddIntConstant(m, "RING", RING) < 0) {
+        PyModule_AddIntConstant(m, "QUEUE_VERSION", QUEUE_VERSION) < 0 || PyModule_AddIntConstant(m, "RING", RING) < 0 ||
+        PyModule_AddIntConstant(m, "BIG_COPY", BIG_COPY) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -2,8 +2,8 @@
 
 A queue is one block (kind ``queue``)::
 
-    offset 0     internal mutex: glibc robust, process-shared, error-checking (MUTEX_SIZE bytes)
-    offset 64    control words, all changed under the mutex
+    offset 0     the ring's mutex: glibc robust, process-shared, error-checking (MUTEX_SIZE bytes)
+    offset 64    control words, all changed under the ring's mutex
                    64  u64 head        byte position of the first record (grows without end;
                    72  u64 tail        byte position past the last record  the ring offset is
                    80  u64 count       items in the ring                   position % capacity)
@@ -17,7 +17,13 @@ A queue is one block (kind ``queue``)::
                   120  u32 seq_watch, 124 u32 watchers: fileno()'s watcher threads wait there
                        for the queue to change between empty and not (bumped, and every
                        watcher woken, by a put and by a get that empties the queue)
-    offset 128   the ring: ``capacity`` bytes (a multiple of 8) of records, each
+    offset 128   the producers' mutex (as the ring's): a producer holds it from finding room
+                 for its record to committing it, so it may copy a large record with the ring's
+                 mutex free, past the tail, where no one reads
+    offset 192   the consumers' mutex: a consumer holds it from finding its record to moving
+                 head past it, so it may copy a large record out with the ring's mutex free
+                 (lock order: a side's mutex, then the ring's)
+    offset 256   the ring: ``capacity`` bytes (a multiple of 8) of records, each
                    u32 length, u32 tag, payload padded to 8 bytes
                  tag 1: a pickle; 2: bytes (send_bytes); 3: a pickle with out-of-band buffers
                  (an array's data beside its pickle, not inside it):
@@ -36,7 +42,7 @@ A queue is one block (kind ``queue``)::
 Kind header (``extra`` of the block's trailer, checksummed with it)::
 
     0   8s  magic b"shmqueue"      16  Q  capacity (ring bytes)
-    8   H   version (2)            24  Q  maxsize (items; 0: only the ring's bytes limit it)
+    8   H   version (3)            24  Q  maxsize (items; 0: only the ring's bytes limit it)
     10  H   flags (1: joinable)    32  16s C library of the mutex (b"glibc")
     12  I   mutex size
 
@@ -54,14 +60,19 @@ from .._errors import CorruptSegment
 from . import sync_wait
 
 MAGIC = b"shmqueue"
-VERSION = 2  # 2: batch records (tag 4), and ``count`` counts items, not records
+VERSION = 3  # 2: batch records, ``count`` counts items; 3: the producers' and consumers' mutexes
 FLAG_JOINABLE = 1
 
 OFF_HEAD, OFF_TAIL, OFF_COUNT, OFF_UNFINISHED = 64, 72, 80, 88
 OFF_SEQ_GET, OFF_SEQ_PUT, OFF_GET_SLEEPERS, OFF_PUT_SLEEPERS = 96, 100, 104, 108
 OFF_SEQ_JOIN, OFF_JOIN_SLEEPERS = 112, 116
 OFF_SEQ_WATCH, OFF_WATCHERS = 120, 124
-RING = 128
+OFF_MUTEX, OFF_PUT_MUTEX, OFF_GET_MUTEX = 0, 128, 192
+MUTEX_OFFSETS = (OFF_MUTEX, OFF_PUT_MUTEX, OFF_GET_MUTEX)
+RING = 256
+#: A record whose payload is this long or longer is copied into and out of the ring with only
+#: its side's mutex held (C), and is taken alone: get_many stops before one, or returns it by itself.
+BIG_COPY = 1 << 16
 REC = 8  # a record's header: u32 length, u32 tag
 
 TAG_PICKLE, TAG_BYTES, TAG_PICKLE_OOB, TAG_BATCH, TAG_PLAIN, TAG_PLAIN_BATCH, TAG_WRAP = 1, 2, 3, 4, 5, 6, 0xFFFFFFFF
@@ -103,9 +114,12 @@ def kind_header(capacity: int, maxsize: int, joinable: bool) -> bytes:
 
 
 def initial() -> bytes:
-    """The block's first bytes: an initialised mutex, zero control words."""
+    """The block's first ``RING`` bytes: its three mutexes initialised, zero control words."""
     mutex = sync_wait.new_sync_mutex()
-    return mutex + bytes(RING - len(mutex))
+    out = bytearray(RING)
+    for off in MUTEX_OFFSETS:
+        out[off : off + len(mutex)] = mutex
+    return bytes(out)
 
 
 def parse_kind_header(extra: bytes, block_size: Optional[int] = None) -> QueueHeader:
@@ -133,8 +147,11 @@ def parse_kind_header(extra: bytes, block_size: Optional[int] = None) -> QueueHe
 def check_mutex(data: bytes, name: str) -> None:
     """The block's mutex is one this build can use (the kind word it initialises)."""
     kind = sync_wait.mutex_kind()
-    if data[sync_wait.KIND_OFFSET : sync_wait.KIND_OFFSET + 4] != kind:
-        raise CorruptSegment(f"shared memory block {name!r}: the queue's mutex is not a robust process-shared mutex")
+    for off in MUTEX_OFFSETS:
+        if data[off + sync_wait.KIND_OFFSET : off + sync_wait.KIND_OFFSET + 4] != kind:
+            raise CorruptSegment(
+                f"shared memory block {name!r}: the queue's mutex at {off} is not a robust process-shared mutex"
+            )
 
 
 class QueueState(NamedTuple):

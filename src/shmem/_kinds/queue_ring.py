@@ -26,11 +26,14 @@ from . import lock_layout, queue_plain, sync_wait
 from .queue_layout import (
     BATCH_HEAD,
     BATCH_TAGS,
+    BIG_COPY,
     MAX_OOB_BUFFERS,
     OFF_COUNT,
+    OFF_GET_MUTEX,
     OFF_GET_SLEEPERS,
     OFF_HEAD,
     OFF_JOIN_SLEEPERS,
+    OFF_PUT_MUTEX,
     OFF_PUT_SLEEPERS,
     OFF_SEQ_GET,
     OFF_SEQ_JOIN,
@@ -51,7 +54,7 @@ from .queue_layout import (
     record_size,
 )
 
-QUEUE_VERSION = 2
+QUEUE_VERSION = 3
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 SLICE_NS = sync_wait.SLICE_NS
 SPIN_NS = 20_000
@@ -237,6 +240,38 @@ class PyRingCore:
         finally:
             restore_signals(mask)
 
+    def _lock_side(self, side: int) -> Any:
+        """Block signals, take a side's mutex (the producers' or the consumers'), then the
+        ring's, as C's lock_side; the old signal mask. (The twin copies every record under
+        both, which C's protocol allows.)"""
+        mask = block_signals()
+        try:
+            self._calls.lock(side)  # a holder that died left nothing to repair
+            try:
+                if self._calls.lock(0):
+                    self._repair()
+            except BaseException:
+                self._calls.unlock(side)
+                raise
+        except BaseException:
+            restore_signals(mask)
+            raise
+        return mask
+
+    def _unlock_side(self, side: int, mask: Any) -> None:
+        try:
+            self._calls.unlock(0)
+            self._calls.unlock(side)
+        finally:
+            restore_signals(mask)
+
+    def _let_go(self, side: int, side_held: bool, mask: Any) -> None:
+        """After an exception in a round: let go of what is held (the ring's mutex always)."""
+        if side_held:
+            self._unlock_side(side, mask)
+        else:
+            self._unlock(mask)
+
     def _repair(self) -> None:
         buf, cap = self._buf(), self.capacity
         head, tail = self._u64(OFF_HEAD), self._u64(OFF_TAIL)
@@ -343,6 +378,7 @@ class PyRingCore:
         if head == tail and cap - tail % cap < size:  # as in C: an empty ring restarts at offset 0
             head = tail = tail + (cap - tail % cap)
             self._set64(OFF_HEAD, head)
+            self._set64(OFF_TAIL, tail)
         at = tail % cap
         skip = cap - at if cap - at < size else 0
         if cap - (tail - head) < skip + size:
@@ -362,7 +398,9 @@ class PyRingCore:
             self._set64(OFF_UNFINISHED, self._u64(OFF_UNFINISHED) + items)
         return True
 
-    def _take(self, max_items: int = 1) -> Optional[Item]:
+    def _take(self, max_items: int = 1, first: bool = True) -> Optional[Item]:
+        """The first record's take, or None: the ring is empty, or (not ``first``) the first
+        record is a large one, which is taken alone (as in C)."""
         head, tail = self._ends()
         cap, buf = self.capacity, self._buf()
         while True:
@@ -384,6 +422,8 @@ class PyRingCore:
             size = record_size(length)
             if size > room or size > tail - head:
                 raise _corrupt("a record is longer than the ring holds")
+            if not first and length >= BIG_COPY and tag not in BATCH_TAGS:
+                return None
             got = 1
             item: Item
             if tag in BATCH_TAGS:
@@ -430,31 +470,39 @@ class PyRingCore:
 
     def _put_records(self, records: List[Tuple[Any, int, int]], timeout_ns: int) -> int:
         end = -1 if timeout_ns < 0 else time.monotonic_ns() + timeout_ns
-        done, spun = 0, False
-        mask = self._lock()
-        try:
-            while done < len(records):
-                if self._append(*records[done]):
+        done, spun, w = 0, False, False
+        while True:  # a round: the producers' mutex, then the ring's (as in C)
+            mask = self._lock_side(OFF_PUT_MUTEX)
+            side_held = True
+            try:
+                while done < len(records) and self._append(*records[done]):
                     done += 1
-                    continue
-                w = self._count_out(OFF_SEQ_GET, OFF_GET_SLEEPERS)
+                if done < len(records):
+                    w = self._count_out(OFF_SEQ_GET, OFF_GET_SLEEPERS) or w
                 left = -1 if end < 0 else end - time.monotonic_ns()
-                if end >= 0 and left <= 0:
-                    break
-                if not spun or w:
-                    seen = self._u64(OFF_COUNT)
+                if done == len(records) or (end >= 0 and left <= 0):
+                    w = (done > 0 and self._count_out(OFF_SEQ_GET, OFF_GET_SLEEPERS)) or w
+                    break  # both held
+                # Full: wait for room without the producers' mutex, so that another
+                # producer's put_nowait does not wait for this one.
+                self._calls.unlock(OFF_PUT_MUTEX)
+                side_held = False
+                if spun and not w:
+                    mask = self._sleep_once(mask, OFF_SEQ_PUT, OFF_PUT_SLEEPERS, left)
                     self._unlock(mask)
-                    if w:
-                        self._wake(OFF_SEQ_GET, 1)
-                    if not spun:
-                        self._spin(seen)
-                        spun = True
-                    mask = self._lock()
                     continue
-                mask = self._sleep_once(mask, OFF_SEQ_PUT, OFF_PUT_SLEEPERS, left)
-            w = done > 0 and self._count_out(OFF_SEQ_GET, OFF_GET_SLEEPERS)
-        finally:
-            self._unlock(mask)
+                seen = self._u64(OFF_COUNT)
+                self._unlock(mask)
+            except BaseException:
+                self._let_go(OFF_PUT_MUTEX, side_held, mask)
+                raise
+            if w:
+                self._wake(OFF_SEQ_GET, 1)
+                w = False
+            if not spun:
+                self._spin(seen)
+                spun = True
+        self._unlock_side(OFF_PUT_MUTEX, mask)
         if w:
             self._wake(OFF_SEQ_GET, 1)
         if done:
@@ -471,12 +519,13 @@ class PyRingCore:
         items = 0
         end = -1 if timeout_ns < 0 else time.monotonic_ns() + timeout_ns
         spun = timeout_ns == 0
-        mask = self._lock()
-        try:
-            while True:
+        while True:  # a round: the consumers' mutex, then the ring's (as in C)
+            mask = self._lock_side(OFF_GET_MUTEX)
+            side_held = True
+            try:
                 while items < max_items:
                     try:
-                        item = self._take(max_items - items)
+                        item = self._take(max_items - items, not out)
                     except CorruptSegment:
                         if out:
                             break  # return what was taken; the next call meets the damage again
@@ -485,22 +534,28 @@ class PyRingCore:
                         break
                     out.append(item)
                     items += item[3] - item[2] if item[0] in BATCH_TAGS else 1
-                if out or max_items <= 0:
-                    break
+                    if item[0] not in BATCH_TAGS and len(item[1]) >= BIG_COPY:
+                        break  # a large record goes alone (as in C)
                 left = -1 if end < 0 else end - time.monotonic_ns()
-                if end >= 0 and left <= 0:
-                    break
-                if not spun:
+                if out or max_items <= 0 or (end >= 0 and left <= 0):
+                    w = bool(out) and self._count_out(OFF_SEQ_PUT, OFF_PUT_SLEEPERS)
+                    emptied = bool(out) and self._u64(OFF_COUNT) == 0
+                    break  # both held
+                # Wait without the consumers' mutex: another consumer's get_nowait does not
+                # wait for this one.
+                self._calls.unlock(OFF_GET_MUTEX)
+                side_held = False
+                if spun:
+                    mask = self._sleep_once(mask, OFF_SEQ_GET, OFF_GET_SLEEPERS, left)
                     self._unlock(mask)
-                    self._spin(0)
-                    spun = True
-                    mask = self._lock()
                     continue
-                mask = self._sleep_once(mask, OFF_SEQ_GET, OFF_GET_SLEEPERS, left)
-            w = bool(out) and self._count_out(OFF_SEQ_PUT, OFF_PUT_SLEEPERS)
-            emptied = bool(out) and self._u64(OFF_COUNT) == 0
-        finally:
-            self._unlock(mask)
+                self._unlock(mask)
+            except BaseException:
+                self._let_go(OFF_GET_MUTEX, side_held, mask)
+                raise
+            self._spin(0)
+            spun = True
+        self._unlock_side(OFF_GET_MUTEX, mask)
         if w:
             self._wake(OFF_SEQ_PUT, 1)
         if emptied:
