@@ -571,6 +571,10 @@ def test_holder_of_a_side_mutex_sigkilled(side: str) -> None:
     def hold() -> None:
         calls = sync_wait.calls(q._block.mapping)
         calls.lock(off)
+        busy = off + queue_layout.BUSY_AFTER_MUTEX  # as a copier sets it, under the ring's mutex
+        calls.lock(0)
+        struct.pack_into("<I", q._block.mapping, busy, 1)
+        calls.unlock(0)
         if side == "producers":  # a record written past the tail, never committed
             tail = struct.unpack_from("<Q", q._block.mapping, queue_layout.OFF_TAIL)[0]
             at = queue_layout.RING + tail % (1 << 18)
@@ -585,11 +589,14 @@ def test_holder_of_a_side_mutex_sigkilled(side: str) -> None:
     os.close(r)
     assert mutex_word(q) != 0
     kill_and_reap(pid)
+    q.put("d0", timeout=10)  # small: finds the side busy, takes the dead holder's mutex over
     q.send_bytes(b"c" * 100_000, timeout=10)  # a large record: copied without the ring's mutex
     q.put("d", timeout=10)
-    assert q.get_many(2, timeout=10) == ["a", "b"]
+    assert q.get_many(3, timeout=10) == ["a", "b", "d0"]
     assert q.recv_bytes(timeout=10) == b"c" * 100_000 and q.get(timeout=10) == "d"
     assert q.empty() and mutex_word(q) == 0
+    for busy in (queue_layout.OFF_PUT_MUTEX, queue_layout.OFF_GET_MUTEX):
+        assert struct.unpack_from("<I", q._block.mapping, busy + queue_layout.BUSY_AFTER_MUTEX)[0] == 0
     q.close()
 
 

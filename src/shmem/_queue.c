@@ -7,10 +7,13 @@
  *
  * Every change to the control words happens under the ring's mutex, in this file without running
  * any Python code in between: a signal handler can never run while this process holds it. A
- * producer holds the producers' mutex from finding room to committing, and a consumer the
- * consumers' from finding its record to committing, so one side's copy need not hold the ring's
- * mutex: a large record (BIG_COPY bytes or more) is copied with only its side's mutex held, and a
- * producer's copy runs while a consumer copies another record out. A producer writes its record
+ * small record is put or taken under the ring's mutex alone. A large one (BIG_COPY bytes or more)
+ * is copied with only its side's mutex held - the producers' from finding room to committing, the
+ * consumers' from finding the record to moving head past it - and that side's busy word set, so
+ * that a producer's copy runs while a consumer copies another record out. A small put (or take)
+ * that finds its side busy waits for the copy to end by taking the side's mutex first; who holds
+ * a side's mutex clears a busy word left set (by a copier that died, or started over after a
+ * signal). A producer writes its record
  * past `tail` (no one reads there), then moves `tail` and `count`; a consumer copies its record
  * out (no one writes between head and tail), then moves `head` and `count`. A process that dies
  * holding the ring's mutex has committed nothing, or committed a move half-way (tail moved, count
@@ -64,6 +67,9 @@
 #define OFF_MUTEX 0
 #define OFF_PUT_MUTEX 128 /* producers' mutex: held from finding room to committing */
 #define OFF_GET_MUTEX 192 /* consumers' mutex: held from finding a record to committing its take */
+#define BUSY(side) ((side) + 48) /* u32 after a side's mutex: 1 while that side copies a large record */
+#define OFF_PUT_BUSY BUSY(OFF_PUT_MUTEX)
+#define OFF_GET_BUSY BUSY(OFF_GET_MUTEX)
 #define RING 256
 #define BIG_COPY 65536 /* a record this long or longer is copied without the ring's mutex */
 #define REC 8 /* a record's header: u32 payload length, u32 tag */
@@ -232,7 +238,8 @@ q_unlock(QueueCore *self)
     unlock_at(self, OFF_MUTEX);
 }
 
-/* A side's mutex, then the ring's: 0, or -1 with an exception (neither held then). */
+/* A side's mutex, then the ring's: 0, or -1 with an exception (neither held then). The side's busy
+ * word is cleared: no copy of that side is in flight while its mutex is held here. */
 static int
 lock_side(QueueCore *self, int side)
 {
@@ -240,9 +247,31 @@ lock_side(QueueCore *self, int side)
         if (lock_at(self, side, -1) < 0)
             return -1;
         int rc = lock_at(self, OFF_MUTEX, side);
-        if (rc <= 0)
-            return rc;
+        if (rc < 0)
+            return -1;
+        if (rc == 0) {
+            *U32(self, BUSY(side)) = 0;
+            return 0;
+        }
     }
+}
+
+/* The ring's mutex for one side's put or take, and the side's too (*side_held) if a large copy
+ * of that side is in flight: this then waits for its end. 0, or -1 with an exception (nothing
+ * held then). */
+static int
+lock_for(QueueCore *self, int side, int *side_held)
+{
+    *side_held = 0;
+    if (q_lock(self) < 0)
+        return -1;
+    if (*U32(self, BUSY(side)) == 0)
+        return 0;
+    q_unlock(self);
+    if (lock_side(self, side) < 0)
+        return -1;
+    *side_held = 1;
+    return 0;
 }
 
 static void
@@ -564,8 +593,9 @@ put_records(QueueCore *self, const record_t *recs, Py_ssize_t n, long long timeo
     long long end = timeout_ns < 0 ? -1 : monotonic_ns() + timeout_ns;
     Py_ssize_t done = 0;
     int spun = 0, w = 0, fresh = 0; /* fresh: put something no sleeper was woken for yet */
-    for (;;) { /* a round: the producers' mutex, then the ring's */
-        if (lock_side(self, OFF_PUT_MUTEX) < 0)
+    int side_held = 0;
+    for (;;) { /* a round: the ring's mutex (and the producers', for a large record) */
+        if (lock_for(self, OFF_PUT_MUTEX, &side_held) < 0)
             return -1;
         int rc = 0, held = 1;
         while (done < n) {
@@ -574,10 +604,18 @@ put_records(QueueCore *self, const record_t *recs, Py_ssize_t n, long long timeo
             if (rc <= 0)
                 break;
             if (recs[done].length >= BIG_COPY) {
+                if (!side_held) { /* take the producers' mutex first (lock order), then look again */
+                    q_unlock(self);
+                    if (lock_side(self, OFF_PUT_MUTEX) < 0)
+                        return -1;
+                    side_held = 1;
+                    continue;
+                }
                 /* Consumers take what is there while this copies (one is woken first, if one
                  * sleeps and this call put something already). */
                 w = (fresh && count_out(self, OFF_SEQ_GET, OFF_GET_SLEEPERS)) || w;
                 fresh = 0;
+                *U32(self, OFF_PUT_BUSY) = 1;
                 q_unlock(self);
                 if (w)
                     wake(self, OFF_SEQ_GET, 1);
@@ -588,6 +626,7 @@ put_records(QueueCore *self, const record_t *recs, Py_ssize_t n, long long timeo
                     held = 0;
                     break;
                 }
+                *U32(self, OFF_PUT_BUSY) = 0;
                 if (commit_record(self, &recs[done], &spot) != 0)
                     continue;
             } else {
@@ -604,7 +643,8 @@ put_records(QueueCore *self, const record_t *recs, Py_ssize_t n, long long timeo
         }
         if (rc < 0) {
             q_unlock(self);
-            unlock_at(self, OFF_PUT_MUTEX);
+            if (side_held)
+                unlock_at(self, OFF_PUT_MUTEX);
             return -1;
         }
         if (done == n)
@@ -616,7 +656,9 @@ put_records(QueueCore *self, const record_t *recs, Py_ssize_t n, long long timeo
         long long left = end < 0 ? -1 : end - monotonic_ns();
         if (end >= 0 && left <= 0)
             break;
-        unlock_at(self, OFF_PUT_MUTEX);
+        if (side_held)
+            unlock_at(self, OFF_PUT_MUTEX);
+        side_held = 0;
         if (!spun || w) {
             uint64_t seen = *U64(self, OFF_COUNT);
             q_unlock(self);
@@ -634,7 +676,8 @@ put_records(QueueCore *self, const record_t *recs, Py_ssize_t n, long long timeo
     }
     w = (fresh && count_out(self, OFF_SEQ_GET, OFF_GET_SLEEPERS)) || w;
     q_unlock(self);
-    unlock_at(self, OFF_PUT_MUTEX);
+    if (side_held)
+        unlock_at(self, OFF_PUT_MUTEX);
     if (w)
         wake(self, OFF_SEQ_GET, 1);
     if (done)
@@ -722,6 +765,7 @@ copy_out(QueueCore *self, took_t *t)
 {
     uint64_t cap = self->capacity, size = rec_size(t->length);
     const char *data = self->base + RING + t->pos % cap + REC; /* checked by take_one to fit the ring */
+    *U32(self, OFF_GET_BUSY) = 1;
     q_unlock(self);
     /* A record with out-of-band buffers comes out writable, as take_one's do. */
     PyObject *payload = t->tag == TAG_OOB ? PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)t->length)
@@ -732,10 +776,11 @@ copy_out(QueueCore *self, took_t *t)
     }
     memcpy(t->tag == TAG_OOB ? PyByteArray_AS_STRING(payload) : PyBytes_AS_STRING(payload), data, t->length);
     int rc = lock_at(self, OFF_MUTEX, OFF_GET_MUTEX);
-    if (rc != 0) {
+    if (rc != 0) { /* the busy word stays set: the next holder of the consumers' mutex clears it */
         Py_DECREF(payload);
         return rc < 0 ? -1 : 2;
     }
+    *U32(self, OFF_GET_BUSY) = 0;
     uint64_t head = *U64(self, OFF_HEAD), tail = *U64(self, OFF_TAIL);
     if (head != t->pos || tail - head > cap || tail - head < size) { /* a repair cut the ring meanwhile */
         Py_DECREF(payload);
@@ -761,8 +806,9 @@ take_records(QueueCore *self, took_t *took, Py_ssize_t max_entries, uint64_t max
     int spun = timeout_ns == 0;
     Py_ssize_t n = 0;
     uint64_t items = 0;
-    for (;;) { /* a round: the consumers' mutex, then the ring's */
-        if (lock_side(self, OFF_GET_MUTEX) < 0)
+    int side_held = 0;
+    for (;;) { /* a round: the ring's mutex (and the consumers', for a large record) */
+        if (lock_for(self, OFF_GET_MUTEX, &side_held) < 0)
             return -1;
         int restart = 0;
         while (n < max_entries && items < max_items) {
@@ -770,6 +816,13 @@ take_records(QueueCore *self, took_t *took, Py_ssize_t max_entries, uint64_t max
             if (rc == 2) {
                 if (n > 0)
                     break; /* a large record goes alone, in the next take */
+                if (!side_held) { /* take the consumers' mutex first (lock order), then look again */
+                    q_unlock(self);
+                    if (lock_side(self, OFF_GET_MUTEX) < 0)
+                        return -1;
+                    side_held = 1;
+                    continue;
+                }
                 rc = copy_out(self, &took[0]);
                 if (rc == 0)
                     continue;
@@ -785,7 +838,8 @@ take_records(QueueCore *self, took_t *took, Py_ssize_t max_entries, uint64_t max
             }
             if (rc < 0 && n == 0) {
                 q_unlock(self);
-                unlock_at(self, OFF_GET_MUTEX);
+                if (side_held)
+                    unlock_at(self, OFF_GET_MUTEX);
                 return -1;
             }
             if (rc < 0) /* return what was taken: the next call meets the damage again */
@@ -803,7 +857,9 @@ take_records(QueueCore *self, took_t *took, Py_ssize_t max_entries, uint64_t max
         if (end >= 0 && left <= 0)
             break;
         /* Wait without the consumers' mutex: another consumer's get_nowait does not wait for this one. */
-        unlock_at(self, OFF_GET_MUTEX);
+        if (side_held)
+            unlock_at(self, OFF_GET_MUTEX);
+        side_held = 0;
         if (!spun) {
             q_unlock(self);
             spin(self, 0, SPIN_NS);
@@ -817,7 +873,8 @@ take_records(QueueCore *self, took_t *took, Py_ssize_t max_entries, uint64_t max
     int w = n ? count_out(self, OFF_SEQ_PUT, OFF_PUT_SLEEPERS) : 0;
     int emptied = n && *U64(self, OFF_COUNT) == 0;
     q_unlock(self);
-    unlock_at(self, OFF_GET_MUTEX);
+    if (side_held)
+        unlock_at(self, OFF_GET_MUTEX);
     if (w)
         wake(self, OFF_SEQ_PUT, 1);
     if (emptied)

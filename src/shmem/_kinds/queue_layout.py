@@ -17,12 +17,16 @@ A queue is one block (kind ``queue``)::
                   120  u32 seq_watch, 124 u32 watchers: fileno()'s watcher threads wait there
                        for the queue to change between empty and not (bumped, and every
                        watcher woken, by a put and by a get that empties the queue)
-    offset 128   the producers' mutex (as the ring's): a producer holds it from finding room
-                 for its record to committing it, so it may copy a large record with the ring's
-                 mutex free, past the tail, where no one reads
-    offset 192   the consumers' mutex: a consumer holds it from finding its record to moving
-                 head past it, so it may copy a large record out with the ring's mutex free
-                 (lock order: a side's mutex, then the ring's)
+    offset 128   the producers' mutex (as the ring's). A producer of a large record (BIG_COPY
+                 bytes or more) holds it from finding room to committing, and copies the record
+                 with the ring's mutex free, past the tail, where no one reads;
+                 176  u32 put_busy: 1 while it does (set and cleared under the ring's mutex).
+                 A small put takes the ring's mutex alone, unless put_busy is set: then it waits
+                 for the copy by taking the producers' mutex first. Whoever holds the producers'
+                 mutex clears a put_busy left set by a copier that died.
+    offset 192   the consumers' mutex, and 240 u32 get_busy: the same for a consumer copying a
+                 large record out, between head and tail, where no one writes.
+                 Lock order: a side's mutex, then the ring's.
     offset 256   the ring: ``capacity`` bytes (a multiple of 8) of records, each
                    u32 length, u32 tag, payload padded to 8 bytes
                  tag 1: a pickle; 2: bytes (send_bytes); 3: a pickle with out-of-band buffers
@@ -68,6 +72,8 @@ OFF_SEQ_GET, OFF_SEQ_PUT, OFF_GET_SLEEPERS, OFF_PUT_SLEEPERS = 96, 100, 104, 108
 OFF_SEQ_JOIN, OFF_JOIN_SLEEPERS = 112, 116
 OFF_SEQ_WATCH, OFF_WATCHERS = 120, 124
 OFF_MUTEX, OFF_PUT_MUTEX, OFF_GET_MUTEX = 0, 128, 192
+#: A side's busy word lies this far past its mutex (put_busy 176, get_busy 240).
+BUSY_AFTER_MUTEX = 48
 MUTEX_OFFSETS = (OFF_MUTEX, OFF_PUT_MUTEX, OFF_GET_MUTEX)
 RING = 256
 #: A record whose payload is this long or longer is copied into and out of the ring with only

@@ -27,6 +27,7 @@ from .queue_layout import (
     BATCH_HEAD,
     BATCH_TAGS,
     BIG_COPY,
+    BUSY_AFTER_MUTEX,
     MAX_OOB_BUFFERS,
     OFF_COUNT,
     OFF_GET_MUTEX,
@@ -242,14 +243,17 @@ class PyRingCore:
 
     def _lock_side(self, side: int) -> Any:
         """Block signals, take a side's mutex (the producers' or the consumers'), then the
-        ring's, as C's lock_side; the old signal mask. (The twin copies every record under
-        both, which C's protocol allows.)"""
+        ring's, as C's lock_side, and clear the side's busy word; the old signal mask. (The
+        twin copies every record under both, which C's protocol allows: it waits for any large
+        copy of its side in flight, and never sets a busy word itself.)"""
         mask = block_signals()
         try:
             self._calls.lock(side)  # a holder that died left nothing to repair
             try:
                 if self._calls.lock(0):
                     self._repair()
+                if self._u32(side + BUSY_AFTER_MUTEX):  # left by a copier that died or started over
+                    self._set32(side + BUSY_AFTER_MUTEX, 0)
             except BaseException:
                 self._calls.unlock(side)
                 raise
