@@ -266,8 +266,10 @@ class Queue:
 
     def get_many(self, max_items: int = 1 << 30, block: bool = True, timeout: Optional[float] = None) -> List[Any]:
         """Remove and return up to ``max_items`` items at once: waits (if
-        ``block``) for the first, then takes what is there. Raises
-        ``queue.Empty`` when none came in time."""
+        ``block``) for the first, then takes what is there. A message of 64 KiB
+        or more comes alone (it is copied out with the ring's lock free), so
+        the list may stop before one. Raises ``queue.Empty`` when none came in
+        time."""
         if isinstance(max_items, bool) or not isinstance(max_items, int):
             raise TypeError(f"max_items must be an int, not {type(max_items).__name__}")
         if max_items < 1:
