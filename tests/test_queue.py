@@ -709,6 +709,70 @@ def test_fork_while_another_thread_is_blocked_in_get() -> None:
     q.close()
 
 
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded")  # the threads: on purpose
+def test_fork_while_other_threads_copy_large_records_in_and_out() -> None:
+    """Children forked while this process's threads hold the producers' or the consumers'
+    mutex in the middle of a large copy: the children's puts and gets wait for those copies,
+    then go through; nothing is lost, torn or taken twice."""
+    q = shmem.Queue(capacity=1 << 20)
+    big = [bytes([i]) * 100_000 for i in range(8)]
+    stop = threading.Event()
+    taken: List[bytes] = []
+
+    def produce() -> None:
+        i = 0
+        while not stop.is_set():
+            q.send_bytes(big[i % 8], timeout=30)
+            i += 1
+
+    def consume() -> None:
+        while not stop.is_set():
+            try:
+                taken.append(q.recv_bytes(timeout=0.2))
+            except queue.Empty:
+                pass
+
+    threads = [threading.Thread(target=produce), threading.Thread(target=consume)]
+    for t in threads:
+        t.start()
+    r, w = os.pipe()
+    try:
+        for i in range(10):
+
+            def child(i: int = i) -> None:
+                q.send_bytes(b"child %d " % i + bytes(100_000), timeout=30)
+                q.send_bytes(b"small %d" % i, timeout=30)
+                got = q.recv_bytes(timeout=30)
+                os.write(w, struct.pack("<I", len(got)) + got[:16])  # enough to tell which it was
+                q.close()
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # fork() of a threaded process
+                pid = fork_child(child)
+            assert wait_exit(pid) == 0
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+        os.close(w)
+    assert not any(t.is_alive() for t in threads)
+    taken += drain(q)
+    reported = read_all(r)
+    os.close(r)
+    seen = [(len(data), data[:16]) for data in taken]
+    while reported:
+        (length,) = struct.unpack_from("<I", reported)
+        seen.append((length, reported[4 : 4 + min(length, 16)]))
+        reported = reported[4 + min(length, 16) :]
+    assert all(data in big for data in taken if len(data) == 100_000)
+    for i in range(10):  # each child's two messages, intact, exactly once
+        large = b"child %d " % i
+        assert seen.count((len(large) + 100_000, (large + bytes(16))[:16])) == 1
+        assert seen.count((len(b"small %d" % i), b"small %d" % i)) == 1
+    assert mutex_word(q) == 0
+    q.close()
+
+
 # ------------------------------------------------------------------ 7. closed descriptors
 
 CLOSERANGE_CHILD = r"""
@@ -1039,6 +1103,7 @@ CORE = [
     "test_nowait_calls_do_not_wait_for_a_waiter_on_their_side",
     "test_a_signal_handler_puts_while_the_main_thread_puts_and_gets",
     "test_fork_while_another_thread_is_blocked_in_get",
+    "test_fork_while_other_threads_copy_large_records_in_and_out",
     "test_damaged_control_words_raise_corrupt_segment",
 ]
 
