@@ -871,6 +871,21 @@ def test_damaged_control_words_raise_corrupt_segment(damage: Tuple[int, bytes]) 
     q.close()
 
 
+def test_busy_words_scribbled_by_another_process_heal() -> None:
+    """A busy word is only a hint to take a side's mutex: garbage in one costs small puts and
+    gets that detour once, and whoever holds the side's mutex clears it."""
+    q = shmem.Queue(capacity=1 << 18)
+    for side in (queue_layout.OFF_PUT_MUTEX, queue_layout.OFF_GET_MUTEX):
+        q._block.mapping[side + queue_layout.BUSY_AFTER_MUTEX : side + queue_layout.BUSY_AFTER_MUTEX + 4] = b"\xff" * 4
+    q.put("small", timeout=10)
+    q.send_bytes(b"L" * 100_000, timeout=10)
+    assert q.get(timeout=10) == "small" and q.recv_bytes(timeout=10) == b"L" * 100_000
+    for side in (queue_layout.OFF_PUT_MUTEX, queue_layout.OFF_GET_MUTEX):
+        assert struct.unpack_from("<I", q._block.mapping, side + queue_layout.BUSY_AFTER_MUTEX)[0] == 0
+    assert q.empty() and mutex_word(q) == 0
+    q.close()
+
+
 def test_a_name_that_is_not_a_queue_is_refused_naming_it(shm_name: Callable[[], str]) -> None:
     raw = shmem.SharedMemory(shm_name(), create=True, size=4096)
     lock = shmem.Lock()
@@ -1105,6 +1120,7 @@ CORE = [
     "test_fork_while_another_thread_is_blocked_in_get",
     "test_fork_while_other_threads_copy_large_records_in_and_out",
     "test_damaged_control_words_raise_corrupt_segment",
+    "test_busy_words_scribbled_by_another_process_heal",
 ]
 
 
