@@ -16,6 +16,10 @@ Rows, each measured in this run:
 * small objects (a dict of 10 ints): put in this process, get in another, by
   reference through a shmem.Queue, objects/s - against the dict itself through
   multiprocessing.Queue, and Ray put + get by a task. Goal: >= 10x Ray.
+* a pandas DataFrame of 100 MB (when pandas is installed): a round trip to a
+  warm worker that reads its last row - shmem.put and the reference through
+  Pool.apply, the frame itself through Pool.apply (pickled), and Ray put + a
+  task. Goals: <= 1x Ray, >= 20x Pool.
 
 Ray is compared when installed (``pip install shmem[bench]``), else its rows
 say so. Results are medians of a few rounds on a shared machine: read ratios.
@@ -115,6 +119,38 @@ def small_rate(ctx: Any, n: int, by_ref: bool) -> float:
     return n / (elapsed / 1e9)
 
 
+def read_frame(arg: Any, by_ref: bool) -> float:
+    """A worker's task: the frame's last row's first value (the frame comes by reference or itself)."""
+    frame = shmem.get(arg) if by_ref else arg
+    return float(frame.iat[len(frame) - 1, 0])
+
+
+def frame_round_trips(pool: Any, frame: Any, rounds: int, ray: Any) -> Dict[str, float]:
+    """Median ns of a round trip of ``frame`` to the pool's worker (and to a Ray task), each way."""
+    want = float(frame.iat[len(frame) - 1, 0])
+    times: Dict[str, List[float]] = {"shmem": [], "Pool.apply (pickled)": []}
+    task = ray.remote(read_frame) if ray is not None else None
+    if task is not None:
+        times["ray"] = []
+    for i in range(rounds + 1):  # the first round warms every path up, untimed
+        t0 = now()
+        ref = shmem.put(frame)
+        assert pool.apply(read_frame, (ref, True)) == want
+        del ref
+        t1 = now()
+        assert pool.apply(read_frame, (frame, False)) == want
+        t2 = now()
+        if i:
+            times["shmem"].append(t1 - t0)
+            times["Pool.apply (pickled)"].append(t2 - t1)
+        if task is not None:
+            t0 = now()
+            assert ray.get(task.remote(ray.put(frame), False)) == want
+            if i:
+                times["ray"].append(now() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes and counts")
@@ -198,6 +234,29 @@ def main() -> int:
         "shmem": by_ref,
         "multiprocessing.Queue (the dict itself)": mp_rate,
     }
+    try:
+        import pandas
+    except ImportError:
+        pandas = None
+    if pandas is not None:
+        columns = 1 if args.smoke else 10
+        rows_n = (1 << 12) if args.smoke else (100 * MiB) // (8 * columns)
+        frame = pandas.DataFrame({f"c{i}": np.arange(rows_n, dtype=np.float64) for i in range(columns)})
+        label = f"DataFrame {size_label(int(frame.memory_usage().sum()))} round trip"
+        with ctx.Pool(1) as pool:
+            rows[label] = frame_round_trips(pool, frame, rounds, ray)
+        del frame
+        trip = rows[label]
+        vs_pool = trip["Pool.apply (pickled)"] / trip["shmem"]
+        goals.append(
+            f"DataFrame round trip >= 20x Pool.apply: {vs_pool:.1f}x -> {'met' if vs_pool >= 20 else 'NOT met'}"
+        )
+        if "ray" in trip:
+            vs_ray = trip["shmem"] / trip["ray"]
+            goals.append(f"DataFrame round trip <= 1x Ray: {vs_ray:.2f}x -> {'met' if vs_ray <= 1 else 'NOT met'}")
+    else:
+        goals.append("DataFrame round trip: pandas not installed, not measured")
+
     if ray is not None:
         get_len = ray.remote(size_of)
         t0 = now()
