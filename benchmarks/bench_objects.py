@@ -242,7 +242,7 @@ def main() -> int:
         columns = 1 if args.smoke else 10
         rows_n = (1 << 12) if args.smoke else (100 * MiB) // (8 * columns)
         frame = pandas.DataFrame({f"c{i}": np.arange(rows_n, dtype=np.float64) for i in range(columns)})
-        label = f"DataFrame {size_label(int(frame.memory_usage().sum()))} round trip"
+        label = f"DataFrame {size_label(rows_n * 8 * columns)} round trip"
         with ctx.Pool(1) as pool:
             rows[label] = frame_round_trips(pool, frame, rounds, ray)
         del frame
