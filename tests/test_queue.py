@@ -28,7 +28,7 @@ from typing import Any, Callable, List, Tuple
 
 import _queue_workers as workers
 import pytest
-from conftest import PYTHON, fork_child, kill_and_reap, run_pure_python, wait_exit, wait_until
+from conftest import PYTHON, fork_child, in_child, kill_and_reap, run_pure_python, wait_exit, wait_until
 from test_defect_space import private_shm_available, run_in_private_shm  # noqa: F401 - a fixture
 
 import shmem
@@ -773,6 +773,48 @@ def test_fork_while_other_threads_copy_large_records_in_and_out() -> None:
     q.close()
 
 
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded")  # the threads: on purpose
+def test_close_while_other_threads_wait_inside_put_get_and_join() -> None:
+    """close() while other threads are asleep inside put, get and join (the GIL released): the
+    mapping stays until the last of them is out, and each raises ValueError at once instead
+    of touching unmapped memory (this was a segfault). In a child: a crash fails the test."""
+
+    def body() -> List[str]:
+        q = shmem.JoinableQueue(maxsize=1)
+        q.put(0)  # full, and one unfinished task
+        other = shmem.JoinableQueue(name=q.name)  # a second handle: the queue outlives the first
+        results: List[str] = []
+
+        def run(call: Callable[[], Any]) -> None:
+            try:
+                call()
+                results.append("returned")
+            except Exception as err:
+                results.append(f"{type(err).__name__}: {err}")
+
+        empty = shmem.Queue()
+        calls = [lambda: q.put(1, timeout=30), lambda: q._core.join(30 * 10**9), lambda: empty.get(timeout=30)]
+        threads = [threading.Thread(target=run, args=(c,)) for c in calls]
+        for t in threads:
+            t.start()
+        assert wait_until(lambda: q._core.state()[5] >= 1 and empty._core.state()[4] >= 1, 10)
+        time.sleep(0.2)  # and join asleep too
+        started = time.monotonic()
+        q.close()
+        empty.close()
+        for t in threads:
+            t.join(20)
+        assert time.monotonic() - started < 15 and not any(t.is_alive() for t in threads)
+        assert other.get(timeout=10) == 0  # the other handle is untouched
+        other.close()
+        with pytest.raises(ValueError, match="closed"):
+            q.put(2)
+        return sorted(results)
+
+    got = in_child(body, timeout=60)
+    assert got == ["ValueError: the queue was closed while this call waited"] * 3
+
+
 # ------------------------------------------------------------------ 7. closed descriptors
 
 CLOSERANGE_CHILD = r"""
@@ -1119,6 +1161,7 @@ CORE = [
     "test_a_signal_handler_puts_while_the_main_thread_puts_and_gets",
     "test_fork_while_another_thread_is_blocked_in_get",
     "test_fork_while_other_threads_copy_large_records_in_and_out",
+    "test_close_while_other_threads_wait_inside_put_get_and_join",
     "test_damaged_control_words_raise_corrupt_segment",
     "test_busy_words_scribbled_by_another_process_heal",
 ]

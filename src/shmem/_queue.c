@@ -85,7 +85,9 @@
 typedef struct {
     PyObject_HEAD
     Py_buffer view;
-    int bound;
+    int bound;  /* usable: not released */
+    int inside; /* calls in flight (other threads may be asleep in one, GIL released) */
+    int has_view; /* the buffer is held: released by release(), or by the last call in flight after it */
     char *base;
     uint64_t capacity;
     uint64_t maxsize; /* items; 0: no limit but the ring's bytes */
@@ -186,6 +188,10 @@ lock_at(QueueCore *self, int off, int outer)
                 unlock_at(self, outer);
             if (PyErr_CheckSignals() < 0)
                 return -1;
+            if (!self->bound) { /* another thread closed this handle meanwhile */
+                PyErr_SetString(PyExc_ValueError, "the queue was closed while this call waited");
+                return -1;
+            }
             if (outer >= 0)
                 return 1;
         }
@@ -298,6 +304,10 @@ sleep_once(QueueCore *self, int seq_off, int sleepers_off, long long left_ns)
     err = errno;
     Py_END_ALLOW_THREADS
     int woken = rc == 0 || err == EAGAIN; /* a waker counted us out already */
+    if (!self->bound) { /* another thread closed this handle meanwhile (the memory is still ours) */
+        PyErr_SetString(PyExc_ValueError, "the queue was closed while this call waited");
+        return -1;
+    }
     int signalled = PyErr_CheckSignals() < 0;
     if (signalled) {
         PyObject *type, *value, *tb;
@@ -1040,7 +1050,7 @@ take_many(QueueCore *self, Py_ssize_t max_items, long long timeout_ns, int decod
 
 /* put(data, tag, timeout_ns) -> True if put, False if there was no room in time. */
 static PyObject *
-qc_put(QueueCore *self, PyObject *args)
+qc_put_in(QueueCore *self, PyObject *args)
 {
     PyObject *data;
     unsigned long tag;
@@ -1053,7 +1063,7 @@ qc_put(QueueCore *self, PyObject *args)
 
 /* put_parts(parts, tag, timeout_ns) -> bool: one record made of the bytes-like parts (a list). */
 static PyObject *
-qc_put_parts(QueueCore *self, PyObject *args)
+qc_put_parts_in(QueueCore *self, PyObject *args)
 {
     PyObject *parts;
     unsigned long tag;
@@ -1067,7 +1077,7 @@ qc_put_parts(QueueCore *self, PyObject *args)
 /* put_many(items, tag, timeout_ns) -> how many were put (all, unless the time ran out).
  * items: a list of bytes-like objects, a record each; each waits for room in turn. */
 static PyObject *
-qc_put_many(QueueCore *self, PyObject *args)
+qc_put_many_in(QueueCore *self, PyObject *args)
 {
     PyObject *items;
     unsigned long tag;
@@ -1099,7 +1109,7 @@ qc_put_many(QueueCore *self, PyObject *args)
 /* put_batch(data, n, timeout_ns, plain=False) -> bool: one batch record of the n items whose list
  * `data` encodes: a pickle, or (plain) the plain encoding. The items count one each towards maxsize, qsize and task_done. */
 static PyObject *
-qc_put_batch(QueueCore *self, PyObject *args)
+qc_put_batch_in(QueueCore *self, PyObject *args)
 {
     PyObject *data;
     unsigned long long n;
@@ -1126,7 +1136,7 @@ qc_put_batch(QueueCore *self, PyObject *args)
 /* get(timeout_ns) -> the first item raw ((tag, bytes); a batch's: (tag, pickle, first, stop, n)),
  * or None if nothing came in time. */
 static PyObject *
-qc_get(QueueCore *self, PyObject *args)
+qc_get_in(QueueCore *self, PyObject *args)
 {
     long long timeout_ns;
     if (!PyArg_ParseTuple(args, "L", &timeout_ns) || check_bound(self) < 0)
@@ -1145,7 +1155,7 @@ qc_get(QueueCore *self, PyObject *args)
 /* get_many(max_items, timeout_ns) -> a list of raw items (as get's), empty if nothing came in
  * time. Waits for the first item only; takes whatever else is there, up to max_items. */
 static PyObject *
-qc_get_many(QueueCore *self, PyObject *args)
+qc_get_many_in(QueueCore *self, PyObject *args)
 {
     Py_ssize_t max_items;
     long long timeout_ns;
@@ -1156,7 +1166,7 @@ qc_get_many(QueueCore *self, PyObject *args)
 
 /* get_objs(max_items, timeout_ns) -> get_many's items as objects (unpickled; bytes as they are). */
 static PyObject *
-qc_get_objs(QueueCore *self, PyObject *args)
+qc_get_objs_in(QueueCore *self, PyObject *args)
 {
     Py_ssize_t max_items;
     long long timeout_ns;
@@ -1168,7 +1178,7 @@ qc_get_objs(QueueCore *self, PyObject *args)
 /* watch(nonempty, timeout_ns) -> whether the queue holds an item, once that differs from
  * `nonempty` or the time (at most one slice) is up: what a fileno() watcher thread waits in. */
 static PyObject *
-qc_watch(QueueCore *self, PyObject *args)
+qc_watch_in(QueueCore *self, PyObject *args)
 {
     int known;
     long long timeout_ns;
@@ -1193,7 +1203,7 @@ qc_watch(QueueCore *self, PyObject *args)
 
 /* wake_watchers(): wake every watcher now (a handle stopping its own). */
 static PyObject *
-qc_wake_watchers(QueueCore *self, PyObject *unused)
+qc_wake_watchers_in(QueueCore *self, PyObject *unused)
 {
     if (check_bound(self) < 0)
         return NULL;
@@ -1203,7 +1213,7 @@ qc_wake_watchers(QueueCore *self, PyObject *unused)
 }
 
 static PyObject *
-qc_qsize(QueueCore *self, PyObject *unused)
+qc_qsize_in(QueueCore *self, PyObject *unused)
 {
     if (check_bound(self) < 0)
         return NULL;
@@ -1213,7 +1223,7 @@ qc_qsize(QueueCore *self, PyObject *unused)
 
 /* task_done() -> None; ValueError if called more times than items were put. */
 static PyObject *
-qc_task_done(QueueCore *self, PyObject *unused)
+qc_task_done_in(QueueCore *self, PyObject *unused)
 {
     if (check_bound(self) < 0 || q_lock(self) < 0)
         return NULL;
@@ -1238,7 +1248,7 @@ qc_task_done(QueueCore *self, PyObject *unused)
 
 /* join(timeout_ns) -> True once every item put has been marked done, False if the time ran out. */
 static PyObject *
-qc_join(QueueCore *self, PyObject *args)
+qc_join_in(QueueCore *self, PyObject *args)
 {
     long long timeout_ns;
     if (!PyArg_ParseTuple(args, "L", &timeout_ns) || check_bound(self) < 0)
@@ -1261,7 +1271,7 @@ qc_join(QueueCore *self, PyObject *args)
 
 /* state() -> (head, tail, count, unfinished, get_sleepers, put_sleepers): a snapshot, for shmem ls. */
 static PyObject *
-qc_state(QueueCore *self, PyObject *unused)
+qc_state_in(QueueCore *self, PyObject *unused)
 {
     if (check_bound(self) < 0 || q_lock(self) < 0)
         return NULL;
@@ -1276,8 +1286,9 @@ qc_state(QueueCore *self, PyObject *unused)
 static PyObject *
 qc_release(QueueCore *self, PyObject *unused)
 {
-    if (self->bound) {
-        self->bound = 0;
+    self->bound = 0;
+    if (self->inside == 0 && self->has_view) { /* else the last call in flight lets go of it */
+        self->has_view = 0;
         PyBuffer_Release(&self->view);
     }
     Py_CLEAR(self->batch_items);
@@ -1292,7 +1303,7 @@ qc_init(QueueCore *self, PyObject *args, PyObject *kwds)
     int joinable;
     if (!PyArg_ParseTuple(args, "OKKp", &buf, &capacity, &maxsize, &joinable))
         return -1;
-    if (self->bound) {
+    if (self->bound || self->has_view) {
         PyErr_SetString(PyExc_ValueError, "already bound");
         return -1;
     }
@@ -1309,13 +1320,14 @@ qc_init(QueueCore *self, PyObject *args, PyObject *kwds)
     self->maxsize = maxsize;
     self->joinable = joinable;
     self->bound = 1;
+    self->has_view = 1;
     return 0;
 }
 
 static void
 qc_dealloc(QueueCore *self)
 {
-    if (self->bound)
+    if (self->has_view)
         PyBuffer_Release(&self->view);
     Py_CLEAR(self->batch_items);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -1439,7 +1451,7 @@ put_object(QueueCore *self, PyObject *obj, long long ns)
 }
 
 static PyObject *
-qc_put_obj(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+qc_put_obj_in(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     if (nargs < 1) {
         PyErr_SetString(PyExc_TypeError, "put() missing its object");
@@ -1459,7 +1471,7 @@ qc_put_obj(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *k
 }
 
 static PyObject *
-qc_send_bytes(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+qc_send_bytes_in(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     if (nargs < 1) {
         PyErr_SetString(PyExc_TypeError, "send_bytes() missing its data");
@@ -1508,7 +1520,7 @@ decode_one(QueueCore *self, const took_t *t)
 }
 
 static PyObject *
-qc_get_obj(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+qc_get_obj_in(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     took_t t;
     if (take_first(self, args, nargs, kwnames, &t) < 0)
@@ -1519,7 +1531,7 @@ qc_get_obj(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *k
 }
 
 static PyObject *
-qc_recv_bytes(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+qc_recv_bytes_in(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     took_t t;
     if (take_first(self, args, nargs, kwnames, &t) < 0)
@@ -1534,6 +1546,130 @@ qc_recv_bytes(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject
         out = PyBytes_FromObject(t.payload); /* always bytes, as multiprocessing's */
     Py_DECREF(t.payload);
     return out;
+}
+
+/* Every call that touches the block counts itself in: release() while a call of another thread
+ * is asleep in it (GIL released) leaves the buffer - and so the mapping - held until that call
+ * is out, instead of unmapping memory it is about to touch. */
+static int
+enter(QueueCore *self)
+{
+    if (check_bound(self) < 0)
+        return -1;
+    self->inside++;
+    return 0;
+}
+
+static PyObject *
+leave(QueueCore *self, PyObject *result)
+{
+    if (--self->inside == 0 && !self->bound && self->has_view) {
+        self->has_view = 0;
+        PyBuffer_Release(&self->view);
+    }
+    return result;
+}
+
+static PyObject *
+qc_put(QueueCore *self, PyObject *args)
+{
+    return enter(self) < 0 ? NULL : leave(self, qc_put_in(self, args));
+}
+
+static PyObject *
+qc_put_parts(QueueCore *self, PyObject *args)
+{
+    return enter(self) < 0 ? NULL : leave(self, qc_put_parts_in(self, args));
+}
+
+static PyObject *
+qc_put_many(QueueCore *self, PyObject *args)
+{
+    return enter(self) < 0 ? NULL : leave(self, qc_put_many_in(self, args));
+}
+
+static PyObject *
+qc_put_batch(QueueCore *self, PyObject *args)
+{
+    return enter(self) < 0 ? NULL : leave(self, qc_put_batch_in(self, args));
+}
+
+static PyObject *
+qc_get(QueueCore *self, PyObject *args)
+{
+    return enter(self) < 0 ? NULL : leave(self, qc_get_in(self, args));
+}
+
+static PyObject *
+qc_get_many(QueueCore *self, PyObject *args)
+{
+    return enter(self) < 0 ? NULL : leave(self, qc_get_many_in(self, args));
+}
+
+static PyObject *
+qc_get_objs(QueueCore *self, PyObject *args)
+{
+    return enter(self) < 0 ? NULL : leave(self, qc_get_objs_in(self, args));
+}
+
+static PyObject *
+qc_watch(QueueCore *self, PyObject *args)
+{
+    return enter(self) < 0 ? NULL : leave(self, qc_watch_in(self, args));
+}
+
+static PyObject *
+qc_wake_watchers(QueueCore *self, PyObject *unused)
+{
+    return enter(self) < 0 ? NULL : leave(self, qc_wake_watchers_in(self, unused));
+}
+
+static PyObject *
+qc_qsize(QueueCore *self, PyObject *unused)
+{
+    return enter(self) < 0 ? NULL : leave(self, qc_qsize_in(self, unused));
+}
+
+static PyObject *
+qc_task_done(QueueCore *self, PyObject *unused)
+{
+    return enter(self) < 0 ? NULL : leave(self, qc_task_done_in(self, unused));
+}
+
+static PyObject *
+qc_join(QueueCore *self, PyObject *args)
+{
+    return enter(self) < 0 ? NULL : leave(self, qc_join_in(self, args));
+}
+
+static PyObject *
+qc_state(QueueCore *self, PyObject *unused)
+{
+    return enter(self) < 0 ? NULL : leave(self, qc_state_in(self, unused));
+}
+
+static PyObject *
+qc_put_obj(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    return enter(self) < 0 ? NULL : leave(self, qc_put_obj_in(self, args, nargs, kwnames));
+}
+
+static PyObject *
+qc_send_bytes(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    return enter(self) < 0 ? NULL : leave(self, qc_send_bytes_in(self, args, nargs, kwnames));
+}
+
+static PyObject *
+qc_get_obj(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    return enter(self) < 0 ? NULL : leave(self, qc_get_obj_in(self, args, nargs, kwnames));
+}
+
+static PyObject *
+qc_recv_bytes(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    return enter(self) < 0 ? NULL : leave(self, qc_recv_bytes_in(self, args, nargs, kwnames));
 }
 
 static PyMethodDef qc_methods[] = {

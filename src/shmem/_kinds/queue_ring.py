@@ -14,6 +14,7 @@ mutex; they are delivered, and their handlers run, right after.
 
 from __future__ import annotations
 
+import functools
 import math
 import pickle
 import queue
@@ -21,7 +22,7 @@ import signal
 import struct
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, cast
 
 from .._errors import CorruptSegment
 from . import lock_layout, queue_plain, sync_wait
@@ -243,6 +244,30 @@ def _too_big(length: int, capacity: int) -> ValueError:
     )
 
 
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _in_flight(method: _Method) -> _Method:
+    """A call that touches the block, counted in as C's enter/leave do: release() while another
+    thread is asleep in one leaves the mapping to the last call in flight. (list.append and
+    list.pop are each one step under the GIL: no count is lost to a thread switch or a signal
+    handler between a read and a write.)"""
+
+    @functools.wraps(method)
+    def call(self: PyRingCore, *args: Any, **kwargs: Any) -> Any:
+        if self._released:
+            raise ValueError("the queue is closed")
+        self._flight.append(None)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._flight.pop()
+            if self._released and not self._flight:
+                self._let_go_view()
+
+    return cast(_Method, call)
+
+
 class PyRingCore:
     """The pure-Python twin of ``shmem._queue.QueueCore``."""
 
@@ -253,6 +278,8 @@ class PyRingCore:
             raise ValueError("the queue's capacity does not fit its block")
         self._view: Optional[memoryview] = view
         self._calls = sync_wait.calls(mapping)
+        self._flight: List[None] = []  # calls in flight
+        self._released = False
         self.capacity, self.maxsize, self.joinable = capacity, maxsize, joinable
 
     # ------------------------------------------------------------ the mutex
@@ -383,6 +410,8 @@ class PyRingCore:
             mask = self._lock()
             if not woken and self._u32(seq_off) == seen and self._u32(sleepers_off):
                 self._set32(sleepers_off, self._u32(sleepers_off) - 1)
+        if self._released:  # another thread closed this handle meanwhile (the memory is still ours)
+            raise ValueError("the queue was closed while this call waited")
         return mask
 
     def _notify_watchers(self) -> None:
@@ -392,6 +421,7 @@ class PyRingCore:
             self._set32(OFF_SEQ_WATCH, self._u32(OFF_SEQ_WATCH) + 1)
             self._wake(OFF_SEQ_WATCH, 0x7FFFFFFF)
 
+    @_in_flight
     def watch(self, known: bool, timeout_ns: int) -> bool:
         """Whether the queue holds an item, once that differs from ``known`` or the time
         (at most one slice) is up: what a fileno() watcher thread waits in."""
@@ -406,6 +436,7 @@ class PyRingCore:
             nonempty = self._u64(OFF_COUNT) != 0
         return nonempty
 
+    @_in_flight
     def wake_watchers(self) -> None:
         self._buf()
         self._set32(OFF_WATCHERS, 1)
@@ -501,9 +532,11 @@ class PyRingCore:
         if length > self.capacity or record_size(length) > self.capacity or length > 0xFFFFFFFF - 8:
             raise _too_big(length, self.capacity)
 
+    @_in_flight
     def put(self, data: Any, tag: int, timeout_ns: int) -> bool:
         return self.put_many([data], tag, timeout_ns) == 1
 
+    @_in_flight
     def put_many(self, items: List[Any], tag: int, timeout_ns: int) -> int:
         if not isinstance(items, list):
             raise TypeError("put_many() takes a list")
@@ -513,6 +546,7 @@ class PyRingCore:
             self._check_size(len(view))
         return self._put_records([(view, tag, 1) for view in views], timeout_ns)
 
+    @_in_flight
     def put_batch(self, data: Any, n: int, timeout_ns: int, plain: bool = False) -> bool:
         """One record holding the ``n`` items whose list ``data`` encodes (a pickle, or plain)."""
         self._buf()
@@ -563,10 +597,12 @@ class PyRingCore:
             self._notify_watchers()
         return done
 
+    @_in_flight
     def get(self, timeout_ns: int) -> Optional[Item]:
         items = self.get_many(1, timeout_ns)
         return items[0] if items else None
 
+    @_in_flight
     def get_many(self, max_items: int, timeout_ns: int) -> List[Item]:
         self._buf()
         out: List[Item] = []
@@ -616,11 +652,13 @@ class PyRingCore:
             self._notify_watchers()
         return out
 
+    @_in_flight
     def qsize(self) -> int:
         return self._u64(OFF_COUNT)
 
     # multiprocessing's calls (the C core's put_obj, get_obj, send_bytes, recv_bytes)
 
+    @_in_flight
     def put_obj(self, obj: Any, block: bool = True, timeout: Optional[float] = None) -> None:
         ns = wait_ns(block, timeout)
         self._buf()
@@ -636,16 +674,19 @@ class PyRingCore:
         if not done:
             raise queue.Full
 
+    @_in_flight
     def put_parts(self, parts: List[Any], tag: int, timeout_ns: int) -> bool:
         """One record made of ``parts`` laid end to end (C: copied straight into the ring)."""
         return self.put(b"".join(memoryview(p).cast("B") for p in parts), tag, timeout_ns)
 
+    @_in_flight
     def send_bytes(self, data: Any, block: bool = True, timeout: Optional[float] = None) -> None:
         ns = wait_ns(block, timeout)
         self._buf()
         if not self.put(data, TAG_BYTES, ns):
             raise queue.Full
 
+    @_in_flight
     def get_objs(self, max_items: int, timeout_ns: int) -> List[Any]:
         """get_many's items as objects. (C keeps the list a batch unpickled to for this
         process's next take from it; the twin unpickles the batch each time.)"""
@@ -654,6 +695,7 @@ class PyRingCore:
             out += decoded(item)
         return out
 
+    @_in_flight
     def get_obj(self, block: bool = True, timeout: Optional[float] = None) -> Any:
         ns = wait_ns(block, timeout)
         self._buf()
@@ -662,6 +704,7 @@ class PyRingCore:
             raise queue.Empty
         return decoded(item)[0]
 
+    @_in_flight
     def recv_bytes(self, block: bool = True, timeout: Optional[float] = None) -> bytes:
         ns = wait_ns(block, timeout)
         self._buf()
@@ -672,6 +715,7 @@ class PyRingCore:
             return pickle.dumps(decoded(item)[0], PROTOCOL)
         return bytes(item[1])
 
+    @_in_flight
     def task_done(self) -> None:
         self._buf()
         mask = self._lock()
@@ -690,6 +734,7 @@ class PyRingCore:
         if w:
             self._wake(OFF_SEQ_JOIN, 0x7FFFFFFF)
 
+    @_in_flight
     def join(self, timeout_ns: int) -> bool:
         self._buf()
         end = -1 if timeout_ns < 0 else time.monotonic_ns() + timeout_ns
@@ -704,6 +749,7 @@ class PyRingCore:
         finally:
             self._unlock(mask)
 
+    @_in_flight
     def state(self) -> Tuple[int, int, int, int, int, int]:
         self._buf()
         mask = self._lock()
@@ -720,6 +766,11 @@ class PyRingCore:
             self._unlock(mask)
 
     def release(self) -> None:
+        self._released = True
+        if not self._flight:
+            self._let_go_view()
+
+    def _let_go_view(self) -> None:
         view, self._view = self._view, None
         if view is not None:
             self._calls.release()
