@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 import pytest
 from _forge import forge_kind_header, peek, poke
 from _lock_workers import ACQUIRED, BACKWARDS, BAD, COUNTER, DIED, HUNG, REPAIRED, STATE_SIZE, A, B, count, locked_job
-from conftest import PYTHON, kill_and_reap, mapped_with_prefix, run_pure_python, wait_until
+from conftest import PYTHON, in_child, kill_and_reap, mapped_with_prefix, run_pure_python, wait_until
 
 import shmem
 from shmem._core.header import EXTRA_OFFSET, TRAILER_SIZE
@@ -732,7 +732,45 @@ CORE = [
     "test_a_signal_handler_uses_another_lock_while_the_main_thread_waits",
     "test_a_deallocated_held_lock_stays_mapped_and_dies_with_its_process",
     "test_an_overwritten_mutex_or_truncated_block_is_refused",
+    "test_close_while_another_thread_waits_in_acquire",
 ]
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded")  # the threads: on purpose
+@pytest.mark.parametrize("kind", ["Lock", "RLock"])
+def test_close_while_another_thread_waits_in_acquire(kind: str) -> None:
+    """close() while threads of this process are asleep in acquire through the same handle (the
+    GIL released): the mapping stays until they are out, and each raises ValueError instead of
+    touching unmapped memory (this was a segfault). The lock itself, held by another handle, is
+    unaffected. In a forked child: a crash fails the test."""
+
+    def body() -> List[str]:
+        holder = getattr(shmem, kind)()
+        holder.acquire()
+        waiting = getattr(shmem, kind)(name=holder.name)  # a second handle, closed under its waiters
+        results: List[str] = []
+
+        def wait() -> None:
+            try:
+                results.append(str(waiting.acquire(timeout=30)))
+            except Exception as err:
+                results.append(f"{type(err).__name__}: {err}")
+
+        threads = [threading.Thread(target=wait) for _ in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)  # both asleep in acquire
+        waiting.close()
+        for t in threads:
+            t.join(20)
+        assert not any(t.is_alive() for t in threads)
+        holder.release()
+        assert holder.acquire(timeout=10)  # free: neither waiter took it on its way out
+        holder.release()
+        holder.close()
+        return sorted(results)
+
+    assert in_child(body, timeout=60) == ["ValueError: the lock was closed while this acquire waited"] * 2
 
 
 @pytest.mark.skipif(not lock_layout.ACCELERATED, reason="this run is the pure-Python path already")

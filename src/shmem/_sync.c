@@ -62,7 +62,9 @@ static PyObject *owner_died_warning;  /* shmem.OwnerDiedWarning, set by lock.py 
 typedef struct {
     PyObject_HEAD
     Py_buffer view;
-    int bound;
+    int bound;           /* usable: bound and not unbound since */
+    int has_view;        /* the buffer is held (after _unbind, until the last waiter is out) */
+    int waiting;         /* threads asleep in acquire (GIL released) through this object */
     pthread_mutex_t *mutex;
     char owner_died;     /* the current holder's first acquire found the previous owner dead */
     char recursive;      /* an RLock's mutex */
@@ -103,8 +105,9 @@ unbound_error(void)
 static void
 rm_dealloc(RobustMutex *self)
 {
-    if (self->bound) {
+    if (self->has_view) {
         self->bound = 0;
+        self->has_view = 0;
         int tid = futex_word(self) & FUTEX_TID_MASK;
         if (self->depth > 0 && thread_of_ours(tid)) {
             /* A thread of ours holds the mutex through this mapping: its address is on that
@@ -131,7 +134,7 @@ rm_bind(RobustMutex *self, PyObject *args)
     int recursive;
     if (!PyArg_ParseTuple(args, "Op", &buf, &recursive))
         return NULL;
-    if (self->bound) {
+    if (self->bound || self->has_view) {
         PyErr_SetString(PyExc_ValueError, "the lock is already bound");
         return NULL;
     }
@@ -145,13 +148,27 @@ rm_bind(RobustMutex *self, PyObject *args)
     }
     self->mutex = (pthread_mutex_t *)self->view.buf;
     self->bound = 1;
+    self->has_view = 1;
     self->recursive = (char)recursive;
     self->owner_died = 0;
     self->depth = 0;
     Py_RETURN_NONE;
 }
 
-/* _unbind(): drop the buffer export, unless a thread of ours holds the mutex through it. */
+/* Drop the buffer export once no thread of ours is asleep in acquire through this object. */
+static void
+let_go_view(RobustMutex *self)
+{
+    if (!self->bound && self->has_view && self->waiting == 0) {
+        self->has_view = 0;
+        self->mutex = NULL;
+        PyBuffer_Release(&self->view);
+    }
+}
+
+/* _unbind(): drop the buffer export, unless a thread of ours holds the mutex through it. Threads
+ * asleep in acquire through this object keep it (and so the mapping) until they are out: each
+ * raises ValueError when it wakes. */
 static PyObject *
 rm_unbind(RobustMutex *self, PyObject *Py_UNUSED(ignored))
 {
@@ -160,8 +177,7 @@ rm_unbind(RobustMutex *self, PyObject *Py_UNUSED(ignored))
         if (self->depth > 0 && thread_of_ours(tid))
             Py_RETURN_FALSE;
         self->bound = 0;
-        self->mutex = NULL;
-        PyBuffer_Release(&self->view);
+        let_go_view(self);
     }
     Py_RETURN_TRUE;
 }
@@ -306,6 +322,8 @@ parse_acquire(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, int *b
     return 0;
 }
 
+static int wait_for(RobustMutex *self, long long wait_ns);
+
 /* 1: acquired, 0: not (timeout / non-blocking), -1: exception (the lock is not held). */
 static int
 do_acquire(RobustMutex *self, int block, long long wait_ns)
@@ -319,6 +337,19 @@ do_acquire(RobustMutex *self, int block, long long wait_ns)
         return lock_error(rc);
     if (!block || wait_ns == 0)
         return 0;
+    self->waiting++;
+    int got = wait_for(self, wait_ns);
+    self->waiting--;
+    let_go_view(self);
+    return got;
+}
+
+/* do_acquire's wait, in slices with the GIL released (counted in self->waiting by the caller).
+ * A handle closed by another thread meanwhile: ValueError (a lock taken at that moment is let go). */
+static int
+wait_for(RobustMutex *self, long long wait_ns)
+{
+    int rc;
     long long deadline = wait_ns < 0 ? -1 : monotonic_ns() + wait_ns;
     for (;;) {
         long long now = monotonic_ns(), end = now + SLICE_NS;
@@ -339,6 +370,15 @@ do_acquire(RobustMutex *self, int block, long long wait_ns)
         }
 #endif
         Py_END_ALLOW_THREADS
+        if (!self->bound) {
+            if (rc == 0 || rc == EOWNERDEAD) {
+                if (rc == EOWNERDEAD)
+                    pthread_mutex_consistent(self->mutex);
+                pthread_mutex_unlock(self->mutex);
+            }
+            PyErr_SetString(PyExc_ValueError, "the lock was closed while this acquire waited");
+            return -1;
+        }
         if (rc == 0 || rc == EOWNERDEAD)
             return took(self, rc);
         if (rc != ETIMEDOUT && rc != EINTR)

@@ -176,6 +176,8 @@ class PyRobustMutex:
     owner_died = False
     _word: Any = None  # a ctypes int over the mutex's first word: the buffer export
     _depth = 0
+    _closing = False  # unbound while threads of ours wait in acquire: they keep _word until out
+    _waiting: Any = ()  # one entry per thread asleep in acquire through this object (a list once bound)
 
     def _bind(self, buf: Any, recursive: bool) -> None:
         if self._word is not None:
@@ -187,23 +189,31 @@ class PyRobustMutex:
         self._libc = _libc()
         self._address = ctypes.c_void_p(ctypes.addressof(word))
         self._word, self._recursive, self.owner_died, self._depth = word, recursive, False, 0
+        self._closing, self._waiting = False, []
 
     def _held_here(self) -> bool:
         return self._depth > 0 and _thread_of_ours(self._word[0] & _FUTEX_TID_MASK)
 
     def _unbind(self) -> bool:
-        if self._word is not None:
+        if self._word is not None and not self._closing:
             if self._held_here():
                 return False
-            self._word = None
+            self._closing = True
+            self._let_go()
         return True
+
+    def _let_go(self) -> None:
+        """Drop the export once closing and no thread of ours waits in acquire through it (C's
+        let_go_view; list.append/pop are single steps under the GIL, so no count is lost)."""
+        if self._closing and not self._waiting:
+            self._word = None
 
     def __del__(self) -> None:
         if self._word is not None and self._held_here():
             _KEPT.append(self._word)  # a thread of ours holds it through this mapping: never unmap it
 
     def _mutex(self) -> Any:
-        if self._word is None:
+        if self._word is None or self._closing:
             raise ValueError("the lock is closed (not bound to a shared memory block)")
         return self._address
 
@@ -247,6 +257,16 @@ class PyRobustMutex:
             raise _lock_error(rc)
         if not block or wait_ns == 0:
             return False
+        self._waiting.append(None)
+        try:
+            return self._wait_for(mutex, wait_ns, stacklevel + 1)
+        finally:
+            self._waiting.pop()
+            self._let_go()
+
+    def _wait_for(self, mutex: Any, wait_ns: int, stacklevel: int) -> bool:
+        """_acquire's wait in slices; ValueError if another thread closed the handle meanwhile."""
+        libc = self._libc
         deadline = -1 if wait_ns < 0 else time.monotonic_ns() + wait_ns
         ts = _Timespec()
         while True:
@@ -258,6 +278,12 @@ class PyRobustMutex:
             else:  # before glibc 2.30: the same slice on the realtime clock
                 ts.tv_sec, ts.tv_nsec = divmod(time.time_ns() + end - now, 1_000_000_000)
                 rc = libc.timedlock(mutex, ctypes.byref(ts))
+            if self._closing:
+                if rc == 0 or rc == errno.EOWNERDEAD:
+                    if rc == errno.EOWNERDEAD:
+                        libc.consistent(mutex)
+                    libc.unlock(mutex)
+                raise ValueError("the lock was closed while this acquire waited")
             if rc == 0 or rc == errno.EOWNERDEAD:
                 return self._took(rc, stacklevel + 1)
             if rc != errno.ETIMEDOUT and rc != errno.EINTR:
