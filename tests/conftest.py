@@ -363,6 +363,35 @@ def fork_child(body: Callable[[], None]) -> int:
     return pid
 
 
+def fork_threaded_child(body: Callable[[], None]) -> int:
+    """``fork_child`` from a process that runs other threads on purpose: without Python's
+    DeprecationWarning about forking a multi-threaded process."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return fork_child(body)
+
+
+def hold_in_child(take: Callable[[], None], then: Callable[[], None] = lambda: time.sleep(60)) -> int:
+    """Fork a child that runs ``take`` (takes a lock, scribbles on a block...), then ``then``
+    (by default: stays a minute, to be killed); return its pid once ``take`` is done."""
+    r, w = os.pipe()
+
+    def child() -> None:
+        os.close(r)
+        take()
+        os.write(w, b"1")
+        then()
+
+    pid = fork_child(child)
+    os.close(w)
+    try:
+        assert select.select([r], [], [], 10)[0], "the child never got through take()"
+        assert os.read(r, 1) == b"1"
+    finally:
+        os.close(r)
+    return pid
+
+
 def wait_exit(pid: int, timeout: float = 30) -> int:
     """The exit code of child ``pid``; SIGKILLed (and the test failed) if it hangs."""
     deadline = time.monotonic() + timeout
@@ -390,9 +419,7 @@ def in_child(body: Callable[[], Any], timeout: float = 60) -> Any:
         with os.fdopen(w, "wb") as f:
             f.write(out)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork() of a threaded process
-        pid = fork_child(child)
+    pid = fork_threaded_child(child)
     os.close(w)
     chunks: List[bytes] = []
     deadline = time.monotonic() + timeout

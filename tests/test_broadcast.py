@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import _broadcast_workers as workers
 import pytest
-from conftest import PYTHON, fork_child, in_child, kill_and_reap, run_pure_python, wait_until
+from conftest import PYTHON, fork_child, hold_in_child, in_child, kill_and_reap, run_pure_python, wait_until
 from test_defect_space import private_shm_available, run_in_private_shm  # noqa: F401 - a fixture
 
 import shmem
@@ -394,7 +394,6 @@ def test_holder_of_the_mutex_killed_mid_publish_is_repaired() -> None:
         bc.publish("b")
         next_seq, oldest, head, tail, _, _ = words(bc)
         assert (next_seq, oldest) == (2, 0)
-        r, w = os.pipe()
 
         def hold() -> None:
             calls = sync_wait.calls(bc._block.mapping)  # type: ignore[union-attr]
@@ -405,13 +404,8 @@ def test_holder_of_the_mutex_killed_mid_publish_is_repaired() -> None:
             mapping[start + 16 : start + 19] = b"new"
             struct.pack_into("<Q", mapping, broadcast_layout.OFF_TAIL, tail + 24)  # committed, not numbered
             struct.pack_into("<Q", mapping, broadcast_layout.OFF_OLDEST, 1)  # and a half-done drop
-            os.write(w, b"1")
-            time.sleep(60)
 
-        pid = fork_child(hold)
-        os.close(w)
-        assert select.select([r], [], [], 10)[0] and os.read(r, 1) == b"1"
-        os.close(r)
+        pid = hold_in_child(hold)
         assert mutex_word(bc) != 0
         kill_and_reap(pid)
         assert [sub.get(timeout=10) for _ in range(3)] == ["a", "b", b"new"]

@@ -12,7 +12,6 @@ import json
 import multiprocessing
 import os
 import pickle
-import select
 import signal
 import struct
 import subprocess
@@ -25,7 +24,7 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 import pytest
 from _forge import forge_kind_header, peek, poke
 from _lock_workers import ACQUIRED, BACKWARDS, BAD, COUNTER, DIED, HUNG, REPAIRED, STATE_SIZE, A, B, count, locked_job
-from conftest import PYTHON, in_child, kill_and_reap, mapped_with_prefix, run_pure_python, wait_until
+from conftest import PYTHON, hold_in_child, in_child, kill_and_reap, mapped_with_prefix, run_pure_python, wait_until
 
 import shmem
 from shmem._core.header import EXTRA_OFFSET, TRAILER_SIZE
@@ -42,23 +41,7 @@ def fork_holder(lock: Any, then: Callable[[], None] = lambda: time.sleep(60)) ->
     it for a minute); return its pid once it holds the lock. The child never
     returns into pytest: it leaves with os._exit (without releasing, unless
     ``then`` does)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child
-        try:
-            os.close(r)
-            lock.acquire()
-            os.write(w, b"1")
-            then()
-        finally:
-            os._exit(0)
-    os.close(w)
-    try:
-        assert select.select([r], [], [], 10)[0], "the child never took the lock"
-        assert os.read(r, 1) == b"1"
-    finally:
-        os.close(r)
-    return pid
+    return hold_in_child(lock.acquire, then)
 
 
 def reap(pid: int) -> int:

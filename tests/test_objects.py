@@ -21,7 +21,6 @@ import subprocess
 import threading
 import time
 import traceback
-import warnings
 from typing import Any, List, Optional
 
 import _objects_workers as workers
@@ -31,6 +30,7 @@ from conftest import (
     PYTHON,
     blocks_with_prefix,
     fork_child,
+    fork_threaded_child,
     in_child,
     kill_and_reap,
     mapped_with_prefix,
@@ -675,9 +675,7 @@ def test_fork_while_holding_references_and_a_thread_puts() -> None:
 
     try:
         for _ in range(5):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # fork() of a threaded process
-                pid = fork_child(child)
+            pid = fork_threaded_child(child)
             assert wait_exit(pid) == 0
     finally:
         stop.set()

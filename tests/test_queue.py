@@ -22,13 +22,22 @@ import struct
 import subprocess
 import threading
 import time
-import warnings
 import weakref
 from typing import Any, Callable, List, Tuple
 
 import _queue_workers as workers
 import pytest
-from conftest import PYTHON, fork_child, in_child, kill_and_reap, run_pure_python, wait_exit, wait_until
+from conftest import (
+    PYTHON,
+    fork_child,
+    fork_threaded_child,
+    hold_in_child,
+    in_child,
+    kill_and_reap,
+    run_pure_python,
+    wait_exit,
+    wait_until,
+)
 from test_defect_space import private_shm_available, run_in_private_shm  # noqa: F401 - a fixture
 
 import shmem
@@ -537,19 +546,13 @@ def test_holder_of_the_internal_mutex_sigkilled() -> None:
     next put and get take it over, recount the ring and work."""
     q = shmem.Queue(capacity=1024, maxsize=3)
     q.put_many(["a", "b"])
-    r, w = os.pipe()
 
     def hold() -> None:
         calls = sync_wait.calls(q._block.mapping)
         calls.lock(0)
         struct.pack_into("<Q", q._block.mapping, queue_layout.OFF_COUNT, 3)  # a half-done change
-        os.write(w, b"1")
-        time.sleep(60)
 
-    pid = fork_child(hold)
-    os.close(w)
-    assert select.select([r], [], [], 10)[0] and os.read(r, 1) == b"1"
-    os.close(r)
+    pid = hold_in_child(hold)
     assert mutex_word(q) != 0
     kill_and_reap(pid)
     q.put("c", timeout=10)  # the count was repaired: 2 items, room for a third
@@ -566,7 +569,6 @@ def test_holder_of_a_side_mutex_sigkilled(side: str) -> None:
     q = shmem.Queue(capacity=1 << 18)
     q.put_many(["a", "b"])
     off = queue_layout.OFF_PUT_MUTEX if side == "producers" else queue_layout.OFF_GET_MUTEX
-    r, w = os.pipe()
 
     def hold() -> None:
         calls = sync_wait.calls(q._block.mapping)
@@ -580,13 +582,8 @@ def test_holder_of_a_side_mutex_sigkilled(side: str) -> None:
             at = queue_layout.RING + tail % (1 << 18)
             struct.pack_into("<II", q._block.mapping, at, 100_000, queue_layout.TAG_BYTES)
             q._block.mapping[at + 8 : at + 8 + 1000] = b"x" * 1000
-        os.write(w, b"1")
-        time.sleep(60)
 
-    pid = fork_child(hold)
-    os.close(w)
-    assert select.select([r], [], [], 10)[0] and os.read(r, 1) == b"1"
-    os.close(r)
+    pid = hold_in_child(hold)
     assert mutex_word(q) != 0
     kill_and_reap(pid)
     q.put("d0", timeout=10)  # small: finds the side busy, takes the dead holder's mutex over
@@ -699,9 +696,7 @@ def test_fork_while_another_thread_is_blocked_in_get() -> None:
             assert q.get(timeout=10) == "x" and q.get_many(5, timeout=10) == [i]
             q.close()
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # fork() of a threaded process
-            pid = fork_child(child)
+        pid = fork_threaded_child(child)
         assert wait_exit(pid) == 0
         t.join(30)
         assert not t.is_alive() and got == [("for the thread", i)]
@@ -746,9 +741,7 @@ def test_fork_while_other_threads_copy_large_records_in_and_out() -> None:
                 os.write(w, struct.pack("<I", len(got)) + got[:16])  # enough to tell which it was
                 q.close()
 
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # fork() of a threaded process
-                pid = fork_child(child)
+            pid = fork_threaded_child(child)
             assert wait_exit(pid) == 0
     finally:
         stop.set()
