@@ -1283,14 +1283,21 @@ qc_state_in(QueueCore *self, PyObject *unused)
     return r;
 }
 
+/* Drop the buffer (and so let the mapping go) once released and no call is in flight. */
+static void
+let_go_view(QueueCore *self)
+{
+    if (!self->bound && self->inside == 0 && self->has_view) {
+        self->has_view = 0;
+        PyBuffer_Release(&self->view);
+    }
+}
+
 static PyObject *
 qc_release(QueueCore *self, PyObject *unused)
 {
     self->bound = 0;
-    if (self->inside == 0 && self->has_view) { /* else the last call in flight lets go of it */
-        self->has_view = 0;
-        PyBuffer_Release(&self->view);
-    }
+    let_go_view(self); /* now, or by the last call in flight */
     Py_CLEAR(self->batch_items);
     Py_RETURN_NONE;
 }
@@ -1563,114 +1570,44 @@ enter(QueueCore *self)
 static PyObject *
 leave(QueueCore *self, PyObject *result)
 {
-    if (--self->inside == 0 && !self->bound && self->has_view) {
-        self->has_view = 0;
-        PyBuffer_Release(&self->view);
-    }
+    self->inside--;
+    let_go_view(self);
     return result;
 }
 
-static PyObject *
-qc_put(QueueCore *self, PyObject *args)
-{
-    return enter(self) < 0 ? NULL : leave(self, qc_put_in(self, args));
-}
-
-static PyObject *
-qc_put_parts(QueueCore *self, PyObject *args)
-{
-    return enter(self) < 0 ? NULL : leave(self, qc_put_parts_in(self, args));
-}
-
-static PyObject *
-qc_put_many(QueueCore *self, PyObject *args)
-{
-    return enter(self) < 0 ? NULL : leave(self, qc_put_many_in(self, args));
-}
-
-static PyObject *
-qc_put_batch(QueueCore *self, PyObject *args)
-{
-    return enter(self) < 0 ? NULL : leave(self, qc_put_batch_in(self, args));
-}
-
-static PyObject *
-qc_get(QueueCore *self, PyObject *args)
-{
-    return enter(self) < 0 ? NULL : leave(self, qc_get_in(self, args));
-}
-
-static PyObject *
-qc_get_many(QueueCore *self, PyObject *args)
-{
-    return enter(self) < 0 ? NULL : leave(self, qc_get_many_in(self, args));
-}
-
-static PyObject *
-qc_get_objs(QueueCore *self, PyObject *args)
-{
-    return enter(self) < 0 ? NULL : leave(self, qc_get_objs_in(self, args));
-}
-
-static PyObject *
-qc_watch(QueueCore *self, PyObject *args)
-{
-    return enter(self) < 0 ? NULL : leave(self, qc_watch_in(self, args));
-}
-
-static PyObject *
-qc_wake_watchers(QueueCore *self, PyObject *unused)
-{
-    return enter(self) < 0 ? NULL : leave(self, qc_wake_watchers_in(self, unused));
-}
-
-static PyObject *
-qc_qsize(QueueCore *self, PyObject *unused)
-{
-    return enter(self) < 0 ? NULL : leave(self, qc_qsize_in(self, unused));
-}
-
-static PyObject *
-qc_task_done(QueueCore *self, PyObject *unused)
-{
-    return enter(self) < 0 ? NULL : leave(self, qc_task_done_in(self, unused));
-}
-
-static PyObject *
-qc_join(QueueCore *self, PyObject *args)
-{
-    return enter(self) < 0 ? NULL : leave(self, qc_join_in(self, args));
-}
-
-static PyObject *
-qc_state(QueueCore *self, PyObject *unused)
-{
-    return enter(self) < 0 ? NULL : leave(self, qc_state_in(self, unused));
-}
-
-static PyObject *
-qc_put_obj(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
-{
-    return enter(self) < 0 ? NULL : leave(self, qc_put_obj_in(self, args, nargs, kwnames));
-}
-
-static PyObject *
-qc_send_bytes(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
-{
-    return enter(self) < 0 ? NULL : leave(self, qc_send_bytes_in(self, args, nargs, kwnames));
-}
-
-static PyObject *
-qc_get_obj(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
-{
-    return enter(self) < 0 ? NULL : leave(self, qc_get_obj_in(self, args, nargs, kwnames));
-}
-
-static PyObject *
-qc_recv_bytes(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
-{
-    return enter(self) < 0 ? NULL : leave(self, qc_recv_bytes_in(self, args, nargs, kwnames));
-}
+/* The methods, each counted in (enter/leave) around its _in body. */
+#define GUARDED_VARARGS(name)                                                                      \
+    static PyObject *qc_##name(QueueCore *self, PyObject *args)                                    \
+    {                                                                                              \
+        return enter(self) < 0 ? NULL : leave(self, qc_##name##_in(self, args));                   \
+    }
+#define GUARDED_NOARGS(name)                                                                       \
+    static PyObject *qc_##name(QueueCore *self, PyObject *unused)                                  \
+    {                                                                                              \
+        return enter(self) < 0 ? NULL : leave(self, qc_##name##_in(self, unused));                 \
+    }
+#define GUARDED_FASTCALL(name)                                                                     \
+    static PyObject *qc_##name(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) \
+    {                                                                                              \
+        return enter(self) < 0 ? NULL : leave(self, qc_##name##_in(self, args, nargs, kwnames));   \
+    }
+GUARDED_VARARGS(put)
+GUARDED_VARARGS(put_parts)
+GUARDED_VARARGS(put_many)
+GUARDED_VARARGS(put_batch)
+GUARDED_VARARGS(get)
+GUARDED_VARARGS(get_many)
+GUARDED_VARARGS(get_objs)
+GUARDED_VARARGS(watch)
+GUARDED_VARARGS(join)
+GUARDED_NOARGS(wake_watchers)
+GUARDED_NOARGS(qsize)
+GUARDED_NOARGS(task_done)
+GUARDED_NOARGS(state)
+GUARDED_FASTCALL(put_obj)
+GUARDED_FASTCALL(send_bytes)
+GUARDED_FASTCALL(get_obj)
+GUARDED_FASTCALL(recv_bytes)
 
 static PyMethodDef qc_methods[] = {
     {"put", (PyCFunction)qc_put, METH_VARARGS, "put(data, tag, timeout_ns) -> bool"},
