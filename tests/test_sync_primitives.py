@@ -30,7 +30,7 @@ from _sync_workers import (
     set_event,
     wait_event,
 )
-from conftest import PYTHON, kill_and_reap, mapped_with_prefix, run_pure_python, wait_until
+from conftest import PYTHON, in_child, kill_and_reap, mapped_with_prefix, run_pure_python, wait_until
 
 import shmem
 from shmem._kinds import sync_layout, sync_wait
@@ -671,7 +671,66 @@ def test_implementation_follows_the_environment() -> None:
     assert sync_wait.ACCELERATED is not pure
 
 
+def _wait_on(kind: str, handle: Any) -> Any:
+    if kind == "Event":
+        return handle.wait(30)
+    if kind == "Semaphore":
+        return handle.acquire(timeout=30)
+    if kind == "Condition":
+        with handle:
+            return handle.wait(30)
+    return handle.wait(30)  # Barrier
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded")  # the threads: on purpose
+@pytest.mark.parametrize("kind", ["Event", "Semaphore", "Condition", "Barrier"])
+def test_close_while_other_threads_wait_through_the_same_handle(kind: str) -> None:
+    """close() while two threads of this process sleep in a wait through that handle (the GIL
+    released): the mapping stays until they are out, each raises ValueError saying so (before:
+    "released memoryview" from Event.wait, and in the pure-Python path a segfault when a ctypes
+    call touched the unmapped mutex), and the primitive, open through another handle, works on.
+    In a forked child: a crash fails the test."""
+
+    def body() -> List[str]:
+        make = getattr(shmem, kind)
+        other = make(0) if kind == "Semaphore" else make(3) if kind == "Barrier" else make()
+        closing = make(3, name=other.name) if kind == "Barrier" else make(name=other.name)
+        results: List[str] = []
+
+        def wait() -> None:
+            try:
+                results.append(repr(_wait_on(kind, closing)))
+            except Exception as err:
+                results.append(type(err).__name__ + ": " + str(err).split(" (")[0])
+
+        threads = [threading.Thread(target=wait) for _ in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)  # both asleep
+        closing.close()
+        for t in threads:
+            t.join(20)
+        assert not any(t.is_alive() for t in threads)
+        if kind == "Event":  # the other handle works on
+            other.set()
+            assert other.wait(1)
+        elif kind == "Semaphore":
+            other.release()
+            assert other.acquire(timeout=1)
+        elif kind == "Condition":
+            with other:
+                other.notify_all()
+        other.close()
+        return results
+
+    # A Condition opened by name closes the lock it opened with it: its waiters, taking the lock
+    # back on their way out (and `with` releasing it), hear that the lock is closed.
+    said = "the lock is closed" if kind == "Condition" else f"the shmem.{kind} was closed while this call waited"
+    assert in_child(body, timeout=60) == [f"ValueError: {said}"] * 2
+
+
 CORE = [
+    "test_close_while_other_threads_wait_through_the_same_handle",
     "test_event_across_processes",
     "test_event_waiter_killed_set_still_works",
     "test_semaphore_semantics",

@@ -37,7 +37,6 @@
 #include <errno.h>
 #include <linux/futex.h>
 #include <pthread.h>
-#include <signal.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/syscall.h>
@@ -1679,37 +1678,6 @@ set_codec(PyObject *module, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* block_signals() -> the old mask (bytes); restore_signals(mask). What a critical section written in
- * Python (the broadcast's ring) wraps itself in, so that no signal handler runs while it holds a
- * mutex: signal.pthread_sigmask costs ~30 us a pair, converting every signal to an enum. */
-static PyObject *
-block_signals(PyObject *module, PyObject *unused)
-{
-    sigset_t all, old;
-    sigfillset(&all);
-    int rc = pthread_sigmask(SIG_BLOCK, &all, &old);
-    if (rc != 0) {
-        errno = rc;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    return PyBytes_FromStringAndSize((const char *)&old, sizeof old);
-}
-
-static PyObject *
-restore_signals(PyObject *module, PyObject *mask)
-{
-    if (!PyBytes_Check(mask) || PyBytes_GET_SIZE(mask) != (Py_ssize_t)sizeof(sigset_t)) {
-        PyErr_SetString(PyExc_ValueError, "restore_signals() takes what block_signals() returned");
-        return NULL;
-    }
-    int rc = pthread_sigmask(SIG_SETMASK, (const sigset_t *)PyBytes_AS_STRING(mask), NULL);
-    if (rc != 0) {
-        errno = rc;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    Py_RETURN_NONE;
-}
-
 /* plain_encode(obj) -> bytes, or None when obj is outside the plain codec; plain_decode(data) -> obj.
  * The queue calls the codec itself; these are for its twin's parity tests. */
 static PyObject *
@@ -1737,8 +1705,6 @@ m_plain_decode(PyObject *module, PyObject *data)
 static PyMethodDef module_methods[] = {
     {"plain_encode", (PyCFunction)m_plain_encode, METH_O, "The plain encoding of obj, or None (pickle it)."},
     {"plain_decode", (PyCFunction)m_plain_decode, METH_O, "The object a plain encoding holds."},
-    {"block_signals", (PyCFunction)block_signals, METH_NOARGS, "Block every signal in this thread; the old mask."},
-    {"restore_signals", (PyCFunction)restore_signals, METH_O, "Restore a mask block_signals() returned."},
     {"_set_corrupt", (PyCFunction)set_corrupt, METH_O, "The exception for a damaged ring."},
     {"_set_codec", (PyCFunction)set_codec, METH_VARARGS,
      "pickle.dumps, pickle.loads, protocol, Full, Empty, oob_parts, oob_loads."},

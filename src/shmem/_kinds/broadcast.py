@@ -39,7 +39,7 @@ import pickle
 import queue as _stdlib_queue
 import struct
 import time
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 from .._core.block import Block
 from .._core.header import KIND_BROADCAST
@@ -63,7 +63,8 @@ from .broadcast_layout import (
     BroadcastHeader,
     record_size,
 )
-from .queue_ring import block_signals, restore_signals, wait_ns
+from .queue_ring import wait_ns
+from .sync_wait import Flight, block_signals, in_flight, let_go, restore_signals
 
 __all__ = ["Broadcast", "Empty", "MessagesLost", "Subscriber"]
 
@@ -97,7 +98,9 @@ def _capacity(capacity: Optional[int]) -> int:
 
 
 class _Ring:
-    """The mutex, the words and the records of one broadcast block, seen from one handle."""
+    """The mutex, the words and the records of one broadcast block, seen from one handle.
+    ``publish``, ``get`` and ``snapshot`` count as calls in flight (``sync_wait.Flight``):
+    a ``release`` by another thread meanwhile leaves the mapping to the last of them."""
 
     def __init__(self, block: Block, capacity: int) -> None:
         mapping = block.mapping
@@ -109,6 +112,7 @@ class _Ring:
         self.view: Optional[memoryview] = view
         self.calls = sync_wait.calls(mapping)
         self.capacity = capacity
+        self.flight = Flight("the broadcast handle")
 
     def buf(self) -> memoryview:
         view = self.view
@@ -116,11 +120,17 @@ class _Ring:
             raise ValueError("the broadcast is closed")
         return view
 
-    def release(self) -> None:
-        view, self.view = self.view, None
-        if view is not None:
-            self.calls.release()
-            view.release()
+    def release(self, then: Callable[[], None] = lambda: None) -> None:
+        """This handle is closed: the mapping goes, and ``then()`` runs, once no call is inside."""
+
+        def let_go_view() -> None:
+            view, self.view = self.view, None
+            if view is not None:
+                self.calls.release()
+                view.release()
+            then()
+
+        self.flight.close(let_go_view)
 
     # ------------------------------------------------------------ the mutex
 
@@ -194,6 +204,7 @@ class _Ring:
 
     # ------------------------------------------------------------ publish
 
+    @in_flight
     def publish(self, data: Any, tag: int) -> int:
         """Append one record (dropping the oldest until it fits); its number."""
         view = memoryview(data).cast("B")
@@ -304,6 +315,7 @@ class _Ring:
             expected += 1
             pos += size
 
+    @in_flight
     def get(self, sub: Subscriber, timeout_ns: int) -> Tuple[int, Any]:
         """(status, info): status 0 = message (info: (tag, data)), 1 = lost (info: (how many,
         where to continue)), 2 = nothing in time.
@@ -318,6 +330,7 @@ class _Ring:
         mask = self.lock()
         try:
             while True:
+                self.flight.check_open()  # after a sleep: another thread closed this handle
                 want, hint = sub._seq, sub._hint  # anew after each sleep: a handler may have moved it
                 next_seq, oldest, head, tail = self.ends()
                 if want < oldest:
@@ -335,11 +348,11 @@ class _Ring:
                 # Sleep one slice with the mutex free, counted as a sleeper.
                 seen = _U32.unpack_from(buf, OFF_SEQ_WORD)[0]
                 _U32.pack_into(buf, OFF_SLEEPERS, (_U32.unpack_from(buf, OFF_SLEEPERS)[0] + 1) & 0xFFFFFFFF)
-                self.unlock(mask)
                 if left < 0 or left > SLICE_NS:
                     left = SLICE_NS
                 woken = False
-                try:
+                try:  # signal handlers run from the unlock on, and may raise
+                    self.unlock(mask)
                     woken = self.calls.wait(OFF_SEQ_WORD, seen, left)
                 finally:  # also when a signal handler raised: count ourselves out
                     mask = self.lock()
@@ -347,9 +360,13 @@ class _Ring:
                         sleepers = _U32.unpack_from(buf, OFF_SLEEPERS)[0]
                         if sleepers:
                             _U32.pack_into(buf, OFF_SLEEPERS, sleepers - 1)
-        finally:
-            self.unlock(mask)
+        finally:  # (the mutex is free if a signal handler raised in the lock after a sleep)
+            try:
+                let_go(self.calls, 0)
+            finally:
+                restore_signals(mask)
 
+    @in_flight
     def snapshot(self) -> Tuple[int, int]:
         """(next_seq, tail), under the mutex and checked."""
         mask = self.lock()
@@ -411,10 +428,12 @@ class _Handle:
         have it open; the last one to close (or to exit) removes it."""
         ring, block = self._ring, self._block
         self._ring = self._block = None
-        if ring is not None:
-            ring.release()
-        if block is not None:
-            block.release()
+        if block is None:
+            return
+        block.release()
+        if ring is not None:  # another thread inside a call keeps the mapping until it is out
+            ring.release(then=lambda: named_block.remove_if_unused(block))
+        else:
             named_block.remove_if_unused(block)
 
     def __del__(self) -> None:
@@ -442,6 +461,7 @@ class Broadcast(_Handle):
 
     def __init__(self, name: Optional[str] = None, *, capacity: Optional[int] = None) -> None:
         self._block, self._ring = _open(name, _capacity(capacity), create=True)
+        self._ring.flight.what = f"the shmem.{type(self).__name__}"
 
     @classmethod
     def _attach(cls, name: str) -> Broadcast:
@@ -504,6 +524,7 @@ class Subscriber(_Handle):
         if not isinstance(name, str):
             raise TypeError(f"a broadcast's name must be a str, not {type(name).__name__}")
         self._block, self._ring = _open(name, DEFAULT_CAPACITY, create=False)
+        self._ring.flight.what = f"the shmem.{type(self).__name__}"
         self._seq, self._hint = self._ring.snapshot()  # its first message goes at the tail
 
     @classmethod

@@ -27,9 +27,29 @@ from . import sync_async
 from .lock import Lock, RLock
 from .sync_block import Primitive
 from .sync_layout import TYPE_CONDITION, TYPE_NAMES, W_SEQ, W_TO_WAKE, W_WAITERS
-from .sync_wait import Deadline, forever_or_ns
+from .sync_wait import Deadline, block_signals, forever_or_ns, restore_signals
 
 _T = TypeVar("_T")
+
+
+def _take_back(lock: Any, depth: int) -> None:
+    """Take ``lock`` ``depth`` times, as a wait let it go, with signals blocked: a handler
+    that raised in between would leave it held fewer times than the caller's ``with``
+    releases. What a handler due raises comes after, with the lock held."""
+    pending: Optional[BaseException] = None
+    while True:
+        try:
+            mask = block_signals()
+            break
+        except BaseException as err:  # a handler due raised before the mask changed
+            pending = err
+    try:
+        for _ in range(depth):
+            lock.acquire()
+    finally:
+        restore_signals(mask)
+    if pending is not None:
+        raise pending
 
 
 class Condition(Primitive):
@@ -128,9 +148,13 @@ class Condition(Primitive):
         depth = 0
         notified = False
         try:
-            while lock._is_owned():
-                lock.release()
-                depth += 1
+            mask = block_signals()  # no signal handler (which may raise) between a release and its count
+            try:
+                while lock._is_owned():
+                    lock.release()
+                    depth += 1
+            finally:
+                restore_signals(mask)
             while True:
                 left = deadline.left()
                 if left == 0:
@@ -146,8 +170,7 @@ class Condition(Primitive):
                 if not notified:
                     self._unregister()
             finally:
-                for _ in range(depth):
-                    lock.acquire()
+                _take_back(lock, depth)
 
     # The steps of a wait, shared by wait() and shmem.aio.wait_condition(): register, then
     # _take_token() after each wake-up (or poll), then _unregister() unless a token was taken.

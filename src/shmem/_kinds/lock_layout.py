@@ -123,6 +123,7 @@ class _Libc:
         self.setpshared = function("pthread_mutexattr_setpshared", p, i)
         self.setrobust = function("pthread_mutexattr_setrobust", p, i)
         self.settype = function("pthread_mutexattr_settype", p, i)
+        self.sigmask = function("pthread_sigmask", i, p, p)
         missing = [k for k, v in vars(self).items() if v is None and k != "clocklock"]
         if missing:
             raise ImportError(f"this C library lacks robust process-shared mutexes ({', '.join(missing)})")

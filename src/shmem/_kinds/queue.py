@@ -43,7 +43,7 @@ from .._core import forks
 from .._core.block import Block
 from .._core.header import KIND_QUEUE
 from .._errors import CorruptSegment
-from . import named_block, queue_layout, queue_ring, queue_watch
+from . import named_block, queue_layout, queue_ring, queue_watch, sync_wait
 from .queue_layout import (
     BATCH_HEAD,
     BATCH_ITEMS,
@@ -303,7 +303,7 @@ class Queue:
         # Signals blocked: a handler calling fileno() while this thread holds the lock would
         # wait for itself. (The watcher thread, started in here, keeps them blocked: the kernel
         # then hands process signals to threads that run Python's handlers.)
-        mask = queue_ring.block_signals()
+        mask = sync_wait.block_signals()
         try:
             with _watch_lock:
                 watcher = self._watcher
@@ -313,7 +313,7 @@ class Queue:
                     watcher = self._watcher = queue_watch.Watcher(core, self._block.name)
                 return watcher.fileno()
         finally:
-            queue_ring.restore_signals(mask)
+            sync_wait.restore_signals(mask)
 
     # ------------------------------------------------------------ the end
 

@@ -9,7 +9,8 @@ the same exceptions for the same inputs; the twin is slower.
 The twin's critical sections run Python code, where a signal handler could
 run and call the same queue (the mutex is error-checking: that would be
 EDEADLK). So it blocks signals in the calling thread while it holds the
-mutex; they are delivered, and their handlers run, right after.
+mutex (``sync_wait.block_signals``); they are delivered, and their handlers
+run, right after.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import functools
 import math
 import pickle
 import queue
-import signal
 import struct
 import sys
 import time
@@ -57,6 +57,7 @@ from .queue_layout import (
     TAG_WRAP,
     record_size,
 )
+from .sync_wait import block_signals, let_go, restore_signals
 
 QUEUE_VERSION = 3
 PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -66,20 +67,10 @@ SPIN_NS = 20_000
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 _REC = struct.Struct("<II")
-_ALL_SIGNALS = set(signal.Signals)
 
 #: A take as ``get``/``get_many`` give it: (tag, payload); from a batch of n items, the
 #: items first..stop-1: (TAG_BATCH, pickle, first, stop, n).
 Item = Tuple[Any, ...]
-
-
-def _block_signals_python() -> Any:
-    """Block every signal in this thread; the old mask (``_queue.block_signals``'s twin, ~30x slower)."""
-    return signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
-
-
-def _restore_signals_python(mask: Any) -> None:
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _exports_buffer(obj: Any) -> bool:
@@ -347,11 +338,14 @@ class PyRingCore:
             restore_signals(mask)
 
     def _let_go(self, side: int, side_held: bool, mask: Any) -> None:
-        """After an exception in a round: let go of what is held (the ring's mutex always)."""
-        if side_held:
-            self._unlock_side(side, mask)
-        else:
-            self._unlock(mask)
+        """After an exception in a round: let go of what this thread holds (the ring's mutex,
+        unless a signal handler raised while it was free: around a sleep)."""
+        try:
+            let_go(self._calls, 0)
+            if side_held:
+                self._calls.unlock(side)
+        finally:
+            restore_signals(mask)
 
     def _repair(self) -> None:
         buf, cap = self._buf(), self.capacity
@@ -397,14 +391,17 @@ class PyRingCore:
         return True
 
     def _sleep_once(self, mask: Any, seq_off: int, sleepers_off: int, left_ns: int) -> Any:
-        """Count in as a sleeper, sleep one slice with the mutex free; the mutex held again (its mask)."""
+        """Count in as a sleeper, sleep one slice with the mutex free; the mutex held again (its
+        mask). Signal handlers run while it is free: one that raises there (the ring's mutex
+        then free or held again, which the caller's let_go finds out) or in the lock after
+        leaves this a sleeper too many, which costs one needless wake-up."""
         seen = self._u32(seq_off)
         self._set32(sleepers_off, self._u32(sleepers_off) + 1)
-        self._unlock(mask)
         if left_ns < 0 or left_ns > SLICE_NS:
             left_ns = SLICE_NS
         woken = False
         try:
+            self._unlock(mask)
             woken = self._calls.wait(seq_off, seen, left_ns)
         finally:  # also when a signal handler raised: count ourselves out
             mask = self._lock()
@@ -778,10 +775,6 @@ class PyRingCore:
 
 
 RingCore: Any
-#: Block every signal in this thread (returns the old mask) / put a mask back: the guard of a
-#: critical section written in Python (the twin's, the broadcast's). C when shmem._queue is built.
-block_signals: Callable[[], Any]
-restore_signals: Callable[[Any], None]
 #: The plain encoding of an object, or None (pickle it), and back: C when shmem._queue is built.
 plain_encode: Callable[[Any], Optional[bytes]]
 plain_decode: Callable[[Any], Any]
@@ -795,7 +788,6 @@ try:
     _queue._set_corrupt(CorruptSegment)
     _queue._set_codec(pickle.dumps, pickle.loads, PROTOCOL, queue.Full, queue.Empty, oob_parts, oob_loads)
     RingCore = _queue.QueueCore
-    block_signals, restore_signals = _queue.block_signals, _queue.restore_signals
     plain_encode, plain_decode = _queue.plain_encode, _queue.plain_decode
     ACCELERATED = True
 except ImportError as err:
@@ -805,7 +797,6 @@ except ImportError as err:
             "reinstall shmem where a C compiler is present, or unset the variable"
         ) from err
     RingCore = PyRingCore
-    block_signals, restore_signals = _block_signals_python, _restore_signals_python
     plain_encode, plain_decode = queue_plain.encode, queue_plain.decode
     ACCELERATED = False
 
@@ -820,13 +811,11 @@ __all__: Sequence[str] = [
     "PROTOCOL",
     "PyRingCore",
     "RingCore",
-    "block_signals",
     "decoded",
     "new_core",
     "oob_loads",
     "oob_parts",
     "plain_decode",
     "plain_encode",
-    "restore_signals",
     "wait_ns",
 ]

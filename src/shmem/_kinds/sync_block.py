@@ -47,7 +47,7 @@ class Primitive:
 
     def _set(self, block: Block, type_: int) -> None:
         try:
-            self._mem = Memory(block.mapping, words(type_))
+            self._mem = Memory(block.mapping, words(type_), f"the shmem.{type(self).__name__}")
         except BaseException:
             block.release()
             raise
@@ -108,10 +108,11 @@ class Primitive:
         self._block = self._mem = self._slots = None
         if slots is not None:
             slots.close()
-        if mem is not None:
-            mem.release()
         block.release()
-        named_block.remove_if_unused(block)
+        if mem is not None:  # another thread inside a call keeps the mapping until it is out
+            mem.release(then=lambda: named_block.remove_if_unused(block))
+        else:
+            named_block.remove_if_unused(block)
 
     def __del__(self) -> None:
         try:

@@ -30,6 +30,15 @@ dead process. OFD locks follow the open file description, which ``fork()``
 shares: a child keeps its parent's slot alive until it exits, and takes a
 slot of its own (on a new description) for its own use.
 
+A state change written in Python holds the mutex with every signal blocked
+in its thread (``block_signals``, which first runs the handlers already
+due): a handler that ran in between could call the same object (the
+mutex is error-checking: EDEADLK) or raise between the lock and the
+``try`` that lets it go, leaving the mutex held by a live thread for good.
+Handlers run right after the mutex is let go. (A signal that another thread
+of the process catches still has its handler run in the main thread at any
+bytecode: there a handler that calls the same object gets a RuntimeError.)
+
 ``SHMEM_PURE_PYTHON=1`` selects the ctypes twin (as ``lock_layout`` does);
 ``SHMEM_REQUIRE_SPEEDUPS=1`` makes a missing C build an ImportError.
 """
@@ -39,12 +48,14 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
 import os
 import platform
+import signal
 import struct
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional, TypeVar, cast
 
 from .. import _platform
 from .._core.block import Block
@@ -82,6 +93,45 @@ def _futex_call() -> Any:
         fn.restype = ctypes.c_long
         _syscall = (fn, number)
     return _syscall
+
+
+_SIGSET_SIZE = 128  # sizeof(sigset_t): 1024 bits, in glibc and the kernel's rt_sigprocmask ABI
+_EVERY_SIGNAL = b"\xff" * _SIGSET_SIZE  # glibc leaves out the two it keeps for itself
+
+
+def block_signals_py() -> bytes:
+    """``_sync.block_signals``'s twin: block every signal in this thread, then run the Python
+    handlers already due (one that raises puts the old mask back); the old mask. Through
+    ctypes, not ``signal.pthread_sigmask``: that runs the handlers after changing the mask,
+    and one that raises there loses the old mask (the thread would keep all signals blocked)."""
+    old = ctypes.create_string_buffer(_SIGSET_SIZE)
+    sigmask = lock_layout._libc().sigmask
+    lock_layout._check_rc(sigmask(signal.SIG_BLOCK, None, old))  # only reads the mask
+    try:  # a handler due may run at any bytecode from here until the flush below
+        lock_layout._check_rc(sigmask(signal.SIG_BLOCK, _EVERY_SIGNAL, None))
+        signal.pthread_kill(threading.get_ident(), 0)  # sends nothing; runs the handlers due
+    except BaseException:
+        sigmask(signal.SIG_SETMASK, old, None)
+        raise
+    return old.raw
+
+
+def restore_signals_py(mask: bytes) -> None:
+    """``_sync.restore_signals``'s twin."""
+    if not isinstance(mask, bytes) or len(mask) != _SIGSET_SIZE:
+        raise ValueError("restore_signals() takes what block_signals() returned")
+    lock_layout._check_rc(lock_layout._libc().sigmask(signal.SIG_SETMASK, mask, None))
+
+
+def let_go(calls: Any, offset: int) -> None:
+    """Unlock the mutex at ``offset`` if this thread holds it: for a way out after an
+    exception, which a signal handler may have raised where the mutex was free (between a
+    wait and the lock after it). The mutex is error-checking: EPERM says it is not ours."""
+    try:
+        calls.unlock(offset)
+    except OSError as err:
+        if err.errno != errno.EPERM:
+            raise
 
 
 def new_sync_mutex_py() -> bytes:
@@ -204,6 +254,10 @@ class _CCalls:
 
 _sync: Any = None
 new_sync_mutex: Callable[[], bytes]
+#: Block every signal in this thread (after running the handlers due; the old mask) / put a
+#: mask back: what a critical section written in Python wraps itself in (see above).
+block_signals: Callable[[], bytes]
+restore_signals: Callable[[bytes], None]
 _Calls: Any
 if lock_layout.ACCELERATED:
     from .. import _sync
@@ -211,9 +265,11 @@ if lock_layout.ACCELERATED:
     if getattr(_sync, "SYNC_VERSION", None) != SYNC_VERSION:  # pragma: no cover - a stale build
         raise ImportError("shmem._sync is a stale build (no futex layer): reinstall shmem")
     new_sync_mutex, _Calls = _sync.new_sync_mutex, _CCalls
+    block_signals, restore_signals = _sync.block_signals, _sync.restore_signals
     ACCELERATED = True
 else:
     new_sync_mutex, _Calls = new_sync_mutex_py, _PyCalls
+    block_signals, restore_signals = block_signals_py, restore_signals_py
     ACCELERATED = False
 
 
@@ -269,37 +325,145 @@ class Deadline:
         return max(0, self.end - time.monotonic_ns())
 
 
-class Memory:
-    """A primitive's mapping: its words, its internal mutex and futex calls on it."""
+class Flight:
+    """The calls inside a mapping right now, so that ``close()`` by another thread meanwhile
+    leaves the mapping to the last of them: its memory goes with the last reference, and a
+    call asleep in a futex or mutex wait (the GIL released) would touch it after an unmap, a
+    segfault. (The queue's C core counts its calls the same way.) ``list.append`` and
+    ``list.pop`` are each one step under the GIL: no count is lost to a thread switch."""
 
-    def __init__(self, mapping: Any, words: int) -> None:
+    def __init__(self, what: str) -> None:
+        self.what = what  # "the shmem.Event", for errors
+        self.closed = False
+        self._calls: List[None] = []
+        self._let_go: Optional[Callable[[], None]] = None
+
+    def enter(self) -> None:
+        if self.closed:
+            raise ValueError(f"{self.what} is closed")
+        self._calls.append(None)
+
+    def leave(self) -> None:
+        self._calls.pop()
+        if self.closed and not self._calls:
+            self._finish()
+
+    def close(self, let_go: Callable[[], None]) -> None:
+        """No call from now on; ``let_go()`` once the last one in flight is out (now if none is)."""
+        if self.closed:
+            return
+        self._let_go, self.closed = let_go, True
+        if not self._calls:
+            self._finish()
+
+    def _finish(self) -> None:
+        let_go, self._let_go = self._let_go, None
+        if let_go is not None:
+            let_go()
+
+    def check_open(self) -> None:
+        """After a wait: the handle was closed meanwhile (a ValueError)."""
+        if self.closed:
+            raise ValueError(f"{self.what} was closed while this call waited")
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def in_flight(method: _Method) -> _Method:
+    """A method of an object with a ``flight`` (``Flight``), counted in for its whole run."""
+
+    @functools.wraps(method)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        flight = self.flight
+        flight.enter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            flight.leave()
+
+    return cast(_Method, call)
+
+
+class Memory:
+    """A primitive's mapping: its words, its internal mutex and futex calls on it.
+
+    ``lock``/``unlock`` and ``wait`` count as calls in flight (``Flight``): ``release``
+    while another thread is inside leaves the mapping to it, and a wait that ends on a
+    closed handle raises ValueError."""
+
+    def __init__(self, mapping: Any, words: int, what: str = "the primitive") -> None:
         self._calls = _Calls(mapping)
+        self._mask = b""  # the signal mask to restore at unlock
         view = memoryview(mapping)
         self._view = view
         self.words = view[WORDS_OFFSET : WORDS_OFFSET + 4 * words].cast("I")
+        self.flight = Flight(what)
 
-    def release(self) -> None:
-        self.words.release()
-        self._view.release()
-        self._calls.release()
+    def release(self, then: Callable[[], None] = lambda: None) -> None:
+        """This handle is closed: the views go, and ``then()`` runs, once no call is inside."""
+
+        def let_go() -> None:
+            self.words.release()
+            self._view.release()
+            self._calls.release()
+            then()
+
+        self.flight.close(let_go)
 
     def lock(self) -> bool:
-        """Take the internal mutex; True when its holder died in a state change (repair now)."""
-        return bool(self._calls.lock(MUTEX_OFFSET))
+        """Take the internal mutex, with every signal blocked in this thread until ``unlock``
+        (see above); True when its holder died in a state change (repair now)."""
+        self.flight.enter()
+        try:
+            mask = block_signals()
+            try:
+                died = bool(self._calls.lock(MUTEX_OFFSET))
+            except BaseException:
+                restore_signals(mask)
+                raise
+        except BaseException:
+            self.flight.leave()
+            raise
+        self._mask = mask  # only the holder reads or writes it
+        return died
 
     def unlock(self) -> None:
-        self._calls.unlock(MUTEX_OFFSET)
+        mask = self._mask
+        try:
+            self._calls.unlock(MUTEX_OFFSET)
+        except OSError as err:
+            if err.errno == errno.EPERM:  # not ours: the mask is not ours to put back either
+                raise
+            restore_signals(mask)
+            self.flight.leave()
+            raise
+        restore_signals(mask)
+        self.flight.leave()
 
     def bump(self) -> None:
         """Bump the sequence word (under the mutex)."""
         self.words[W_SEQ] = (self.words[W_SEQ] + 1) & 0xFFFFFFFF
 
     def wait(self, seen: int, timeout_ns: int) -> bool:
-        """One slice of waiting while the sequence word is ``seen`` (signal handlers run after)."""
-        return bool(self._calls.wait(WORDS_OFFSET + 4 * W_SEQ, seen, timeout_ns))
+        """One slice of waiting while the sequence word is ``seen`` (signal handlers run after).
+        ValueError if the handle was closed meanwhile."""
+        self.flight.enter()
+        try:
+            woken = bool(self._calls.wait(WORDS_OFFSET + 4 * W_SEQ, seen, timeout_ns))
+        finally:
+            self.flight.leave()
+        self.flight.check_open()
+        return woken
 
     def wake(self, n: int = 0x7FFFFFFF) -> None:
-        self._calls.wake(WORDS_OFFSET + 4 * W_SEQ, n)
+        if self.flight.closed:  # by another thread since our change: waiters see it within a slice
+            return
+        self.flight.enter()
+        try:
+            self._calls.wake(WORDS_OFFSET + 4 * W_SEQ, n)
+        finally:
+            self.flight.leave()
 
 
 # ------------------------------------------------------------------ liveness slots
