@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import subprocess
 import textwrap
@@ -241,6 +242,10 @@ def test_gc_removes_abandoned_blocks_and_nothing_else(shm_name, shm_prefix: str,
         assert _exists(name), name
 
     assert _ours(shmem.gc(prefix=shm_prefix), shm_prefix) == []  # idempotent
+    with pytest.raises(AttributeError):
+        preview.dry_run = False  # type: ignore[misc]  # a report is read-only
+    assert repr(preview) == f"GcReport(removed={preview.removed!r}, in_use={preview.in_use!r}, dry_run=True)"
+    assert pickle.loads(pickle.dumps(preview)) == preview
     user.kill()
     assert wait_until(lambda: not _exists(in_use_by_orphan))
     mine.close()

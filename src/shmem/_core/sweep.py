@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Iterator, NamedTuple, Tuple
+from typing import Any, Iterator, NamedTuple, Tuple
 
 from .. import _platform
 from .lifecycle import Verdict, remove_if_abandoned
@@ -18,13 +17,25 @@ class RemovedBlock(NamedTuple):
     created: float  # seconds since the epoch
 
 
-@dataclasses.dataclass(frozen=True)
 class GcReport:
-    """What ``gc()`` did. It iterates, counts and compares as its ``removed`` list."""
+    """What ``gc()`` did. It iterates, counts and compares as its ``removed`` list.
+    Read-only. (A plain class, not a dataclass: importing dataclasses, and with it
+    inspect, cost a fifth of ``import shmem``.)"""
 
     removed: Tuple[RemovedBlock, ...]
-    in_use: Tuple[str, ...] = ()  # blocks of dead creators that somebody still has open (left alone)
-    dry_run: bool = False
+    in_use: Tuple[str, ...]  # blocks of dead creators that somebody still has open (left alone)
+    dry_run: bool
+
+    def __init__(self, removed: Tuple[RemovedBlock, ...], in_use: Tuple[str, ...] = (), dry_run: bool = False) -> None:
+        object.__setattr__(self, "removed", removed)
+        object.__setattr__(self, "in_use", in_use)
+        object.__setattr__(self, "dry_run", dry_run)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}: a GcReport is read-only")
+
+    def __repr__(self) -> str:
+        return f"GcReport(removed={self.removed!r}, in_use={self.in_use!r}, dry_run={self.dry_run!r})"
 
     def __iter__(self) -> Iterator[RemovedBlock]:
         return iter(self.removed)

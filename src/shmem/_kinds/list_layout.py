@@ -90,7 +90,6 @@ import array
 import itertools
 import operator
 import os
-import platform
 import struct
 import sys
 import zlib
@@ -422,11 +421,11 @@ except ImportError as err:  # built without a C compiler: the same behaviour in 
 
 # Machines whose CPU keeps a core's stores in order for other cores, and its loads
 # in order (total store order): there the protocol needs no fences.
-STORES_IN_ORDER = platform.machine().lower() in {"x86_64", "amd64", "x86", "i386", "i486", "i586", "i686"}
+STORES_IN_ORDER = os.uname().machine.lower() in {"x86_64", "amd64", "x86", "i386", "i486", "i586", "i686"}
 FENCE = None if STORES_IN_ORDER else _fence  # a full memory barrier, where one is needed and available
 TORN_READS_PREVENTED = STORES_IN_ORDER or FENCE is not None
 UNORDERED_WARNING = (
-    f"shmem.ShareableList on {platform.machine() or 'this machine'} without its C extension: this CPU may "
+    f"shmem.ShareableList on {os.uname().machine or 'this machine'} without its C extension: this CPU may "
     "reorder memory accesses and pure Python has no fences, so a reader in another process may see an "
     "item half-written while a shmem writer changes it. Install shmem where a C compiler is present."
 )

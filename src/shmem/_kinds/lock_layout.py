@@ -40,11 +40,9 @@ NULL until a thread locks it), so it works at any address, in any process.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import math
 import os
-import platform
 import struct
 import threading
 import time
@@ -99,7 +97,9 @@ class _Libc:
 
     def __init__(self) -> None:
         libs = [ctypes.CDLL(None)]
-        found = ctypes.util.find_library("pthread")
+        from ctypes.util import find_library  # here: it imports subprocess, a tenth of `import shmem`
+
+        found = find_library("pthread")
         if found:
             libs.append(ctypes.CDLL(found))
 
@@ -388,11 +388,11 @@ except ImportError as err:  # built without a C compiler: the same behaviour thr
             f"SHMEM_REQUIRE_SPEEDUPS is set, but shmem's C extension for locks is not usable ({err}); "
             "reinstall shmem where a C compiler is present, or unset the variable"
         ) from err
-    abi = _PURE_ABI.get(platform.machine())
+    abi = _PURE_ABI.get(os.uname().machine)
     if abi is None or not _glibc():
         raise ImportError(
             f"shmem locks need glibc's robust process-shared mutexes on a known machine "
-            f"(this is {platform.machine() or 'an unknown machine'}, C library "
+            f"(this is {os.uname().machine or 'an unknown machine'}, C library "
             f"{'glibc' if _glibc() else 'not glibc'}), and shmem._sync is not built"
         ) from err
     MUTEX_SIZE, MUTEX_ALIGN, KIND_OFFSET = abi

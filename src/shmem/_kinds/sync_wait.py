@@ -50,7 +50,6 @@ import errno
 import fcntl
 import functools
 import os
-import platform
 import signal
 import struct
 import threading
@@ -86,9 +85,9 @@ _syscall: Any = None
 def _futex_call() -> Any:
     global _syscall
     if _syscall is None:
-        number = _SYS_FUTEX.get(platform.machine())
+        number = _SYS_FUTEX.get(os.uname().machine)
         if number is None:
-            raise ImportError(f"no futex system call number known for {platform.machine()}")
+            raise ImportError(f"no futex system call number known for {os.uname().machine}")
         fn = ctypes.CDLL(None, use_errno=True).syscall
         fn.restype = ctypes.c_long
         _syscall = (fn, number)
