@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Tuple
 
 from . import _platform
 from ._core import names
@@ -40,22 +40,11 @@ from ._core.header import (
 from ._core.lifecycle import USERS_LOCK
 from ._errors import CorruptSegment, SegmentInUse, SegmentNotFound
 from ._kinds import Described, Fields, described
-from ._kinds.broadcast_layout import broadcast_state
-from ._kinds.lock_layout import LOCK_SIZE, lock_state
-from ._kinds.queue_layout import RING as QUEUE_CONTROL_BYTES
-from ._kinds.queue_layout import queue_state
-from ._kinds.sync_layout import (
-    SLOTS,
-    BarrierState,
-    ConditionState,
-    EventState,
-    SemaphoreState,
-    SyncState,
-    data_size,
-    parse_kind_header,
-    sync_state,
-)
-from ._kinds.sync_wait import SLOT_LOCK_BASE
+
+# Each kind's layout module is imported where its live fields are read (`shmem ls`, `info`),
+# not here: `import shmem` loads this module, and they were a quarter of its import time.
+if TYPE_CHECKING:
+    from ._kinds.sync_layout import SyncState
 
 _SYNC_KINDS = (KIND_EVENT, KIND_CONDITION, KIND_SEMAPHORE, KIND_BARRIER)
 
@@ -219,6 +208,8 @@ def lock_fields(opened: _platform.Opened, header: Header) -> Fields:
     The block's bytes are hostile input: a short block or one whose mutex
     was overwritten gives None for every field, never an exception.
     """
+    from ._kinds.lock_layout import LOCK_SIZE, lock_state
+
     keys = ("holder_tid", "holder_pid", "waiters", "owner_died", "recoverable")
     state = None
     if header.size >= LOCK_SIZE:
@@ -250,9 +241,11 @@ def queue_fields(opened: _platform.Opened, header: Header) -> Fields:
 
     Hostile input: words that cannot be a live queue's give None for every field.
     """
+    from ._kinds.queue_layout import RING, queue_state
+
     keys = ("items", "used_bytes", "unfinished", "getters_waiting", "putters_waiting")
     try:
-        state = queue_state(header.extra, os.pread(opened.fd, QUEUE_CONTROL_BYTES, 0))
+        state = queue_state(header.extra, os.pread(opened.fd, RING, 0))
     except (OSError, ValueError):
         state = None
     if state is None:
@@ -266,9 +259,12 @@ def broadcast_fields(opened: _platform.Opened, header: Header) -> Fields:
     ``published`` (messages ever published), ``held`` (messages still in the ring: what a
     subscriber that fell behind can still read), ``used_bytes``, and ``subscribers_waiting``
     (asleep in ``get``; a hint). None for every field when the words are damaged."""
+    from ._kinds.broadcast_layout import broadcast_state
+    from ._kinds.queue_layout import RING
+
     keys = ("published", "held", "used_bytes", "subscribers_waiting")
     try:
-        state = broadcast_state(header.extra, os.pread(opened.fd, QUEUE_CONTROL_BYTES, 0))
+        state = broadcast_state(header.extra, os.pread(opened.fd, RING, 0))
     except (OSError, ValueError):
         state = None
     if state is None:
@@ -305,6 +301,16 @@ def sync_fields(name: str, opened: _platform.Opened, header: Header) -> Fields:
     are alive comes from their OFD locks; whose they are, from the locks
     listed in /proc/PID/fdinfo of the processes that have the block open.
     """
+    from ._kinds.sync_layout import (
+        BarrierState,
+        ConditionState,
+        EventState,
+        SemaphoreState,
+        data_size,
+        parse_kind_header,
+        sync_state,
+    )
+
     state: Optional[SyncState]
     try:
         type_ = parse_kind_header(header.extra).type
@@ -338,6 +344,8 @@ def sync_fields(name: str, opened: _platform.Opened, header: Header) -> Fields:
 
 def _slot_alive(fd: int, slot: int) -> bool:
     """Whether some open file description holds process slot ``slot``'s lock (its process lives)."""
+    from ._kinds.sync_wait import SLOT_LOCK_BASE
+
     return bool(_platform.is_locked(fd, SLOT_LOCK_BASE + slot))
 
 
@@ -390,6 +398,9 @@ def _locked_slot(line: bytes, ino: str) -> Optional[int]:
         where, start, end = fields[-3].decode("ascii"), int(fields[-2]), int(fields[-1])
     except (UnicodeDecodeError, ValueError):
         return None
+    from ._kinds.sync_layout import SLOTS
+    from ._kinds.sync_wait import SLOT_LOCK_BASE
+
     slot = start - SLOT_LOCK_BASE
     if where.rsplit(":", 1)[-1] != ino or start != end or not 0 <= slot < SLOTS:
         return None
