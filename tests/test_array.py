@@ -545,6 +545,10 @@ def test_import_shmem_leaves_out_the_slow_standard_modules() -> None:
     code = f"import sys, shmem; print(sorted(m for m in {slow!r} if m in sys.modules))"
     run = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert run.stdout.strip() == "[]"
+    # shmem.put takes the plain codec from queue_plain, not the queue (a third of a first put).
+    code = "import sys, shmem; r = shmem.put({'a': [1, 2.0]}); print('shmem._kinds.queue_ring' in sys.modules)"
+    run = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert run.stdout.strip() == "False"
 
 
 def test_threads_unpickling_at_once_share_one_mapping() -> None:

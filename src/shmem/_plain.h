@@ -11,6 +11,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#define PLAIN_VERSION 1 /* queue_plain.VERSION: the format below; bump on any change */
 #define P_NONE 0
 #define P_FALSE 1
 #define P_TRUE 2

@@ -1726,7 +1726,7 @@ PyInit__queue(void)
     Py_INCREF(&QueueCoreType);
     if (PyModule_AddObject(m, "QueueCore", (PyObject *)&QueueCoreType) < 0 ||
         PyModule_AddIntConstant(m, "QUEUE_VERSION", QUEUE_VERSION) < 0 || PyModule_AddIntConstant(m, "RING", RING) < 0 ||
-        PyModule_AddIntConstant(m, "BIG_COPY", BIG_COPY) < 0) {
+        PyModule_AddIntConstant(m, "BIG_COPY", BIG_COPY) < 0 || PyModule_AddIntConstant(m, "PLAIN_VERSION", PLAIN_VERSION) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -3,6 +3,7 @@ from typing import Any, List, Optional, Tuple
 
 QUEUE_VERSION: int
 RING: int
+PLAIN_VERSION: int
 
 def _set_corrupt(category: type, /) -> None: ...
 def plain_encode(obj: Any, /) -> Optional[bytes]: ...

@@ -53,7 +53,8 @@ from .._core.header import KIND_NAMES, KIND_OBJECT
 from .._core.lifecycle import USERS_LOCK
 from .._errors import CorruptSegment, SegmentNotFound
 from . import object_layout
-from .queue_ring import plain_decode, plain_encode
+from .queue_plain import fast_decode as plain_decode
+from .queue_plain import fast_encode as plain_encode
 
 #: A pickle of at most this many bytes (and no out-of-band buffer) travels inside its reference.
 INLINE_MAX = 512

@@ -29,9 +29,12 @@ object, the same object - or CorruptSegment - for the same bytes.
 from __future__ import annotations
 
 import struct
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
+from .. import _platform
 from .._errors import CorruptSegment
+
+VERSION = 1  # the format above: the C twin's PLAIN_VERSION must match
 
 MAX_DEPTH = 16
 MAX_CONTAINERS = 64
@@ -177,4 +180,20 @@ def _length(view: memoryview, at: int, least_each: int, what: str) -> Tuple[int,
     return n, at
 
 
-__all__ = ["MAX_CONTAINERS", "MAX_DEPTH", "decode", "encode"]
+__all__ = ["MAX_CONTAINERS", "MAX_DEPTH", "VERSION", "decode", "encode", "fast_decode", "fast_encode"]
+
+
+#: ``encode``/``decode`` in C (``shmem._queue``) when it is built, else the functions above:
+#: what the queue and the object store call. Chosen here rather than in ``queue_ring``, so
+#: that ``shmem.put`` does not import the queue (a third of a fresh process's first put).
+fast_encode: Callable[[Any], Optional[bytes]] = encode
+fast_decode: Callable[[Any], Any] = decode
+if not _platform.PURE_REQUESTED:
+    try:
+        from .. import _queue
+    except ImportError:  # queue_ring says so, and fails under SHMEM_REQUIRE_SPEEDUPS
+        pass
+    else:
+        if getattr(_queue, "PLAIN_VERSION", None) == VERSION:
+            _queue._set_corrupt(CorruptSegment)  # what its decode raises for damaged bytes
+            fast_encode, fast_decode = _queue.plain_encode, _queue.plain_decode

@@ -775,7 +775,8 @@ class PyRingCore:
 
 
 RingCore: Any
-#: The plain encoding of an object, or None (pickle it), and back: C when shmem._queue is built.
+#: The plain encoding of an object, or None (pickle it), and back: C when shmem._queue is built
+#: (``queue_plain`` chooses; the object store takes it from there).
 plain_encode: Callable[[Any], Optional[bytes]]
 plain_decode: Callable[[Any], Any]
 try:
@@ -788,7 +789,7 @@ try:
     _queue._set_corrupt(CorruptSegment)
     _queue._set_codec(pickle.dumps, pickle.loads, PROTOCOL, queue.Full, queue.Empty, oob_parts, oob_loads)
     RingCore = _queue.QueueCore
-    plain_encode, plain_decode = _queue.plain_encode, _queue.plain_decode
+    plain_encode, plain_decode = queue_plain.fast_encode, queue_plain.fast_decode  # C, if this is
     ACCELERATED = True
 except ImportError as err:
     if lock_layout.SPEEDUPS_REQUIRED:

@@ -15,6 +15,8 @@ import sys
 if sys.platform.startswith("linux"):
     from ._linux import (
         NAME_MAX,
+        PURE_REQUESTED,
+        SPEEDUPS_REQUIRED,
         Opened,
         ProcessIdentity,
         build_unnamed,
@@ -55,6 +57,8 @@ else:  # pragma: no cover
 __all__ = [
     "NAME_MAX",
     "Opened",
+    "PURE_REQUESTED",
+    "SPEEDUPS_REQUIRED",
     "ProcessIdentity",
     "connect",
     "build_unnamed",
