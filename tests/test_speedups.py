@@ -222,10 +222,12 @@ def test_c_functions_check_every_size() -> None:
 
 # ---------------------------------------------------------------- CPUs that reorder memory accesses
 
-# As if on a 64-bit ARM machine: platform.machine() is what shmem checks, at import.
+# As if on a 64-bit ARM machine: os.uname().machine is what shmem checks, at import.
 ON_ARM = """
-import platform, warnings
-platform.machine = lambda: "aarch64"
+import collections, os, warnings
+_real = os.uname()
+_Uname = collections.namedtuple("_Uname", "sysname nodename release version machine")
+os.uname = lambda: _Uname(_real.sysname, _real.nodename, _real.release, _real.version, "aarch64")
 warnings.simplefilter("always")
 import shmem
 from shmem._kinds import list as kind, list_layout
