@@ -227,7 +227,7 @@ def lock_fields(opened: _platform.Opened, header: Header) -> Fields:
         except OSError:
             device = None
         if device is not None:
-            pid = _process_of_thread_mapping(tid, device, opened.inode)
+            pid = _platform.process_of_thread_mapping(tid, device, opened.inode)
     return tuple(zip(keys, (tid, pid, state.waiters, state.owner_died, state.recoverable)))
 
 
@@ -351,90 +351,12 @@ def _slot_alive(fd: int, slot: int) -> bool:
 
 def _slot_owners(name: str, inode: int) -> Dict[int, List[int]]:
     """For each process slot of block ``name`` (``inode``) whose lock is held, the
-    pids whose open descriptors hold it, among the processes this user may
-    inspect: one pass over /proc/*/fd, reading the OFD locks that
-    /proc/PID/fdinfo/FD lists for the descriptors that lead to the block.
-
-    (This reads /proc and belongs in ``_platform``; it lives here while
-    another change owns that package.)
-    """
-    path = _platform.path_of(name)
-    ino = str(inode)
-    found: Dict[int, List[int]] = {}
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return found
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        pid = int(entry)
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:  # gone meanwhile, or not ours to inspect
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") != path:
-                    continue
-                with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as info:
-                    lines = info.read(1 << 20).splitlines()
-            except OSError:
-                continue
-            for line in lines:
-                slot = _locked_slot(line, ino)
-                if slot is not None and pid not in found.setdefault(slot, []):
-                    found[slot].append(pid)
-    return found
-
-
-def _locked_slot(line: bytes, ino: str) -> Optional[int]:
-    """The process slot a line of /proc/PID/fdinfo/FD locks (``lock:\t1: OFDLCK ADVISORY WRITE -1
-    00:1b:INODE START END``), None when it is no slot lock of the file with inode ``ino``."""
-    fields = line.split()
-    if len(fields) < 8 or fields[0] != b"lock:" or b"OFDLCK" not in fields:
-        return None
-    try:
-        where, start, end = fields[-3].decode("ascii"), int(fields[-2]), int(fields[-1])
-    except (UnicodeDecodeError, ValueError):
-        return None
+    pids whose open descriptors hold it, among the processes this user may inspect."""
     from ._kinds.sync_layout import SLOTS
     from ._kinds.sync_wait import SLOT_LOCK_BASE
 
-    slot = start - SLOT_LOCK_BASE
-    if where.rsplit(":", 1)[-1] != ino or start != end or not 0 <= slot < SLOTS:
-        return None
-    return slot
-
-
-def _process_of_thread_mapping(tid: int, device: int, inode: int) -> Optional[int]:
-    """The pid of the process that has thread ``tid`` and has the file
-    (``device``, ``inode``) mapped; None when there is none we may see.
-
-    A lock's holder keeps its block mapped while it holds it (shmem never
-    unmaps a held lock), so the mapping confirms that the tid, read from
-    hostile memory and numbered in the holder's pid namespace, is the holder
-    here and not an unrelated thread that happens to bear the same number.
-
-    (This reads /proc and belongs in ``_platform``; it lives here while
-    another change owns that package.)
-    """
-    try:
-        with open(f"/proc/{tid}/status", "rb") as status:  # a thread's own entry: /proc/TID, though unlisted
-            tgid = [line.split()[1] for line in status if line.startswith(b"Tgid:")]
-        pid = int(tgid[0]) if len(tgid) == 1 and tgid[0].isdigit() else 0
-        if pid <= 0 or not os.path.exists(f"/proc/{pid}/task/{tid}"):
-            return None
-        dev = f"{os.major(device):02x}:{os.minor(device):02x}".encode()
-        ino = str(inode).encode()
-        with open(f"/proc/{pid}/maps", "rb") as maps:
-            for line in maps:
-                fields = line.split(None, 5)  # address, perms, offset, device, inode, path
-                if len(fields) >= 5 and fields[3] == dev and fields[4] == ino:
-                    return pid
-    except (OSError, ValueError):  # gone meanwhile, or not ours to inspect
-        return None
-    return None
+    holders = _platform.ofd_lock_holders(name, inode, SLOT_LOCK_BASE, SLOTS)
+    return {offset - SLOT_LOCK_BASE: pids for offset, pids in holders.items()}
 
 
 def _corrupt(name: str, opened: _platform.Opened, why: str) -> Segment:

@@ -49,6 +49,7 @@ import time
 import warnings
 from typing import Any, Dict, List, NamedTuple, Optional
 
+from .. import _platform
 from .._errors import CorruptSegment, OwnerDiedWarning
 
 LOCK_SIZE = 64
@@ -164,10 +165,6 @@ def _libc() -> _Libc:
 _KEPT: List[Any] = []
 
 
-def _thread_of_ours(tid: int) -> bool:
-    return tid > 0 and os.path.exists(f"/proc/self/task/{tid}")
-
-
 _UNSET: Any = object()
 
 
@@ -193,7 +190,7 @@ class PyRobustMutex:
         self._closing, self._waiting = False, []
 
     def _held_here(self) -> bool:
-        return self._depth > 0 and _thread_of_ours(self._word[0] & _FUTEX_TID_MASK)
+        return self._depth > 0 and _platform.thread_of_this_process(self._word[0] & _FUTEX_TID_MASK)
 
     def _unbind(self) -> bool:
         if self._word is not None and not self._closing:

@@ -580,6 +580,82 @@ def processes_using(names: Iterable[str]) -> Dict[str, List[int]]:
     return found
 
 
+def ofd_lock_holders(name: str, inode: int, first: int, count: int) -> Dict[int, List[int]]:
+    """For each byte ``first`` .. ``first + count - 1`` of block ``name`` (``inode``) that an
+    OFD lock holds, the pids whose open descriptors hold it, among the processes this user
+    may inspect: one pass over /proc/*/fd, reading the locks /proc/PID/fdinfo/FD lists for
+    the descriptors that lead to the block."""
+    path = path_of(name)
+    ino = str(inode)
+    found: Dict[int, List[int]] = {}
+    try:
+        pids = [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:  # gone meanwhile, or not ours to inspect
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") != path:
+                    continue
+                with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as info:
+                    lines = info.read(1 << 20).splitlines()
+            except OSError:
+                continue
+            for line in lines:
+                offset = _locked_byte(line, ino)
+                if offset is not None and first <= offset < first + count and pid not in found.setdefault(offset, []):
+                    found[offset].append(pid)
+    return found
+
+
+def _locked_byte(line: bytes, ino: str) -> Optional[int]:
+    """The one byte a line of /proc/PID/fdinfo/FD locks (``lock:\t1: OFDLCK ADVISORY WRITE -1
+    00:1b:INODE START END``), None when it is no one-byte OFD lock of the file with inode ``ino``."""
+    fields = line.split()
+    if len(fields) < 8 or fields[0] != b"lock:" or b"OFDLCK" not in fields:
+        return None
+    try:
+        where, start, end = fields[-3].decode("ascii"), int(fields[-2]), int(fields[-1])
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if where.rsplit(":", 1)[-1] != ino or start != end:
+        return None
+    return start
+
+
+def process_of_thread_mapping(tid: int, device: int, inode: int) -> Optional[int]:
+    """The pid of the process that has thread ``tid`` and has the file (``device``,
+    ``inode``) mapped; None when there is none we may see. (A lock's holder keeps its
+    block mapped while it holds it: the mapping confirms that a tid read from hostile
+    memory, numbered in the holder's pid namespace, is the holder here and not an
+    unrelated thread that happens to bear the same number.)"""
+    try:
+        with open(f"/proc/{tid}/status", "rb") as status:  # a thread's own entry: /proc/TID, though unlisted
+            tgid = [line.split()[1] for line in status if line.startswith(b"Tgid:")]
+        pid = int(tgid[0]) if len(tgid) == 1 and tgid[0].isdigit() else 0
+        if pid <= 0 or not os.path.exists(f"/proc/{pid}/task/{tid}"):
+            return None
+        dev = f"{os.major(device):02x}:{os.minor(device):02x}".encode()
+        ino = str(inode).encode()
+        with open(f"/proc/{pid}/maps", "rb") as maps:
+            for line in maps:
+                fields = line.split(None, 5)  # address, perms, offset, device, inode, path
+                if len(fields) >= 5 and fields[3] == dev and fields[4] == ino:
+                    return pid
+    except (OSError, ValueError):  # gone meanwhile, or not ours to inspect
+        return None
+    return None
+
+
+def thread_of_this_process(tid: int) -> bool:
+    """Whether ``tid`` is a live thread of this process."""
+    return tid > 0 and os.path.exists(f"/proc/self/task/{tid}")
+
+
 def spawn_with_stdin(argv: List[str], stdin_fd: int, blocked: Iterable[int] = ()) -> int:
     """Start ``argv`` with ``stdin_fd`` as its stdin and /dev/null as stdout and
     stderr; return its pid. Nothing else of ours is inherited that is not
