@@ -11,6 +11,7 @@ import argparse
 import json
 import multiprocessing.shared_memory
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -101,6 +102,25 @@ def test_ls_reports_kind_size_state_and_creator(shm_prefix: str) -> None:
     finally:
         maker.exit()
     assert wait_until(lambda: not listed(shm_prefix))  # removed by the lifecycle after the exit
+
+
+def test_ls_ends_with_the_totals_per_kind(shm_prefix: str) -> None:
+    """The line under the table: blocks and bytes in all, then per kind, largest first (the
+    objects that shmem.put made, say, and how much they hold)."""
+    from shmem._cli import _totals
+
+    block = shmem.SharedMemory(shm_prefix + "t", create=True, size=1000)
+    try:
+        one = shmem.inspect_segment(block.name)
+        table = run("ls").stdout.splitlines()
+        assert re.fullmatch(r"\d+ blocks?, [0-9.]+ (B|KiB|MiB|GiB|TiB): .*\braw \d+ \(.*", table[-1]), table[-1]
+        assert not table[-1].startswith(shm_prefix)
+    finally:
+        block.close()
+        block.unlink()
+    segments = [one._replace(kind="object", size=3000), one, one._replace(kind="object", size=2000)]
+    assert _totals(segments) == "3 blocks, 5.9 KiB: object 2 (4.9 KiB), raw 1 (1000 B)"
+    assert _totals([one]) == "1 block, 1000 B: raw 1 (1000 B)"
 
 
 def test_blocks_of_a_killed_group_are_dead_and_collected(shm_prefix: str) -> None:

@@ -246,7 +246,22 @@ def cmd_ls(args: argparse.Namespace) -> int:
         for s in segments
     ]
     print(_table(rows, ["NAME", "SIZE", "KIND", "STATE", "CREATOR", "AGE"], right=(1, 4, 5)))
+    print(_totals(segments))
     return EXIT_OK
+
+
+def _totals(segments: List[Segment]) -> str:
+    """The line under ``ls``'s table: how many blocks and bytes in all, then per kind (the
+    object store's objects among them), largest first."""
+    kinds: Dict[str, List[int]] = {}
+    for s in segments:
+        count_size = kinds.setdefault(s.kind, [0, 0])
+        count_size[0] += 1
+        count_size[1] += s.size
+    per_kind = sorted(kinds.items(), key=lambda item: (-item[1][1], item[0]))
+    parts = ", ".join(f"{kind} {count} ({_human_size(size)})" for kind, (count, size) in per_kind)
+    total = sum(s.size for s in segments)
+    return f"{len(segments)} block{'s' if len(segments) != 1 else ''}, {_human_size(total)}: {parts}"
 
 
 def cmd_info(args: argparse.Namespace) -> int:
