@@ -24,6 +24,7 @@ from ._errors import (
     UnsupportedDtype,
     WriterStalled,
 )
+from ._kinds.list import ShareableList
 from ._kinds.raw import SharedMemory
 from ._segments import Segment, inspect_segment, list_segments, remove_segment
 
@@ -43,7 +44,6 @@ _LAZY = {
     "Queue": "._kinds.queue",
     "RLock": "._kinds.lock",
     "Semaphore": "._kinds.semaphore",
-    "ShareableList": "._kinds.list",
     "SharedMemoryManager": "._kinds.manager",
     "SharedArray": "._kinds.array",
     "SimpleQueue": "._kinds.queue",
@@ -64,7 +64,6 @@ if TYPE_CHECKING:
     from ._kinds.broadcast import Broadcast, Subscriber
     from ._kinds.condition import Condition
     from ._kinds.event import Event
-    from ._kinds.list import ShareableList
     from ._kinds.lock import Lock, RLock
     from ._kinds.manager import SharedMemoryManager
     from ._kinds.objects import ObjectRef, delete, get, put
