@@ -42,6 +42,7 @@ user's processes can read them. Do not ``get`` references from other users.
 
 from __future__ import annotations
 
+import base64
 import os
 import pickle
 from typing import Any, Iterable, List, Optional, Tuple, Union, cast
@@ -94,8 +95,6 @@ class ObjectRef:
 
     def __str__(self) -> str:
         if self._inline is not None:
-            import base64  # here: only str() needs it, and it is a quarter of this module's import
-
             return _PREFIX_INLINE + base64.b64encode(self._inline).decode("ascii")
         return f"{_PREFIX_BLOCK}{self._name}:{self._block_id:x}:{self._inode}"
 
@@ -212,8 +211,6 @@ def _as_ref(ref: Any) -> ObjectRef:
         raise TypeError(f"expected an ObjectRef or its str(), not {type(ref).__name__}")
     if ref.startswith(_PREFIX_INLINE):
         try:
-            import base64
-
             inline = base64.b64decode(ref[len(_PREFIX_INLINE) :], validate=True)
         except ValueError:
             raise ValueError(f"not a shmem object reference: {ref[:80]!r}") from None
