@@ -180,3 +180,44 @@ def test_handler_interrupting_the_first_tracked_create(main_kind: str) -> None:
     names = report["names"]
     assert len(names) == 80, f"{len(names)} of 80 blocks reported: a child failed\n{done.stderr[-4000:]}"
     _assert_all_removed(names)
+
+
+_HALF_IMPORTED = """
+import importlib.abc, importlib.machinery, sys
+import shmem
+
+class InTheMiddle(importlib.abc.MetaPathFinder):
+    # Uses shmem.Event while its module's first import runs, as a signal handler would.
+    def find_spec(self, name, path, target=None):
+        if name != "shmem._kinds.event":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        real = spec.loader.exec_module
+
+        def exec_module(module):
+            try:
+                shmem.Event
+            except ImportError as err:
+                print(type(err).__name__, err)
+            real(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, InTheMiddle())
+shmem.Event().close()
+print("then it works")
+"""
+
+
+def test_a_name_used_in_the_middle_of_its_own_first_import_says_so() -> None:
+    """shmem imports most kinds on first use. A signal handler that uses one while the main
+    thread's first use is still importing it met a half-imported module: AttributeError "most
+    likely due to a circular import". It is an ImportError that says what happened and what to do."""
+    done = subprocess.run(script(_HALF_IMPORTED), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == [
+        "ImportError shmem.Event is being imported by this thread already: a signal handler that "
+        "interrupted its first use? Use shmem.Event once before installing the handler",
+        "then it works",
+    ]

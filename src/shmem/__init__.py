@@ -77,7 +77,16 @@ def __getattr__(name: str) -> object:
         raise AttributeError(f"module 'shmem' has no attribute {name!r}")
     import importlib
 
-    value = getattr(importlib.import_module(module, __name__), name)
+    loaded = importlib.import_module(module, __name__)
+    try:
+        value = getattr(loaded, name)
+    except AttributeError:
+        # The module is half-imported: this thread is importing it already, lower on its stack -
+        # a signal handler that interrupted the first use of shmem.<name> uses it too.
+        raise ImportError(
+            f"shmem.{name} is being imported by this thread already: a signal handler that "
+            f"interrupted its first use? Use shmem.{name} once before installing the handler"
+        ) from None
     globals()[name] = value  # once: later lookups do not come back here
     return value
 
