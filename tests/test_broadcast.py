@@ -883,7 +883,13 @@ def test_close_while_other_threads_wait_in_get_through_the_same_subscriber() -> 
         bc.close()
         return results
 
-    assert in_child(body, timeout=60) == ["ValueError: the shmem.Subscriber was closed while this call waited"] * 2
+    # One that a busy machine had not put to sleep yet at the close hears that it is closed.
+    said = {
+        "ValueError: the shmem.Subscriber was closed while this call waited",
+        "ValueError: cannot get: the shmem.Subscriber is closed",
+    }
+    results = in_child(body, timeout=60)
+    assert len(results) == 2 and set(results) <= said, results
 
 
 # ------------------------------------------------------------------ 8. the ctypes path
