@@ -15,14 +15,13 @@ run, right after.
 
 from __future__ import annotations
 
-import functools
 import math
 import pickle
 import queue
 import struct
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, cast
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .._errors import CorruptSegment
 from . import lock_layout, queue_plain, sync_wait
@@ -57,7 +56,7 @@ from .queue_layout import (
     TAG_WRAP,
     record_size,
 )
-from .sync_wait import block_signals, let_go, restore_signals
+from .sync_wait import Flight, block_signals, in_flight, let_go, restore_signals
 
 QUEUE_VERSION = 3
 PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -235,30 +234,6 @@ def _too_big(length: int, capacity: int) -> ValueError:
     )
 
 
-_Method = TypeVar("_Method", bound=Callable[..., Any])
-
-
-def _in_flight(method: _Method) -> _Method:
-    """A call that touches the block, counted in as C's enter/leave do: release() while another
-    thread is asleep in one leaves the mapping to the last call in flight. (list.append and
-    list.pop are each one step under the GIL: no count is lost to a thread switch or a signal
-    handler between a read and a write.)"""
-
-    @functools.wraps(method)
-    def call(self: PyRingCore, *args: Any, **kwargs: Any) -> Any:
-        if self._released:
-            raise ValueError("the queue is closed")
-        self._flight.append(None)
-        try:
-            return method(self, *args, **kwargs)
-        finally:
-            self._flight.pop()
-            if self._released and not self._flight:
-                self._let_go_view()
-
-    return cast(_Method, call)
-
-
 class PyRingCore:
     """The pure-Python twin of ``shmem._queue.QueueCore``."""
 
@@ -269,8 +244,9 @@ class PyRingCore:
             raise ValueError("the queue's capacity does not fit its block")
         self._view: Optional[memoryview] = view
         self._calls = sync_wait.calls(mapping)
-        self._flight: List[None] = []  # calls in flight
-        self._released = False
+        # Calls that touch the block count in, as C's enter/leave do: release() while another
+        # thread is asleep in one leaves the mapping to the last call in flight.
+        self.flight = Flight("the queue")
         self.capacity, self.maxsize, self.joinable = capacity, maxsize, joinable
 
     # ------------------------------------------------------------ the mutex
@@ -407,8 +383,7 @@ class PyRingCore:
             mask = self._lock()
             if not woken and self._u32(seq_off) == seen and self._u32(sleepers_off):
                 self._set32(sleepers_off, self._u32(sleepers_off) - 1)
-        if self._released:  # another thread closed this handle meanwhile (the memory is still ours)
-            raise ValueError("the queue was closed while this call waited")
+        self.flight.check_open()  # another thread closed this handle meanwhile (the memory is still ours)
         return mask
 
     def _notify_watchers(self) -> None:
@@ -418,7 +393,7 @@ class PyRingCore:
             self._set32(OFF_SEQ_WATCH, self._u32(OFF_SEQ_WATCH) + 1)
             self._wake(OFF_SEQ_WATCH, 0x7FFFFFFF)
 
-    @_in_flight
+    @in_flight
     def watch(self, known: bool, timeout_ns: int) -> bool:
         """Whether the queue holds an item, once that differs from ``known`` or the time
         (at most one slice) is up: what a fileno() watcher thread waits in."""
@@ -433,7 +408,7 @@ class PyRingCore:
             nonempty = self._u64(OFF_COUNT) != 0
         return nonempty
 
-    @_in_flight
+    @in_flight
     def wake_watchers(self) -> None:
         self._buf()
         self._set32(OFF_WATCHERS, 1)
@@ -529,11 +504,11 @@ class PyRingCore:
         if length > self.capacity or record_size(length) > self.capacity or length > 0xFFFFFFFF - 8:
             raise _too_big(length, self.capacity)
 
-    @_in_flight
+    @in_flight
     def put(self, data: Any, tag: int, timeout_ns: int) -> bool:
         return self.put_many([data], tag, timeout_ns) == 1
 
-    @_in_flight
+    @in_flight
     def put_many(self, items: List[Any], tag: int, timeout_ns: int) -> int:
         if not isinstance(items, list):
             raise TypeError("put_many() takes a list")
@@ -543,7 +518,7 @@ class PyRingCore:
             self._check_size(len(view))
         return self._put_records([(view, tag, 1) for view in views], timeout_ns)
 
-    @_in_flight
+    @in_flight
     def put_batch(self, data: Any, n: int, timeout_ns: int, plain: bool = False) -> bool:
         """One record holding the ``n`` items whose list ``data`` encodes (a pickle, or plain)."""
         self._buf()
@@ -594,12 +569,12 @@ class PyRingCore:
             self._notify_watchers()
         return done
 
-    @_in_flight
+    @in_flight
     def get(self, timeout_ns: int) -> Optional[Item]:
         items = self.get_many(1, timeout_ns)
         return items[0] if items else None
 
-    @_in_flight
+    @in_flight
     def get_many(self, max_items: int, timeout_ns: int) -> List[Item]:
         self._buf()
         out: List[Item] = []
@@ -649,13 +624,13 @@ class PyRingCore:
             self._notify_watchers()
         return out
 
-    @_in_flight
+    @in_flight
     def qsize(self) -> int:
         return self._u64(OFF_COUNT)
 
     # multiprocessing's calls (the C core's put_obj, get_obj, send_bytes, recv_bytes)
 
-    @_in_flight
+    @in_flight
     def put_obj(self, obj: Any, block: bool = True, timeout: Optional[float] = None) -> None:
         ns = wait_ns(block, timeout)
         self._buf()
@@ -671,19 +646,19 @@ class PyRingCore:
         if not done:
             raise queue.Full
 
-    @_in_flight
+    @in_flight
     def put_parts(self, parts: List[Any], tag: int, timeout_ns: int) -> bool:
         """One record made of ``parts`` laid end to end (C: copied straight into the ring)."""
         return self.put(b"".join(memoryview(p).cast("B") for p in parts), tag, timeout_ns)
 
-    @_in_flight
+    @in_flight
     def send_bytes(self, data: Any, block: bool = True, timeout: Optional[float] = None) -> None:
         ns = wait_ns(block, timeout)
         self._buf()
         if not self.put(data, TAG_BYTES, ns):
             raise queue.Full
 
-    @_in_flight
+    @in_flight
     def get_objs(self, max_items: int, timeout_ns: int) -> List[Any]:
         """get_many's items as objects. (C keeps the list a batch unpickled to for this
         process's next take from it; the twin unpickles the batch each time.)"""
@@ -692,7 +667,7 @@ class PyRingCore:
             out += decoded(item)
         return out
 
-    @_in_flight
+    @in_flight
     def get_obj(self, block: bool = True, timeout: Optional[float] = None) -> Any:
         ns = wait_ns(block, timeout)
         self._buf()
@@ -701,7 +676,7 @@ class PyRingCore:
             raise queue.Empty
         return decoded(item)[0]
 
-    @_in_flight
+    @in_flight
     def recv_bytes(self, block: bool = True, timeout: Optional[float] = None) -> bytes:
         ns = wait_ns(block, timeout)
         self._buf()
@@ -712,7 +687,7 @@ class PyRingCore:
             return pickle.dumps(decoded(item)[0], PROTOCOL)
         return bytes(item[1])
 
-    @_in_flight
+    @in_flight
     def task_done(self) -> None:
         self._buf()
         mask = self._lock()
@@ -731,7 +706,7 @@ class PyRingCore:
         if w:
             self._wake(OFF_SEQ_JOIN, 0x7FFFFFFF)
 
-    @_in_flight
+    @in_flight
     def join(self, timeout_ns: int) -> bool:
         self._buf()
         end = -1 if timeout_ns < 0 else time.monotonic_ns() + timeout_ns
@@ -746,7 +721,7 @@ class PyRingCore:
         finally:
             self._unlock(mask)
 
-    @_in_flight
+    @in_flight
     def state(self) -> Tuple[int, int, int, int, int, int]:
         self._buf()
         mask = self._lock()
@@ -763,9 +738,7 @@ class PyRingCore:
             self._unlock(mask)
 
     def release(self) -> None:
-        self._released = True
-        if not self._flight:
-            self._let_go_view()
+        self.flight.close(self._let_go_view)
 
     def _let_go_view(self) -> None:
         view, self._view = self._view, None
