@@ -26,6 +26,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -369,6 +370,29 @@ def fork_threaded_child(body: Callable[[], None]) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         return fork_child(body)
+
+
+def close_under_waiters(wait: Callable[[], Any], close: Callable[[], None], waiters: int = 2) -> List[str]:
+    """Start ``waiters`` threads that each call ``wait()`` through one handle, let them fall
+    asleep in it (the GIL released), ``close()`` that handle, and join them: what each call
+    returned (its repr) or raised ("Type: message"), in the order they ended."""
+    results: List[str] = []
+
+    def run() -> None:
+        try:
+            results.append(repr(wait()))
+        except Exception as err:
+            results.append(f"{type(err).__name__}: {err}")
+
+    threads = [threading.Thread(target=run) for _ in range(waiters)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)  # asleep in wait
+    close()
+    for t in threads:
+        t.join(20)
+    assert not any(t.is_alive() for t in threads), "a waiter never came out"
+    return results
 
 
 def hold_in_child(take: Callable[[], None], then: Callable[[], None] = lambda: time.sleep(60)) -> int:

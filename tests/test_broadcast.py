@@ -24,7 +24,16 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import _broadcast_workers as workers
 import pytest
-from conftest import PYTHON, fork_child, hold_in_child, in_child, kill_and_reap, run_pure_python, wait_until
+from conftest import (
+    PYTHON,
+    close_under_waiters,
+    fork_child,
+    hold_in_child,
+    in_child,
+    kill_and_reap,
+    run_pure_python,
+    wait_until,
+)
 from test_defect_space import private_shm_available, run_in_private_shm  # noqa: F401 - a fixture
 
 import shmem
@@ -861,22 +870,7 @@ def test_close_while_other_threads_wait_in_get_through_the_same_subscriber() -> 
     def body() -> List[str]:
         bc = Broadcast()
         closing, other = bc.subscribe(), bc.subscribe()
-        results: List[str] = []
-
-        def wait() -> None:
-            try:
-                results.append(repr(closing.get(timeout=30)))
-            except Exception as err:
-                results.append(f"{type(err).__name__}: {err}")
-
-        threads = [threading.Thread(target=wait) for _ in range(2)]
-        for t in threads:
-            t.start()
-        time.sleep(0.3)  # both asleep
-        closing.close()
-        for t in threads:
-            t.join(20)
-        assert not any(t.is_alive() for t in threads)
+        results = close_under_waiters(lambda: closing.get(timeout=30), closing.close)
         bc.publish("after")
         assert other.get(timeout=5) == "after"
         other.close()

@@ -24,7 +24,16 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 import pytest
 from _forge import forge_kind_header, peek, poke
 from _lock_workers import ACQUIRED, BACKWARDS, BAD, COUNTER, DIED, HUNG, REPAIRED, STATE_SIZE, A, B, count, locked_job
-from conftest import PYTHON, hold_in_child, in_child, kill_and_reap, mapped_with_prefix, run_pure_python, wait_until
+from conftest import (
+    PYTHON,
+    close_under_waiters,
+    hold_in_child,
+    in_child,
+    kill_and_reap,
+    mapped_with_prefix,
+    run_pure_python,
+    wait_until,
+)
 
 import shmem
 from shmem._core.header import EXTRA_OFFSET, TRAILER_SIZE
@@ -731,22 +740,7 @@ def test_close_while_another_thread_waits_in_acquire(kind: str) -> None:
         holder = getattr(shmem, kind)()
         holder.acquire()
         waiting = getattr(shmem, kind)(name=holder.name)  # a second handle, closed under its waiters
-        results: List[str] = []
-
-        def wait() -> None:
-            try:
-                results.append(str(waiting.acquire(timeout=30)))
-            except Exception as err:
-                results.append(f"{type(err).__name__}: {err}")
-
-        threads = [threading.Thread(target=wait) for _ in range(2)]
-        for t in threads:
-            t.start()
-        time.sleep(0.3)  # both asleep in acquire
-        waiting.close()
-        for t in threads:
-            t.join(20)
-        assert not any(t.is_alive() for t in threads)
+        results = close_under_waiters(lambda: waiting.acquire(timeout=30), waiting.close)
         holder.release()
         assert holder.acquire(timeout=10)  # free: neither waiter took it on its way out
         holder.release()

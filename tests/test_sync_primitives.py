@@ -30,7 +30,15 @@ from _sync_workers import (
     set_event,
     wait_event,
 )
-from conftest import PYTHON, in_child, kill_and_reap, mapped_with_prefix, run_pure_python, wait_until
+from conftest import (
+    PYTHON,
+    close_under_waiters,
+    in_child,
+    kill_and_reap,
+    mapped_with_prefix,
+    run_pure_python,
+    wait_until,
+)
 
 import shmem
 from shmem._kinds import sync_layout, sync_wait
@@ -695,22 +703,7 @@ def test_close_while_other_threads_wait_through_the_same_handle(kind: str) -> No
         make = getattr(shmem, kind)
         other = make(0) if kind == "Semaphore" else make(3) if kind == "Barrier" else make()
         closing = make(3, name=other.name) if kind == "Barrier" else make(name=other.name)
-        results: List[str] = []
-
-        def wait() -> None:
-            try:
-                results.append(repr(_wait_on(kind, closing)))
-            except Exception as err:
-                results.append(type(err).__name__ + ": " + str(err).split(" (")[0])
-
-        threads = [threading.Thread(target=wait) for _ in range(2)]
-        for t in threads:
-            t.start()
-        time.sleep(0.3)  # both asleep
-        closing.close()
-        for t in threads:
-            t.join(20)
-        assert not any(t.is_alive() for t in threads)
+        results = close_under_waiters(lambda: _wait_on(kind, closing), closing.close)
         if kind == "Event":  # the other handle works on
             other.set()
             assert other.wait(1)
@@ -721,7 +714,7 @@ def test_close_while_other_threads_wait_through_the_same_handle(kind: str) -> No
             with other:
                 other.notify_all()
         other.close()
-        return results
+        return [r.split(" (")[0] for r in results]  # "the lock is closed (not bound to ...)"
 
     # A waiter asleep at the close hears that it was closed while it waited; one that a busy
     # machine had not put to sleep yet, or that was between two waits, that it is closed. A
