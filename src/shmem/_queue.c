@@ -261,6 +261,18 @@ lock_side(QueueCore *self, int side)
     }
 }
 
+/* Holding the ring's mutex alone: let it go, then take the side's and the ring's again (the lock
+ * order: side first). 0 with *side_held set, or -1 with an exception (nothing held then). */
+static int
+add_side(QueueCore *self, int side, int *side_held)
+{
+    q_unlock(self);
+    if (lock_side(self, side) < 0)
+        return -1;
+    *side_held = 1;
+    return 0;
+}
+
 /* The ring's mutex for one side's put or take, and the side's too (*side_held) if a large copy
  * of that side is in flight: this then waits for its end. 0, or -1 with an exception (nothing
  * held then). */
@@ -272,11 +284,7 @@ lock_for(QueueCore *self, int side, int *side_held)
         return -1;
     if (*U32(self, BUSY(side)) == 0)
         return 0;
-    q_unlock(self);
-    if (lock_side(self, side) < 0)
-        return -1;
-    *side_held = 1;
-    return 0;
+    return add_side(self, side, side_held);
 }
 
 static void
@@ -613,11 +621,9 @@ put_records(QueueCore *self, const record_t *recs, Py_ssize_t n, long long timeo
             if (rc <= 0)
                 break;
             if (recs[done].length >= BIG_COPY) {
-                if (!side_held) { /* take the producers' mutex first (lock order), then look again */
-                    q_unlock(self);
-                    if (lock_side(self, OFF_PUT_MUTEX) < 0)
+                if (!side_held) { /* take the producers' mutex too, then look again */
+                    if (add_side(self, OFF_PUT_MUTEX, &side_held) < 0)
                         return -1;
-                    side_held = 1;
                     continue;
                 }
                 /* Consumers take what is there while this copies (one is woken first, if one
@@ -825,11 +831,9 @@ take_records(QueueCore *self, took_t *took, Py_ssize_t max_entries, uint64_t max
             if (rc == 2) {
                 if (n > 0)
                     break; /* a large record goes alone, in the next take */
-                if (!side_held) { /* take the consumers' mutex first (lock order), then look again */
-                    q_unlock(self);
-                    if (lock_side(self, OFF_GET_MUTEX) < 0)
+                if (!side_held) { /* take the consumers' mutex too, then look again */
+                    if (add_side(self, OFF_GET_MUTEX, &side_held) < 0)
                         return -1;
-                    side_held = 1;
                     continue;
                 }
                 rc = copy_out(self, &took[0]);
