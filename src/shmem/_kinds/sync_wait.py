@@ -428,17 +428,16 @@ class Memory:
         return died
 
     def unlock(self) -> None:
-        mask = self._mask
+        mask, ours = self._mask, True
         try:
             self._calls.unlock(MUTEX_OFFSET)
         except OSError as err:
-            if err.errno == errno.EPERM:  # not ours: the mask is not ours to put back either
-                raise
-            restore_signals(mask)
-            self.flight.leave()
+            ours = err.errno != errno.EPERM  # not ours: nor are the mask and the count to put back
             raise
-        restore_signals(mask)
-        self.flight.leave()
+        finally:
+            if ours:
+                restore_signals(mask)
+                self.flight.leave()
 
     def bump(self) -> None:
         """Bump the sequence word (under the mutex)."""
