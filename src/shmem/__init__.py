@@ -41,12 +41,14 @@ _LAZY = {
     "JoinableQueue": "._kinds.queue",
     "Lock": "._kinds.lock",
     "ObjectRef": "._kinds.objects",
+    "ObjectStore": "._kinds.objects",
     "Queue": "._kinds.queue",
     "RLock": "._kinds.lock",
     "Semaphore": "._kinds.semaphore",
     "SharedMemoryManager": "._kinds.manager",
     "SharedArray": "._kinds.array",
     "SimpleQueue": "._kinds.queue",
+    "StoreStats": "._kinds.objects",
     "Subscriber": "._kinds.broadcast",
     "array": "._kinds.array",
     "attach_array": "._kinds.array",
@@ -66,7 +68,7 @@ if TYPE_CHECKING:
     from ._kinds.event import Event
     from ._kinds.lock import Lock, RLock
     from ._kinds.manager import SharedMemoryManager
-    from ._kinds.objects import ObjectRef, delete, get, put
+    from ._kinds.objects import ObjectRef, ObjectStore, StoreStats, delete, get, put
     from ._kinds.queue import JoinableQueue, Queue, SimpleQueue
     from ._kinds.semaphore import BoundedSemaphore, Semaphore
 
@@ -108,6 +110,7 @@ __all__ = [
     "MessagesLost",
     "NoSpace",
     "ObjectRef",
+    "ObjectStore",
     "OwnerDiedWarning",
     "Queue",
     "RLock",
@@ -123,6 +126,7 @@ __all__ = [
     "SharedMemoryManager",
     "ShmemError",
     "SimpleQueue",
+    "StoreStats",
     "Subscriber",
     "UnsafeSegment",
     "UnsupportedDtype",

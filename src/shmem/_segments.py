@@ -35,6 +35,7 @@ from ._core.header import (
     KIND_NAMES,
     KIND_QUEUE,
     KIND_SEMAPHORE,
+    KIND_STORE,
     Header,
 )
 from ._core.lifecycle import USERS_LOCK
@@ -160,6 +161,8 @@ def _inspect(name: str, opened: _platform.Opened) -> Segment:
         description = Described(description.text, description.fields + queue_fields(opened, header))
     elif header.kind == KIND_BROADCAST:
         description = Described(description.text, description.fields + broadcast_fields(opened, header))
+    elif header.kind == KIND_STORE:
+        description = Described(description.text, description.fields + store_fields(opened, header))
     in_use = _platform.is_locked(opened.fd, USERS_LOCK)
     if not header.auto_remove and header.ready:
         state = "untracked"  # as remove_if_abandoned keeps it: its creator's life says nothing
@@ -252,6 +255,19 @@ def queue_fields(opened: _platform.Opened, header: Header) -> Fields:
         return tuple((key, None) for key in keys)
     values = (state.items, state.used_bytes, state.unfinished, state.getters_waiting, state.putters_waiting)
     return tuple(zip(keys, values))
+
+
+def store_fields(opened: _platform.Opened, header: Header) -> Fields:
+    """An object store's fill level, read from its counters without its mutex (a snapshot):
+    ``objects`` and ``used_bytes`` (heap bytes they take). None for both when the counters
+    cannot be a live store's."""
+    from ._kinds.store_layout import COUNTERS, store_state
+
+    try:
+        state = store_state(header.extra, header.size, os.pread(opened.fd, 16, COUNTERS))
+    except (OSError, ValueError):
+        state = None
+    return (("objects", None if state is None else state[0]), ("used_bytes", None if state is None else state[1]))
 
 
 def broadcast_fields(opened: _platform.Opened, header: Header) -> Fields:

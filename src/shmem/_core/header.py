@@ -75,6 +75,7 @@ KIND_BARRIER = 7
 KIND_QUEUE = 8
 KIND_BROADCAST = 9
 KIND_OBJECT = 10
+KIND_STORE = 11
 KIND_NAMES = {
     KIND_RAW: "raw",
     KIND_LIST: "list",
@@ -87,6 +88,7 @@ KIND_NAMES = {
     KIND_QUEUE: "queue",
     KIND_BROADCAST: "broadcast",
     KIND_OBJECT: "object",
+    KIND_STORE: "store",
 }
 
 FLAG_AUTO_REMOVE = 1

@@ -59,6 +59,7 @@ from .._core.header import (
     KIND_OBJECT,
     KIND_QUEUE,
     KIND_SEMAPHORE,
+    KIND_STORE,
     Header,
 )
 
@@ -167,4 +168,11 @@ def described(header: Header) -> Described:
                 ("buffer_bytes", sum(length for _, length in layout.buffers)),
             ),
         )
+    if header.kind == KIND_STORE:
+        from .store_layout import describe as describe_store
+        from .store_layout import parse as parse_store
+
+        text = describe_store(header.extra, header.size)  # validates the header
+        shape = parse_store(header.extra, header.size)
+        return Described(text, (("capacity", shape.capacity), ("max_objects", shape.entries)))
     return Described("", ())

@@ -45,21 +45,23 @@ from __future__ import annotations
 import base64
 import os
 import pickle
-from typing import Any, Iterable, List, Optional, Tuple, Union, cast
+from typing import Any, Iterable, List, NamedTuple, Optional, Tuple, Union, cast
 
 from .. import _platform
 from .._core.block import Block, UsersLease
 from .._core.header import KIND_NAMES, KIND_OBJECT
 from .._core.lifecycle import USERS_LOCK
 from .._errors import CorruptSegment, SegmentNotFound
-from . import object_layout
+from . import object_layout, store, store_layout
 from .queue_plain import fast_decode as plain_decode
 from .queue_plain import fast_encode as plain_encode
+from .sync_wait import forever_or_ns
 
 #: A pickle of at most this many bytes (and no out-of-band buffer) travels inside its reference.
 INLINE_MAX = 512
 _PREFIX_BLOCK = "shmem-object:"
 _PREFIX_INLINE = "shmem-object-inline:"
+_PREFIX_STORED = "shmem-stored:"
 _GONE = "the object was deleted, or every process holding a reference to it let go"
 
 
@@ -69,33 +71,41 @@ class ObjectRef:
     to every other reference to the same object. ``str(ref)`` is a text form
     that ``shmem.get`` also takes."""
 
-    __slots__ = ("_name", "_block_id", "_inode", "_inline", "_hold", "__weakref__")
-    _name: Optional[str]  # the object's block; None: inline
-    _block_id: int  # the block's random id and inode: the very block, not a later one of that name
-    _inode: int
+    __slots__ = ("_name", "_block_id", "_inode", "_inline", "_hold", "_index", "__weakref__")
+    _name: Optional[str]  # the object's block, or its store's; None: inline
+    _block_id: int  # the block's (or in a store, the object's) random id and the block's inode:
+    _inode: int  # the very object, not a later one of that name
     _inline: Optional[bytes]  # the pickle itself, for a small object
-    _hold: Any  # the creator's Block, or this process's UsersLease; None: let go (or inline)
+    _hold: Any  # the creator's Block, this process's UsersLease, or the store's Arena; None: let go
+    _index: int  # the object's entry in its store; -1: not in a store
 
     def __init__(self) -> None:
         raise TypeError("an ObjectRef comes from shmem.put(), or from shmem.get()'s text form")
 
     @classmethod
-    def _make(cls, name: Optional[str], block_id: int, inode: int, inline: Optional[bytes], hold: Any) -> ObjectRef:
+    def _make(
+        cls, name: Optional[str], block_id: int, inode: int, inline: Optional[bytes], hold: Any, index: int = -1
+    ) -> ObjectRef:
         ref = object.__new__(cls)
         ref._name, ref._block_id, ref._inode, ref._inline, ref._hold = name, block_id, inode, inline, hold
+        ref._index = index
         return ref
 
     @property
     def name(self) -> Optional[str]:
-        """The object's block (None: the object travels inside the reference)."""
+        """The object's block, or its ``ObjectStore``'s (None: the object travels inside the reference)."""
         return self._name
 
     def __reduce__(self) -> Tuple[Any, ...]:
+        if self._index >= 0:
+            return (_received_stored, (self._name, self._index, self._block_id, self._inode))
         return (_received, (self._name, self._block_id, self._inode, self._inline))
 
     def __str__(self) -> str:
         if self._inline is not None:
             return _PREFIX_INLINE + base64.b64encode(self._inline).decode("ascii")
+        if self._index >= 0:
+            return f"{_PREFIX_STORED}{self._name}:{self._index}:{self._block_id:x}:{self._inode}"
         return f"{_PREFIX_BLOCK}{self._name}:{self._block_id:x}:{self._inode}"
 
     def __repr__(self) -> str:
@@ -104,7 +114,7 @@ class ObjectRef:
         return f"<shmem.ObjectRef {self._name!r}{'' if self._hold is not None else ' (gone)'}>"
 
     def _key(self) -> Tuple[Any, ...]:
-        return (self._name, self._block_id, self._inode, self._inline)
+        return (self._name, self._block_id, self._inode, self._inline, self._index)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ObjectRef) and self._key() == other._key()
@@ -113,8 +123,13 @@ class ObjectRef:
         return hash(self._key())
 
     def __del__(self) -> None:
-        if getattr(self, "_hold", None) is not None and os is not None:  # os: None late at shutdown
-            _let_go(self)
+        hold = getattr(self, "_hold", None)
+        if hold is not None and os is not None:  # os: None late at shutdown
+            if self._index >= 0:
+                self._hold = None
+                store.let_go(hold, self._index, self._block_id)
+            else:
+                _let_go(self)
 
 
 def put(obj: Any) -> ObjectRef:
@@ -126,6 +141,22 @@ def put(obj: Any) -> ObjectRef:
         NoSpace: /dev/shm cannot hold it (nothing is left behind).
     """
     _look_again()  # every put, inline ones too: one check when nothing is pending
+    pickled = _pickled(obj)
+    if isinstance(pickled, ObjectRef):
+        return pickled
+    data, raws = pickled
+    layout = object_layout.plan(len(data), [raw.nbytes for raw in raws])
+    # The buffers go as memoryviews (os.pwrite takes any buffer): copied once, into the block.
+    pieces = cast(List[Tuple[int, bytes]], [(0, data)] + [(o, raw) for (o, _), raw in zip(layout.buffers, raws)])
+    block = Block.create(
+        None, layout.size, kind=KIND_OBJECT, extra=object_layout.kind_header(layout), initial=pieces, track=True
+    )
+    assert block.header is not None
+    return ObjectRef._make(block.name, block.header.block_id, block.inode, None, block)
+
+
+def _pickled(obj: Any) -> Union[ObjectRef, Tuple[bytes, List[Any]]]:
+    """An inline reference for a small object; else its pickle and its out-of-band buffers."""
     plain = plain_encode(obj)  # small builtins: no pickle either way, and get runs no code
     if plain is not None and len(plain) <= INLINE_MAX:
         return ObjectRef._make(None, 0, 0, plain, None)
@@ -139,14 +170,7 @@ def put(obj: Any) -> ObjectRef:
         raws, data = [], pickle.dumps(obj, 5)
     if not raws and len(data) <= INLINE_MAX:
         return ObjectRef._make(None, 0, 0, data, None)
-    layout = object_layout.plan(len(data), [raw.nbytes for raw in raws])
-    # The buffers go as memoryviews (os.pwrite takes any buffer): copied once, into the block.
-    pieces = cast(List[Tuple[int, bytes]], [(0, data)] + [(o, raw) for (o, _), raw in zip(layout.buffers, raws)])
-    block = Block.create(
-        None, layout.size, kind=KIND_OBJECT, extra=object_layout.kind_header(layout), initial=pieces, track=True
-    )
-    assert block.header is not None
-    return ObjectRef._make(block.name, block.header.block_id, block.inode, None, block)
+    return data, raws
 
 
 def get(ref: Union[ObjectRef, str, Iterable[Union[ObjectRef, str]]], *, copy: bool = False) -> Any:
@@ -180,10 +204,151 @@ def delete(ref: Union[ObjectRef, str]) -> None:
     ref = _as_ref(ref)
     if ref._name is None:
         return
+    if ref._index >= 0:
+        if ref._hold is not None:
+            ref._hold.delete(ref._index, ref._block_id)
+        return
     try:
         _platform.unlink_same(ref._name, ref._inode)  # only if the name still is that block
     except OSError:
         pass
+
+
+# ===================================================================== stores
+
+
+class StoreStats(NamedTuple):
+    """What ``ObjectStore.stats()`` counts (bytes are heap bytes, in 64-byte units)."""
+
+    capacity: int
+    used: int
+    free: int
+    largest_free: int  # the largest object that fits right now (its header included)
+    objects: int
+    max_objects: int
+    processes: int  # processes attached to the store now
+    held_here: int  # objects this process holds (references or views)
+
+
+class ObjectStore:
+    """A bounded store of objects that share one block of ``capacity`` bytes.
+
+    ``shmem.put`` gives each large object a block of its own; a store keeps
+    many objects in one block, reusing its memory from one object to the
+    next: no file per object, and pages already mapped. ``name=`` shares the
+    store with unrelated programs (created, or opened if it exists: its
+    capacity wins); the store also pickles by name. Objects live as with
+    ``shmem.put``: while some process holds a reference or a view, or until
+    ``delete``. The store lives while some process has it open or holds one
+    of its objects.
+
+    Args:
+        capacity: Bytes of objects the store holds (reserved in /dev/shm when
+            it is made). Each object takes its pickle and buffers plus a
+            header, in 64-byte units.
+        name: The block's name; None makes a new store under a random name.
+        max_objects: Entries in its table (default: one per KiB of capacity,
+            1,024 to 262,144).
+        create: False: open an existing store only (SegmentNotFound if none).
+    """
+
+    def __init__(
+        self,
+        capacity: int = 64 << 20,
+        name: Optional[str] = None,
+        *,
+        max_objects: Optional[int] = None,
+        create: bool = True,
+    ) -> None:
+        self._arena: Optional[store.Arena] = None
+        store_layout.plan(capacity, 64)  # TypeError/ValueError for a bad capacity, before anything
+        entries = store_layout.default_entries(capacity) if max_objects is None else max_objects
+        self._arena = store.open_arena(name, capacity, entries, create)
+
+    def _open(self) -> store.Arena:
+        arena = self._arena
+        if arena is None:
+            raise ValueError("the shmem.ObjectStore is closed")
+        return arena
+
+    @property
+    def name(self) -> Optional[str]:
+        """The store's block name (None once closed)."""
+        return None if self._arena is None else self._arena.name
+
+    @property
+    def capacity(self) -> int:
+        return self._open().shape.capacity
+
+    def put(self, obj: Any, *, timeout: Optional[float] = 0.0) -> ObjectRef:
+        """Store ``obj``; its reference (``shmem.get`` takes it in any process).
+
+        Args:
+            timeout: When the store is full: 0 (default) raises NoSpace at
+                once; None waits for room as long as it takes; a number of
+                seconds waits that long, then raises NoSpace.
+
+        Raises:
+            pickle.PicklingError, TypeError, ...: what pickling ``obj`` raises.
+            ValueError: the object is larger than the whole store.
+            NoSpace: no room (nothing is left behind).
+        """
+        arena = self._open()
+        wait = forever_or_ns(timeout)
+        pickled = _pickled(obj)
+        if isinstance(pickled, ObjectRef):
+            return pickled
+        data, raws = pickled
+        index, object_id = arena.put(data, raws, wait)
+        return ObjectRef._make(arena.name, object_id, arena.inode, None, arena, index)
+
+    def get(self, ref: Union[ObjectRef, str, Iterable[Union[ObjectRef, str]]], *, copy: bool = False) -> Any:
+        """``shmem.get``: the object (a list for a list of references)."""
+        self._open()
+        return get(ref, copy=copy)
+
+    def delete(self, ref: Union[ObjectRef, str]) -> None:
+        """``shmem.delete``: no process can get the object afterwards; views stay valid."""
+        self._open()
+        delete(ref)
+
+    def stats(self) -> StoreStats:
+        """How full the store is (processes found dead are let go of first)."""
+        arena = self._open()
+        objects, used, largest, processes, held = arena.stats()
+        shape = arena.shape
+        return StoreStats(shape.capacity, used, shape.capacity - used, largest, objects, shape.entries, processes, held)
+
+    def close(self) -> None:
+        """Let go of this handle (idempotent). Objects this process still holds keep
+        the store open here until they are dropped."""
+        arena, self._arena = self._arena, None
+        if arena is not None:
+            store.close_handle(arena)
+
+    def __enter__(self) -> ObjectStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        return (_open_store, (self._open().name,))
+
+    def __repr__(self) -> str:
+        if self._arena is None:
+            return "<shmem.ObjectStore closed>"
+        return f"<shmem.ObjectStore {self._arena.name!r} capacity={self._arena.shape.capacity}>"
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _open_store(name: str) -> ObjectStore:
+    return ObjectStore(name=name, create=False)
 
 
 # ===================================================================== references
@@ -204,6 +369,21 @@ def _received(name: Optional[str], block_id: int, inode: int, inline: Optional[b
     return ObjectRef._make(name, block_id, inode, None, lease)
 
 
+def _received_stored(name: str, index: int, object_id: int, inode: int) -> ObjectRef:
+    """An unpickled (or parsed) reference to an object in a store: this process holds it
+    (attaching the store if need be). Never raises for an object that is gone."""
+    arena = store.arena_for(name, inode)
+    try:
+        held = arena is not None and arena.hold(index, object_id)
+    except (OSError, ValueError):
+        held = False
+    if not held:
+        if arena is not None:
+            store.let_go(arena, -1, 0)  # detaches a store attached for nothing
+        arena = None
+    return ObjectRef._make(name, object_id, inode, None, arena, index)
+
+
 def _as_ref(ref: Any) -> ObjectRef:
     if isinstance(ref, ObjectRef):
         return ref
@@ -215,6 +395,15 @@ def _as_ref(ref: Any) -> ObjectRef:
         except ValueError:
             raise ValueError(f"not a shmem object reference: {ref[:80]!r}") from None
         return _received(None, 0, 0, inline)
+    if ref.startswith(_PREFIX_STORED):
+        parts = ref[len(_PREFIX_STORED) :].split(":")
+        try:
+            name, index, object_id, inode = parts[0], int(parts[1]), int(parts[2], 16), int(parts[3])
+        except (IndexError, ValueError):
+            raise ValueError(f"not a shmem object reference: {ref[:80]!r}") from None
+        if len(parts) != 4 or min(index, object_id, inode) < 0:
+            raise ValueError(f"not a shmem object reference: {ref[:80]!r}")
+        return _received_stored(name, index, object_id, inode)
     parts = ref[len(_PREFIX_BLOCK) :].split(":") if ref.startswith(_PREFIX_BLOCK) else []
     try:
         name, block_id, inode = parts[0], int(parts[1], 16), int(parts[2])
@@ -296,6 +485,9 @@ def _get_one(ref: ObjectRef, copy: bool) -> Any:
     assert name is not None
     if ref._hold is None:
         raise SegmentNotFound(name, _GONE)
+    if ref._index >= 0:
+        stored, pieces = ref._hold.get(ref._index, ref._block_id, copy)
+        return pickle.loads(stored, buffers=pieces)
     try:
         block = Block.attach(name, readonly=True, track=False)  # the reference holds the lease
     except SegmentNotFound:
@@ -325,4 +517,4 @@ def _get_one(ref: ObjectRef, copy: bool) -> Any:
         block.release()  # the mapping stays while views of it live
 
 
-__all__ = ["INLINE_MAX", "ObjectRef", "delete", "get", "put"]
+__all__ = ["INLINE_MAX", "ObjectRef", "ObjectStore", "StoreStats", "delete", "get", "put"]

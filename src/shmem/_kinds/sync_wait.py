@@ -439,6 +439,12 @@ class Memory:
                 restore_signals(mask)
                 self.flight.leave()
 
+    def forget_lock(self) -> None:
+        """In a child forked while this thread held the mutex (``lock``): the parent lets
+        go of it, not the child; here only the signal mask and the count go back."""
+        restore_signals(self._mask)
+        self.flight.leave()
+
     def bump(self) -> None:
         """Bump the sequence word (under the mutex)."""
         self.words[W_SEQ] = (self.words[W_SEQ] + 1) & 0xFFFFFFFF

@@ -1,0 +1,771 @@
+"""The engine of ``shmem.ObjectStore``: objects sharing one block, held by processes.
+
+``store_layout`` draws the block. This module keeps its rules; ``objects``
+(``ObjectStore``, ``ObjectRef``) builds the public API on ``Arena``, this
+process's attachment to one store.
+
+Who holds what. Each attached process claims a **slot**: an OFD lock on one
+byte of the block's file (``sync_wait.SLOT_LOCK_BASE + i``) that the kernel
+drops when the process dies, and a record of who it is (pid, start time). A
+process sets its slot's bit of entry ``j`` while it holds object ``j`` -
+through an ``ObjectRef``, or through the views a ``get`` returned - and the
+entry counts its holders' bits. The last holder to let go frees the entry
+and its heap units. A slot whose lock is free *and* whose process is gone
+is dead: its bits are cleared as if it had let go (``_reap``). Both tests,
+not one: ``os.closerange`` can drop a live process's lock, and a pid can be
+reused; a dead slot whose pid was reused is only reaped once that process
+is gone too.
+
+Writing. ``put`` takes an entry and units under the mutex (state WRITING,
+held by the writer), copies the object in without the mutex, then marks it
+READY. A writer killed while copying leaves an entry only it held: its
+slot is reaped and the entry freed - no process ever reads half an object.
+
+The mutex. Every table changes under the internal mutex, with signals
+blocked (``sync_wait.Memory``), and never while user code runs (pickle runs
+outside). A holder that died inside leaves tables that ``_repair`` rebuilds
+from the entries and the slots' bitmaps, which are the truth.
+
+Letting go from anywhere. ``ObjectRef.__del__`` and the views' finalizers
+run wherever the garbage collector or a ``del`` happens to be - inside this
+module's critical sections too. They only queue what to release
+(``Arena.released``); the queue is drained under the mutex, at the end of
+the current critical section or at once when none is running in the thread.
+
+Fork. A child inherits its parent's references and views, but not its
+slot's bits (the parent lets go of its own when it drops them). Before a
+fork, the parent claims a slot for the child, gives it a copy of its bits,
+and keeps the mutex across the fork so that nothing changes in between; the
+child adopts that slot. A child made without the hooks (or when every slot
+is taken) re-takes its holds on its first call, where the objects still
+exist.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import errno
+import fcntl
+import os
+import struct
+import threading
+import weakref
+from typing import Any, Deque, Dict, List, Optional, Set, Tuple
+
+from .. import _platform
+from .._core.block import Block
+from .._core.header import KIND_STORE
+from .._errors import CorruptSegment, NoSpace, SegmentNotFound
+from . import named_block, object_layout
+from . import store_layout as L
+from .sync_wait import KIND_OFFSET as MUTEX_KIND_OFFSET
+from .sync_wait import SLICE_NS, SLOT_LOCK_BASE, Deadline, Memory, mutex_kind
+
+_FLOCK = struct.Struct("hhqqi4x")
+_GONE = "the object was deleted, or every process holding a reference to it let go"
+_tls = threading.local()  # .depth: critical sections of any store running in this thread
+
+
+def _inside() -> bool:
+    return getattr(_tls, "depth", 0) > 0
+
+
+class Arena:
+    """This process's attachment to one store block: its mapping, its slot, its holds."""
+
+    def __init__(self, block: Block, shape: L.StoreLayout) -> None:
+        assert block.mapping is not None
+        self.block, self.shape = block, shape
+        self.name, self.inode = block.name, block.inode
+        self.mapping: Any = block.mapping
+        self.mem = Memory(block.mapping, 1, "the shmem.ObjectStore")
+        self.view = memoryview(block.mapping)
+        self.counters = self.view[L.COUNTERS : L.COUNTERS + 32].cast("Q")
+        self.fd = -1
+        self.slot = -1
+        self.pid = os.getpid()
+        self.counts: Dict[int, List[int]] = {}  # entry -> [object id, holds here]
+        self.released: Deque[Tuple[int, int]] = collections.deque()
+        self.handles = 0  # open ObjectStore handles in this process
+        self.pins: Dict[int, Any] = {}  # weakrefs to the views' exporters
+        self.freed = False  # an entry was freed in this critical section: wake waiting puts
+        self.child: Optional[Tuple[int, int]] = None  # (fd, slot) prepared for a forked child
+
+    # ------------------------------------------------------------ critical sections
+
+    def enter(self) -> None:
+        if self.mem.lock():
+            self._repair()
+        _tls.depth = getattr(_tls, "depth", 0) + 1
+
+    def leave(self) -> None:
+        try:
+            self._drain()
+        finally:
+            _tls.depth -= 1
+            freed, self.freed = self.freed, False
+            if freed:
+                self.mem.bump()  # a put waiting for room looks again
+            self.mem.unlock()
+            if freed:
+                self.mem.wake()
+
+    def _drain(self) -> None:
+        while self.released:
+            index, object_id = self.released.popleft()
+            held = self.counts.get(index)
+            if held is None or held[0] != object_id:
+                continue
+            held[1] -= 1
+            if held[1] <= 0:
+                del self.counts[index]
+                self._unhold(index, object_id)
+
+    def release(self, index: int, object_id: int) -> None:
+        """One hold on an entry is gone (a reference or a view; callable from __del__)."""
+        self.released.append((index, object_id))
+        if not _inside() and self.pid == os.getpid():
+            try:
+                self.enter()
+                self.leave()
+            except Exception:
+                pass  # closed, or the store is gone: the holds went with it
+
+    # ------------------------------------------------------------ raw tables
+
+    def _entry(self, index: int) -> L.Entry:
+        at = self.shape.table + index * L.ENTRY.size
+        try:
+            return L.entry(self.shape, bytes(self.view[at : at + L.ENTRY.size]))
+        except CorruptSegment as err:
+            raise CorruptSegment(f"object store {self.name!r}: {err}") from None
+
+    def _set_entry(self, index: int, *fields: int) -> None:
+        L.ENTRY.pack_into(self.mapping, self.shape.table + index * L.ENTRY.size, *fields, 0)
+
+    def _set_holders(self, index: int, holders: int) -> None:
+        struct.pack_into("<I", self.mapping, self.shape.table + index * L.ENTRY.size + 36, holders)
+
+    def _bit(self, slot: int, index: int) -> Tuple[int, int]:
+        return self.shape.holds + slot * self.shape.bitmap + index // 8, 1 << (index % 8)
+
+    def _taken(self, index: int) -> bool:
+        return bool(self.mapping[self.shape.emap + index])
+
+    def _free(self, index: int) -> None:
+        """Free entry ``index`` and its units (under the mutex)."""
+        try:
+            found = self._entry(index)
+        except CorruptSegment:
+            found = None
+        self.mapping[self.shape.emap + index] = 0
+        self._set_entry(index, 0, 0, 0, 0, 0, 0)
+        if found is not None and found.extent:
+            first = self.shape.umap + found.offset // L.UNIT
+            self.mapping[first : first + found.extent // L.UNIT] = bytes(found.extent // L.UNIT)
+            self.counters[L.C_UNITS] = max(0, self.counters[L.C_UNITS] - found.extent // L.UNIT)
+        self.counters[L.C_OBJECTS] = max(0, self.counters[L.C_OBJECTS] - 1)
+        self.freed = True
+
+    def _unhold(self, index: int, object_id: int) -> None:
+        """Clear our bit of entry ``index`` (still that object), freeing it if no one else holds it."""
+        if self.slot < 0 or not self._taken(index):
+            return
+        at, bit = self._bit(self.slot, index)
+        if not self.mapping[at] & bit:
+            return
+        self.mapping[at] &= ~bit & 0xFF
+        found = self._entry(index)
+        if found.id != object_id:
+            return
+        if found.holders <= 1:
+            self._free(index)
+        else:
+            self._set_holders(index, found.holders - 1)
+
+    # ------------------------------------------------------------ slots
+
+    def _slot_alive(self, i: int) -> bool:
+        pid_state = L.SLOT.unpack_from(self.mapping, L.SLOT_TABLE + i * L.SLOT.size)
+        used, pid, start, namespace = pid_state[:4]
+        if not used:
+            return False
+        if i == self.slot:
+            return True
+        raw = fcntl.fcntl(self.fd, fcntl.F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, SLOT_LOCK_BASE + i, 1, 0))
+        if _FLOCK.unpack(raw)[0] != fcntl.F_UNLCK:
+            return True
+        # The lock is gone; so is the process, unless os.closerange dropped its lock.
+        return _platform.process_alive(_platform.ProcessIdentity(pid, start, namespace)) is True
+
+    def _reap(self, i: int) -> None:
+        """Slot ``i``'s process is gone: let go of everything it held, free the slot."""
+        start = self.shape.holds + i * self.shape.bitmap
+        bits = int.from_bytes(self.mapping[start : start + self.shape.bitmap], "little")
+        self.mapping[start : start + self.shape.bitmap] = bytes(self.shape.bitmap)
+        while bits:
+            low = bits & -bits
+            bits ^= low
+            index = low.bit_length() - 1
+            if index >= self.shape.entries or not self._taken(index):
+                continue
+            try:
+                found = self._entry(index)
+            except CorruptSegment:
+                self._free(index)
+                continue
+            if found.holders <= 1:
+                self._free(index)
+            else:
+                self._set_holders(index, found.holders - 1)
+        L.SLOT.pack_into(self.mapping, L.SLOT_TABLE + i * L.SLOT.size, 0, 0, 0, 0, 0)
+
+    def sweep(self) -> None:
+        """Reap every dead slot (under the mutex)."""
+        for i in range(self.shape.slots):
+            if i != self.slot and struct.unpack_from("<I", self.mapping, L.SLOT_TABLE + i * L.SLOT.size)[0]:
+                if not self._slot_alive(i):
+                    self._reap(i)
+
+    def _open_fd(self) -> int:
+        opened = _platform.open_existing(self.name)
+        if opened.inode != self.inode:
+            os.close(opened.fd)
+            raise SegmentNotFound(self.name, "the object store's block was removed and replaced")
+        return opened.fd
+
+    def _lock_free_slot(self, fd: int) -> int:
+        """Take the OFD lock of a slot no live process has (reaping a dead one); -1 if none."""
+        start = os.getpid() % self.shape.slots
+        for k in range(self.shape.slots):
+            i = (start + k) % self.shape.slots
+            if i == self.slot or (self.child is not None and i == self.child[1]):
+                continue
+            try:
+                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, SLOT_LOCK_BASE + i, 1, 0))
+            except OSError as err:
+                if err.errno in (errno.EAGAIN, errno.EACCES):
+                    continue
+                raise
+            used, pid, began, namespace = L.SLOT.unpack_from(self.mapping, L.SLOT_TABLE + i * L.SLOT.size)[:4]
+            if used and _platform.process_alive(_platform.ProcessIdentity(pid, began, namespace)) is True:
+                # Alive without its lock (os.closerange): its holds must stand.
+                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, SLOT_LOCK_BASE + i, 1, 0))
+                continue
+            if used:
+                self._reap(i)
+            me = _platform.current_process()
+            L.SLOT.pack_into(
+                self.mapping, L.SLOT_TABLE + i * L.SLOT.size, 1, me.pid, me.start_time, me.pid_namespace, 0
+            )
+            return i
+        return -1
+
+    def own_slot(self) -> None:
+        """Make sure this process has a slot and its holds are set in it (under the mutex)."""
+        if self.pid != os.getpid():
+            self._forked_without_hooks()
+        if self.slot >= 0 and _platform.still_open(self.fd, self.inode):
+            return
+        if self.slot >= 0:  # closed behind our back: never close the number, it may be another file now
+            me = _platform.current_process()
+            used, pid = struct.unpack_from("<II", self.mapping, L.SLOT_TABLE + self.slot * L.SLOT.size)
+            if used and pid == me.pid:  # still ours (no one reaped it: we are alive): keep it, relock
+                self.fd = self._open_fd()
+                fcntl.fcntl(
+                    self.fd,
+                    fcntl.F_OFD_SETLK,
+                    _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, SLOT_LOCK_BASE + self.slot, 1, 0),
+                )
+                return
+            self.slot = -1
+        if self.fd < 0 or not _platform.still_open(self.fd, self.inode):
+            self.fd = self._open_fd()
+        slot = self._lock_free_slot(self.fd)
+        if slot < 0:
+            self.sweep()
+            slot = self._lock_free_slot(self.fd)
+        if slot < 0:
+            raise OSError(
+                errno.EAGAIN, f"all {self.shape.slots} process slots of the object store are taken", self.name
+            )
+        self.slot = slot
+        self._retake()
+
+    def _retake(self) -> None:
+        """Set our bit again for every object held here that still exists (a new slot)."""
+        for index, (object_id, _) in list(self.counts.items()):
+            if self._taken(index) and self._entry(index).id == object_id:
+                at, bit = self._bit(self.slot, index)
+                if not self.mapping[at] & bit:
+                    self.mapping[at] |= bit
+                    self._set_holders(index, self._entry(index).holders + 1)
+            else:
+                del self.counts[index]
+
+    def _forked_without_hooks(self) -> None:
+        """A child of a fork the hooks did not see: the slot (and descriptor) are the parent's."""
+        self.pid = os.getpid()
+        self.fd, self.slot = -1, -1
+
+    # ------------------------------------------------------------ repair
+
+    def _repair(self) -> None:
+        """The mutex's holder died in a change: rebuild counts and maps from entries and bitmaps."""
+        shape = self.shape
+        self.mapping[shape.umap : shape.umap + shape.units] = bytes(shape.units)
+        holders = [0] * shape.entries
+        units = objects = 0
+        for index in range(shape.entries):
+            if not self._taken(index):
+                continue
+            try:
+                found = self._entry(index)
+                first = shape.umap + found.offset // L.UNIT
+                count = found.extent // L.UNIT
+                if found.id == 0 or self.mapping.find(b"\x01", first, first + count) >= 0:
+                    raise CorruptSegment("overlapping")
+            except CorruptSegment:
+                self.mapping[shape.emap + index] = 0
+                self._set_entry(index, 0, 0, 0, 0, 0, 0)
+                continue
+            self.mapping[first : first + count] = b"\x01" * count
+            units += count
+            objects += 1
+        for i in range(shape.slots):
+            start = shape.holds + i * shape.bitmap
+            bits = int.from_bytes(self.mapping[start : start + shape.bitmap], "little")
+            while bits:
+                low = bits & -bits
+                bits ^= low
+                index = low.bit_length() - 1
+                if self._taken(index):
+                    holders[index] += 1
+        self.counters[L.C_UNITS], self.counters[L.C_OBJECTS] = units, objects
+        for index in range(shape.entries):
+            if self._taken(index):
+                if holders[index] == 0:
+                    self._free(index)
+                else:
+                    self._set_holders(index, holders[index])
+
+    # ------------------------------------------------------------ allocation
+
+    def _allocate(self, count: int) -> Optional[Tuple[int, int]]:
+        """An entry and ``count`` free units (marked taken), or None. First fit, from the
+        start of the heap: memory freed is reused first, and its pages are mapped already
+        (a fresh page costs about as much to map as to fill)."""
+        shape = self.shape
+        index = self.mapping.find(b"\x00", shape.emap, shape.emap + shape.entries)
+        if index < 0:
+            return None
+        index -= shape.emap
+        unit = self.mapping.find(b"\x00" * count, shape.umap, shape.umap + shape.units)
+        if unit < 0:
+            return None
+        self.mapping[unit : unit + count] = b"\x01" * count
+        unit -= shape.umap
+        self.mapping[shape.emap + index] = 1
+        self.counters[L.C_UNITS] += count
+        self.counters[L.C_OBJECTS] += 1
+        return index, unit * L.UNIT
+
+    def _free_room(self) -> Tuple[int, int]:
+        """(free units, free entries): what a put could find after waiting."""
+        units = self.shape.units - self.counters[L.C_UNITS]
+        return units, self.shape.entries - self.counters[L.C_OBJECTS]
+
+    # ------------------------------------------------------------ the operations
+
+    def put(self, data: bytes, raws: List[Any], timeout_ns: int) -> Tuple[int, int]:
+        """Store a pickle and its buffers; (entry, object id), held by this process."""
+        planned = object_layout.plan(len(data), [raw.nbytes for raw in raws])
+        header = object_layout.kind_header(planned)
+        head = -(-(L.EXTENT_HEAD.size + len(header)) // L.UNIT) * L.UNIT
+        size = head + planned.size
+        count = -(-size // L.UNIT)
+        if count > self.shape.units:
+            raise ValueError(
+                f"an object of {size} bytes does not fit in object store {self.name!r} "
+                f"of {self.shape.capacity} bytes: make it with a larger capacity="
+            )
+        deadline = Deadline(timeout_ns)
+        while True:
+            self.enter()
+            try:
+                self.own_slot()
+                found = self._allocate(count)
+                if found is None:
+                    self.sweep()
+                    found = self._allocate(count)
+                if found is not None:
+                    index, offset = found
+                    object_id = int.from_bytes(os.urandom(8), "little") | 1
+                    at, bit = self._bit(self.slot, index)
+                    self.mapping[at] |= bit
+                    self._set_entry(index, object_id, offset, count * L.UNIT, size, L.STATE_WRITING, 1)
+                    self.counts[index] = [object_id, 1]
+                    break
+                seen = self.mem.words[0]
+                units, entries = self._free_room()
+            finally:
+                self.leave()
+            left = deadline.left()
+            if left == 0:
+                why = f"{units * L.UNIT} bytes free" if entries else f"all {self.shape.entries} entries taken"
+                raise NoSpace(self.name, f"the object store is full ({why}; {size} bytes needed)")
+            self.mem.wait(seen, SLICE_NS if left < 0 else min(left, SLICE_NS))
+        try:
+            base = self.shape.heap + offset
+            self.view[base : base + L.EXTENT_HEAD.size] = L.EXTENT_HEAD.pack(len(header), 0)
+            self.view[base + L.EXTENT_HEAD.size : base + L.EXTENT_HEAD.size + len(header)] = header
+            base += head
+            self.view[base : base + len(data)] = data
+            for (at, length), raw in zip(planned.buffers, raws):
+                self.view[base + at : base + at + length] = raw
+            self.enter()
+            try:
+                found_entry = self._entry(index)
+                if found_entry.id != object_id or found_entry.state != L.STATE_WRITING:
+                    raise CorruptSegment(
+                        f"object store {self.name!r}: an entry being written was changed by another process"
+                    )
+                self._set_entry(index, object_id, offset, count * L.UNIT, size, L.STATE_READY, found_entry.holders)
+            finally:
+                self.leave()
+        except BaseException:
+            self.release(index, object_id)
+            raise
+        return index, object_id
+
+    def hold(self, index: int, object_id: int) -> bool:
+        """Hold the object (an unpickled reference); False if it is gone."""
+        if not 0 <= index < self.shape.entries:
+            return False
+        self.enter()
+        try:
+            self.own_slot()
+            held = self.counts.get(index)
+            if held is not None and held[0] == object_id:
+                held[1] += 1
+                return True
+            if not self._taken(index):
+                return False
+            found = self._entry(index)
+            if found.id != object_id or found.state != L.STATE_READY:
+                return False
+            at, bit = self._bit(self.slot, index)
+            if not self.mapping[at] & bit:
+                self.mapping[at] |= bit
+                self._set_holders(index, found.holders + 1)
+            self.counts[index] = [object_id, 1]
+            return True
+        finally:
+            self.leave()
+
+    def get(self, index: int, object_id: int, copy: bool) -> Tuple[bytes, List[Any]]:
+        """The pickle and its buffers (views held until they die, or copies) of an object we hold."""
+        self.enter()
+        try:
+            self.own_slot()
+            held = self.counts.get(index)
+            found = self._entry(index) if self._taken(index) else None
+            if held is None or held[0] != object_id or found is None or found.id != object_id:
+                raise SegmentNotFound(self.name, _GONE)
+            if found.state != L.STATE_READY:
+                raise SegmentNotFound(
+                    self.name, _GONE if found.state == L.STATE_DELETED else "the object is being written"
+                )
+            held[1] += 1  # the copy below, or the views, hold it too
+        finally:
+            self.leave()
+        pinned = False
+        try:
+            base = self.shape.heap + found.offset
+            length, zero = L.EXTENT_HEAD.unpack_from(self.view, base)
+            head = -(-(L.EXTENT_HEAD.size + length) // L.UNIT) * L.UNIT
+            if zero or head > found.extent:
+                raise CorruptSegment(f"object store {self.name!r}: an object header of {length} bytes")
+            start = base + L.EXTENT_HEAD.size
+            try:
+                planned = object_layout.parse(bytes(self.view[start : start + length]), found.extent - head)
+            except CorruptSegment as err:
+                raise CorruptSegment(f"object store {self.name!r}: {err}") from None
+            base += head
+            data = bytes(self.view[base : base + planned.pickle_length])
+            if copy or not planned.buffers:
+                return data, [bytearray(self.view[base + at : base + at + n]) for at, n in planned.buffers]
+            end = max(at + n for at, n in planned.buffers)
+            whole = self._pin(base, end, index, object_id)
+            pinned = True
+            return data, [whole[at : at + n] for at, n in planned.buffers]
+        finally:
+            if not pinned:
+                self.release(index, object_id)
+
+    def _pin(self, offset: int, length: int, index: int, object_id: int) -> memoryview:
+        """A read-only view of ``length`` bytes at ``offset`` whose exporter, when the last
+        view of it dies, lets go of one hold on the object."""
+        exporter = _array_type(length, len(self.mapping) - offset).from_buffer(self.mapping, offset)
+        key = id(exporter)
+        pins = self.pins
+
+        def gone(_: Any, key: int = key) -> None:
+            pins.pop(key, None)
+            let_go(self, index, object_id)
+
+        pins[key] = weakref.ref(exporter, gone)
+        return memoryview(exporter).cast("B")[:length].toreadonly()
+
+    def delete(self, index: int, object_id: int) -> None:
+        """No process can get the object any more; its memory goes with the last holder."""
+        self.enter()
+        try:
+            if self._taken(index):
+                found = self._entry(index)
+                if found.id == object_id and found.state == L.STATE_READY:
+                    self._set_entry(
+                        index, object_id, found.offset, found.extent, found.size, L.STATE_DELETED, found.holders
+                    )
+        finally:
+            self.leave()
+
+    def stats(self) -> Tuple[int, int, int, int, int]:
+        """(objects, bytes used, largest free run, processes attached, bytes held by this process)."""
+        self.enter()
+        try:
+            if self.fd >= 0 or self.slot >= 0 or self.counts:
+                self.own_slot()
+            else:
+                self.fd = self._open_fd()
+            self.sweep()
+            shape = self.shape
+            units = bytes(self.mapping[shape.umap : shape.umap + shape.units])
+            largest = max((len(run) for run in units.split(b"\x01")), default=0)
+            processes = sum(
+                1
+                for i in range(shape.slots)
+                if struct.unpack_from("<I", self.mapping, L.SLOT_TABLE + i * L.SLOT.size)[0]
+            )
+            return (
+                self.counters[L.C_OBJECTS],
+                self.counters[L.C_UNITS] * L.UNIT,
+                largest * L.UNIT,
+                processes,
+                len(self.counts),
+            )
+        finally:
+            self.leave()
+
+    # ------------------------------------------------------------ fork
+
+    def before_fork(self) -> None:
+        """Give the child-to-be a slot holding what we hold; keep the mutex across the fork."""
+        self.child = None
+        if not self.counts or self.pid != os.getpid():
+            return
+        self.enter()
+        try:
+            self.own_slot()
+            fd = self._open_fd()
+            slot = self._lock_free_slot(fd)
+            if slot < 0:
+                os.close(fd)
+                raise OSError(errno.EAGAIN, "no slot for the child")
+            mine = self.shape.holds + self.slot * self.shape.bitmap
+            theirs = self.shape.holds + slot * self.shape.bitmap
+            self.mapping[theirs : theirs + self.shape.bitmap] = self.mapping[mine : mine + self.shape.bitmap]
+            for index in self.counts:
+                self._set_holders(index, self._entry(index).holders + 1)
+            self.child = (fd, slot)
+        except BaseException:
+            self.leave()
+            raise
+        # Held across the fork: leave() in the parent; the child inherits it held by our thread.
+
+    def after_fork_parent(self) -> None:
+        if self.child is not None:
+            os.close(self.child[0])  # the child's copy of the description keeps its slot's lock
+            self.child = None
+            self.leave()
+
+    def after_fork_child(self) -> None:
+        child, self.child = self.child, None
+        self.pid = os.getpid()
+        if child is None:
+            self.fd, self.slot = -1, -1  # claimed (and our holds re-taken) at our first call
+            return
+        if self.fd >= 0:
+            os.close(self.fd)  # the parent's slot: its lock is the parent's business
+        self.fd, self.slot = child
+        me = _platform.current_process()
+        L.SLOT.pack_into(
+            self.mapping, L.SLOT_TABLE + self.slot * L.SLOT.size, 1, me.pid, me.start_time, me.pid_namespace, 0
+        )
+        _tls.depth = 0
+        self.mem.forget_lock()  # the parent lets go of it; signals come back here
+
+    # ------------------------------------------------------------ detaching
+
+    def detach(self) -> None:
+        """Let go of the slot and the mapping (nothing held here any more)."""
+        if self.pid == os.getpid() and self.slot >= 0:
+            try:
+                self.enter()
+                try:
+                    if _platform.still_open(self.fd, self.inode):
+                        start = self.shape.holds + self.slot * self.shape.bitmap
+                        self.mapping[start : start + self.shape.bitmap] = bytes(self.shape.bitmap)
+                        L.SLOT.pack_into(self.mapping, L.SLOT_TABLE + self.slot * L.SLOT.size, 0, 0, 0, 0, 0)
+                finally:
+                    self.leave()
+            except Exception:
+                pass
+        if self.fd >= 0 and _platform.still_open(self.fd, self.inode):
+            os.close(self.fd)
+        self.fd, self.slot = -1, -1
+        self.counters.release()
+        self.view.release()
+        # Unmapped - and our users lock let go - with the last reference to the mapping, which a
+        # view's exporter may still hold (its finalizer runs before it lets go): remove the
+        # store if it is unused once the mapping is gone, not before.
+        mapping, self.mapping = self.mapping, None
+        block = self.block
+        _unmapping.add(weakref.ref(mapping, lambda ref: _unmapped(ref, block)))
+        del mapping
+        block.release()
+        self.mem.release()
+
+
+_unmapping: Set[Any] = set()  # weak references to detached stores' mappings, until they go
+
+
+def _unmapped(ref: Any, block: Block) -> None:
+    _unmapping.discard(ref)
+    try:
+        named_block.remove_if_unused(block)
+    except Exception:
+        pass
+
+
+_ARRAY_TYPES: Dict[int, Any] = {}
+
+
+def _array_type(length: int, room: int) -> Any:
+    """A ctypes char array type of at least ``length`` bytes, at most ``room``: a power of
+    two when it fits (ctypes keeps every array type it makes; these are few)."""
+    size = 1 << max(length - 1, 0).bit_length()
+    if size > room:
+        size = length
+    found = _ARRAY_TYPES.get(size)
+    if found is None:
+        found = _ARRAY_TYPES[size] = ctypes.c_char * size
+    return found
+
+
+# ===================================================================== attaching
+
+
+_arenas: Dict[Tuple[str, int], Arena] = {}
+_arenas_lock = threading.RLock()
+
+
+def _check(block: Block) -> L.StoreLayout:
+    header = named_block.header_of_kind(block, KIND_STORE, "an object store")
+    try:
+        shape = L.parse(header.extra, block.size)
+    except CorruptSegment as err:
+        raise CorruptSegment(f"object store {block.name!r}: {err}") from None
+    assert block.mapping is not None
+    if block.mapping[MUTEX_KIND_OFFSET : MUTEX_KIND_OFFSET + 4] != mutex_kind():
+        raise CorruptSegment(f"object store {block.name!r}: its internal mutex is not one shmem made (overwritten?)")
+    return shape
+
+
+def open_arena(name: Optional[str], capacity: int, entries: int, create: bool) -> Arena:
+    """This process's arena of store ``name`` (made if ``create`` and absent), one more handle on it."""
+    from .sync_wait import new_sync_mutex
+
+    shape = L.plan(capacity, entries)
+    with _arenas_lock:
+        block, checked = named_block.create_or_attach(
+            name, create, shape.size, KIND_STORE, L.kind_header(shape), [(0, new_sync_mutex())], _check
+        )
+        key = (block.name, block.inode)
+        arena = _arenas.get(key)
+        if arena is not None and arena.pid == os.getpid():
+            block.release()
+        else:
+            arena = _arenas[key] = Arena(block, checked if checked is not None else shape)
+        arena.handles += 1
+        return arena
+
+
+def arena_for(name: str, inode: int) -> Optional[Arena]:
+    """The arena of store ``name`` if it still is the block ``inode`` (attached if need be), else None."""
+    with _arenas_lock:
+        arena = _arenas.get((name, inode))
+        if arena is not None:
+            return arena
+        try:
+            block = Block.attach(name)
+        except (OSError, ValueError):
+            return None
+        try:
+            if block.inode != inode:
+                raise SegmentNotFound(name)
+            shape = _check(block)
+        except (OSError, ValueError):
+            block.release()
+            return None
+        arena = _arenas[(name, inode)] = Arena(block, shape)
+        return arena
+
+
+def close_handle(arena: Arena) -> None:
+    with _arenas_lock:
+        arena.handles -= 1
+        _maybe_detach(arena)
+
+
+def _maybe_detach(arena: Arena) -> None:
+    if arena.handles <= 0 and not arena.counts and not arena.pins and not arena.released:
+        if _arenas.get((arena.name, arena.inode)) is arena:
+            del _arenas[(arena.name, arena.inode)]
+        arena.detach()
+
+
+def let_go(arena: Arena, index: int, object_id: int) -> None:
+    """A reference is gone (from ``ObjectRef.__del__``): release it, and detach a store
+    no longer used here - unless another call of this thread is inside."""
+    if index >= 0:
+        arena.release(index, object_id)
+    if not _inside() and _arenas_lock.acquire(blocking=False):
+        try:
+            _maybe_detach(arena)
+        except Exception:
+            pass
+        finally:
+            _arenas_lock.release()
+
+
+def _before_fork() -> None:
+    for arena in list(_arenas.values()):
+        try:
+            arena.before_fork()
+        except Exception:
+            arena.child = None
+
+
+def _after_fork_parent() -> None:
+    for arena in list(_arenas.values()):
+        arena.after_fork_parent()
+
+
+def _after_fork_child() -> None:
+    for arena in list(_arenas.values()):
+        arena.after_fork_child()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent, after_in_child=_after_fork_child)
