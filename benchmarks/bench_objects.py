@@ -395,6 +395,11 @@ def main() -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"results": rows, "goals": goals, "notes": notes}, f, indent=1)
+    # shmem.put keeps this process's first default store (objects up to 64 KiB) while it runs:
+    # let go of it, so that what remains under our prefix is a leftover of a crash.
+    from shmem._kinds.objects import _drop_default_stores
+
+    _drop_default_stores()
     remove_prefixed(PREFIX)
     return 0
 

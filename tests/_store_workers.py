@@ -31,3 +31,10 @@ def hold_forever(ref_text: str, ready: Any) -> None:
     view = shmem.get(ref_text)
     ready.put(float(view.sum()))
     time.sleep(120)
+
+
+def fulfil_later(ref: Any, value: float, delay: float) -> None:
+    import numpy as np
+
+    time.sleep(delay)
+    shmem.fulfil(ref, np.full(1000, value))

@@ -42,7 +42,7 @@ from test_defect_space import private_shm_available, run_in_private_shm  # noqa:
 import shmem
 from shmem._core.block import Block
 from shmem._core.header import KIND_OBJECT
-from shmem._kinds import object_layout
+from shmem._kinds import object_layout, objects
 
 np = pytest.importorskip("numpy")
 
@@ -88,10 +88,11 @@ def read_object_block(name: str) -> Optional[Any]:
 # ------------------------------------------------------------------ 1. round trips
 
 
-def test_round_trips_inline_and_one_block_each(shm_prefix: str) -> None:
+def test_round_trips_inline_in_a_store_and_one_block_each(shm_prefix: str) -> None:
     """Catches: an object that comes back different (dtype, shape, order, 0-d, in-band
-    non-contiguous data), a small object that makes a block, a large one that makes
-    none or more than one, a reference that grows with its object."""
+    non-contiguous data), a small object that makes a block, a middle-sized one that
+    does not go in the default store (or stays there after its last reference), a large
+    one that makes none or more than one, a reference that grows with its object."""
     small = [None, 0, -(2**70), 3.5, "text", b"bytes", {"a": [1, 2, {"b": (3, None)}]}, workers.Point(1, 2, "p")]
     for obj in small:
         ref = shmem.put(obj)
@@ -118,11 +119,19 @@ def test_round_trips_inline_and_one_block_each(shm_prefix: str) -> None:
         arrays,  # a dict holding several arrays (some out of band, some in band)
         [np.arange(10.0)] * 3 + [np.ones(3)],  # the same array three times
     ]
+    stored = 0
     for obj in large:
         before = set(blocks_with_prefix(shm_prefix))
         ref = shmem.put(obj)
         made = set(blocks_with_prefix(shm_prefix)) - before
-        assert ref.name is not None and made == {ref.name}, f"{type(obj)}: blocks {made}"
+        buffers: List[Any] = []
+        data = pickle.dumps(obj, 5, buffer_callback=buffers.append)
+        if len(data) + sum(b.raw().nbytes for b in buffers if b.raw().contiguous) <= objects.STORE_MAX:
+            # The default store: made by the first such object, shared by the next ones.
+            assert str(ref).startswith("shmem-stored:") and made <= {ref.name}, f"{type(obj)}: {ref} {made}"
+            stored += 1
+        else:
+            assert ref.name is not None and made == {ref.name}, f"{type(obj)}: blocks {made}"
         assert len(pickle.dumps(ref)) < 1024 and len(str(ref)) < 200
         for copy in (False, True):
             got = shmem.get(ref, copy=copy)
@@ -140,9 +149,13 @@ def test_round_trips_inline_and_one_block_each(shm_prefix: str) -> None:
             else:
                 assert got == obj
             del got
-        name = ref.name
+        name, in_store = ref.name, ref._index >= 0
         del ref
-        assert name not in listed(), "the block outlived its only reference"
+        if in_store:
+            assert not any(arena.counts for arena in objects._defaults), "an object outlived its only reference"
+        else:
+            assert name not in listed(), "the block outlived its only reference"
+    assert stored >= 4  # the small arrays
 
 
 def test_more_arrays_than_a_block_describes_are_pickled_in_band() -> None:
@@ -628,6 +641,7 @@ def test_a_signal_handler_puts_and_gets_while_the_main_thread_does(shm_prefix: s
             signal.setitimer(signal.ITIMER_REAL, 0, 0)
             signal.signal(signal.SIGALRM, old)
         gc.collect()
+        objects._drop_default_stores()
         return fired[0], i, errors, blocks_with_prefix(shm_prefix)
 
     fired, rounds, errors, left = in_child(body, timeout=90)

@@ -246,7 +246,79 @@ def test_unrelated_programs_share_a_store_by_name(shm_prefix: str) -> None:
         assert pickle.loads(pickle.dumps(store)).name == name
 
 
-# ------------------------------------------------------------------ 3. crashes
+# ------------------------------------------------------------------ 3. promises: wait, fulfil
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_promised_objects_made_by_other_processes(shm_prefix: str, method: str) -> None:
+    """Catches: wait that returns before an object is stored (or never wakes), get that
+    does not wait for a promise or hands out a half-stored one, a promise kept twice."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context(method)
+    with shmem.ObjectStore(1 << 20) as store:
+        refs = [store.promise() for _ in range(3)]
+        assert shmem.wait(refs, timeout=0) == ([], refs)
+        with pytest.raises(TimeoutError):
+            shmem.get(refs[0], timeout=0.1)
+        workers_ = [ctx.Process(target=workers.fulfil_later, args=(r, float(i), 0.2 + i)) for i, r in enumerate(refs)]
+        for w in workers_:
+            w.start()
+        ready, pending = shmem.wait(refs, num_returns=1, timeout=60)
+        assert ready == refs[:1] and pending == refs[1:]
+        assert shmem.get(refs[2], timeout=60).sum() == 2000.0  # waits for it
+        assert [float(a[0]) for a in shmem.get(refs)] == [0.0, 1.0, 2.0]
+        assert shmem.wait(refs, timeout=0) == (refs, [])
+        for w in workers_:
+            w.join(60)
+            assert w.exitcode == 0
+        for stored in (refs[0], store.put(b"x" * 1000)):
+            with pytest.raises(ValueError, match="stored already"):
+                shmem.fulfil(stored, 5)
+        with pytest.raises(TypeError):
+            shmem.fulfil(shmem.put(np.ones(100_000)), 5)  # a block of its own: never a promise
+        with pytest.raises(ValueError):
+            shmem.wait(refs, num_returns=4)
+        small = store.promise()
+        shmem.fulfil(str(small), {"small": True})  # small objects too (never inline here)
+        assert shmem.get(small) == {"small": True}
+        del workers_, refs, small, ready, pending, stored
+        assert store.stats().objects == 0
+
+
+def test_a_promise_everyone_let_go_of_and_a_fulfiller_killed(shm_prefix: str) -> None:
+    """Catches: a promise that outlives every reference, a fulfiller killed mid-copy whose
+    memory stays taken (or whose half object becomes visible)."""
+    with shmem.ObjectStore(8 << 20) as store:
+        text = str(store.promise())  # the reference itself is dropped at once
+        with pytest.raises(shmem.SegmentNotFound):
+            shmem.fulfil(text, 1)
+        assert store.stats().objects == 0
+        ref = store.promise()
+        rng = random.Random(3)
+        for _ in range(20):
+
+            def fulfiller() -> None:
+                shmem.fulfil(ref, np.ones(800_000))  # 6.4 MB: killed somewhere in here
+
+            pid = fork_child(fulfiller)
+            time.sleep(rng.uniform(0, 0.01))
+            kill_and_reap(pid)
+            if shmem.wait([ref], timeout=0)[0]:
+                break
+        done = bool(shmem.wait([ref], timeout=0)[0])
+        stats = store.stats()
+        assert stats.objects == 1 and (stats.used > 0) == done, stats
+        if done:
+            assert shmem.get(ref).sum() == 800_000.0  # all of it, never half
+        else:
+            shmem.fulfil(ref, np.ones(10))
+            assert shmem.get(ref).sum() == 10.0
+        ref = None
+        assert store.stats().used == 0
+
+
+# ------------------------------------------------------------------ 4. crashes
 
 
 def test_a_writer_killed_anywhere_in_put_leaves_nothing(shm_prefix: str) -> None:
@@ -385,7 +457,7 @@ def test_closerange_does_not_let_other_processes_free_what_we_hold(shm_prefix: s
         del fill
 
 
-# ------------------------------------------------------------------ 4. hostile blocks
+# ------------------------------------------------------------------ 5. hostile blocks
 
 
 def test_damaged_tables_give_corrupt_segment_not_a_crash(shm_prefix: str) -> None:
@@ -438,7 +510,7 @@ def test_the_pure_python_path_passes_the_same_tests() -> None:
     """The ctypes twin of the C calls under the same tests (the store itself is Python)."""
     done = run_pure_python(
         os.path.join(HERE, "test_store.py"),
-        "put_get or reused or full_store or forked or killed or signal_handler or closerange",
+        "put_get or reused or full_store or forked or killed or signal_handler or closerange or promise",
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
 

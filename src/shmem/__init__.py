@@ -54,9 +54,11 @@ _LAZY = {
     "attach_array": "._kinds.array",
     "delete": "._kinds.objects",
     "empty": "._kinds.array",
+    "fulfil": "._kinds.objects",
     "full": "._kinds.array",
     "get": "._kinds.objects",
     "put": "._kinds.objects",
+    "wait": "._kinds.objects",
     "zeros": "._kinds.array",
 }
 
@@ -68,7 +70,7 @@ if TYPE_CHECKING:
     from ._kinds.event import Event
     from ._kinds.lock import Lock, RLock
     from ._kinds.manager import SharedMemoryManager
-    from ._kinds.objects import ObjectRef, ObjectStore, StoreStats, delete, get, put
+    from ._kinds.objects import ObjectRef, ObjectStore, StoreStats, delete, fulfil, get, put, wait
     from ._kinds.queue import JoinableQueue, Queue, SimpleQueue
     from ._kinds.semaphore import BoundedSemaphore, Semaphore
 
@@ -135,6 +137,7 @@ __all__ = [
     "attach_array",
     "delete",
     "empty",
+    "fulfil",
     "full",
     "gc",
     "get",
@@ -143,5 +146,6 @@ __all__ = [
     "put",
     "remove_segment",
     "shared_memory",
+    "wait",
     "zeros",
 ]

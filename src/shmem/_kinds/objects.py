@@ -51,14 +51,16 @@ from .. import _platform
 from .._core.block import Block, UsersLease
 from .._core.header import KIND_NAMES, KIND_OBJECT
 from .._core.lifecycle import USERS_LOCK
-from .._errors import CorruptSegment, SegmentNotFound
+from .._errors import CorruptSegment, NoSpace, SegmentNotFound
 from . import object_layout, store, store_layout
 from .queue_plain import fast_decode as plain_decode
 from .queue_plain import fast_encode as plain_encode
-from .sync_wait import forever_or_ns
+from .sync_wait import SLICE_NS, Deadline, forever_or_ns
 
 #: A pickle of at most this many bytes (and no out-of-band buffer) travels inside its reference.
 INLINE_MAX = 512
+#: ``put`` of an object of at most this many bytes (pickle and buffers) shares a default store.
+STORE_MAX = 64 << 10
 _PREFIX_BLOCK = "shmem-object:"
 _PREFIX_INLINE = "shmem-object-inline:"
 _PREFIX_STORED = "shmem-stored:"
@@ -145,6 +147,10 @@ def put(obj: Any) -> ObjectRef:
     if isinstance(pickled, ObjectRef):
         return pickled
     data, raws = pickled
+    if len(data) + sum(raw.nbytes for raw in raws) <= STORE_MAX:
+        ref = _put_in_a_default_store(data, raws)
+        if ref is not None:
+            return ref
     layout = object_layout.plan(len(data), [raw.nbytes for raw in raws])
     # The buffers go as memoryviews (os.pwrite takes any buffer): copied once, into the block.
     pieces = cast(List[Tuple[int, bytes]], [(0, data)] + [(o, raw) for (o, _), raw in zip(layout.buffers, raws)])
@@ -155,9 +161,72 @@ def put(obj: Any) -> ObjectRef:
     return ObjectRef._make(block.name, block.header.block_id, block.inode, None, block)
 
 
-def _pickled(obj: Any) -> Union[ObjectRef, Tuple[bytes, List[Any]]]:
-    """An inline reference for a small object; else its pickle and its out-of-band buffers."""
-    plain = plain_encode(obj)  # small builtins: no pickle either way, and get runs no code
+# This process's default stores, oldest first: objects of up to STORE_MAX bytes share them
+# instead of a block each. Each new one is twice the last (DEFAULT_CAPACITY at first, at most
+# 64 MiB), up to DEFAULT_STORES; when all are full, an object gets a block of its own. The
+# first stays while the process runs (making a store costs ~1 ms: a put and drop of one
+# object at a time must not pay it each time); the others go (from here, and from /dev/shm
+# if no other process holds one of their objects) with the last of their objects held here.
+_defaults: List[store.Arena] = []
+DEFAULT_CAPACITY = 4 << 20
+DEFAULT_STORES = 16
+
+
+def _put_in_a_default_store(data: bytes, raws: List[Any]) -> Optional[ObjectRef]:
+    if store.inside():
+        # A signal handler run in the middle of a store's change (another thread caught the
+        # signal: see sync_wait): the store's mutex is this thread's. A block of its own.
+        return None
+    # Under the lock a store is detached with, and with no detaching from this thread (a
+    # finalizer, a signal handler) until we are out: no store is detached under our put.
+    with store.arenas_lock:
+        with store.attaching():
+            ref = _put_in_a_default_store_locked(data, raws)
+        store.settle(_defaults)
+        _defaults[:] = [arena for arena in _defaults if not arena.closing]
+        return ref
+
+
+def _put_in_a_default_store_locked(data: bytes, raws: List[Any]) -> Optional[ObjectRef]:
+    for arena in reversed(_defaults):
+        if not arena.closing:
+            ref = _put_into(arena, data, raws)
+            if ref is not None:
+                return ref
+    if len(_defaults) >= DEFAULT_STORES:
+        return None
+    capacity = min(DEFAULT_CAPACITY << len(_defaults), 64 << 20)
+    try:
+        arena = store.open_arena(None, capacity, store_layout.default_entries(capacity), True)
+    except NoSpace:
+        return None
+    if _defaults:
+        arena.handles -= 1  # held through its objects only
+    _defaults.append(arena)
+    return _put_into(arena, data, raws)  # None (no room for it): settle detaches the store
+
+
+def _drop_default_stores() -> None:
+    """Let go of the default store this process keeps (tests: nothing left behind)."""
+    with store.arenas_lock:
+        kept = [arena for arena in _defaults[:1] if arena.handles > 0 and not arena.closing]
+        for arena in kept:
+            store.close_handle(arena)
+        _defaults[:] = [arena for arena in _defaults if not arena.closing]
+
+
+def _put_into(arena: store.Arena, data: bytes, raws: List[Any]) -> Optional[ObjectRef]:
+    """The object in ``arena`` (without waiting), or None when it has no room."""
+    try:
+        index, object_id = arena.put(data, raws, 0)
+    except NoSpace:
+        return None
+    return ObjectRef._make(arena.name, object_id, arena.inode, None, arena, index)
+
+
+def _pickled(obj: Any, inline: bool = True) -> Union[ObjectRef, Tuple[bytes, List[Any]]]:
+    """An inline reference for a small object (``inline``); else its pickle and its out-of-band buffers."""
+    plain = plain_encode(obj) if inline else None  # small builtins: no pickle either way, and get runs no code
     if plain is not None and len(plain) <= INLINE_MAX:
         return ObjectRef._make(None, 0, 0, plain, None)
     buffers: List[pickle.PickleBuffer] = []
@@ -168,12 +237,14 @@ def _pickled(obj: Any) -> Union[ObjectRef, Tuple[bytes, List[Any]]]:
         raws, data = [], pickle.dumps(obj, 5)
     if len(raws) > object_layout.MAX_BUFFERS:
         raws, data = [], pickle.dumps(obj, 5)
-    if not raws and len(data) <= INLINE_MAX:
+    if inline and not raws and len(data) <= INLINE_MAX:
         return ObjectRef._make(None, 0, 0, data, None)
     return data, raws
 
 
-def get(ref: Union[ObjectRef, str, Iterable[Union[ObjectRef, str]]], *, copy: bool = False) -> Any:
+def get(
+    ref: Union[ObjectRef, str, Iterable[Union[ObjectRef, str]]], *, copy: bool = False, timeout: Optional[float] = None
+) -> Any:
     """The object ``ref`` refers to (a list of them for a list of references).
 
     Args:
@@ -181,20 +252,80 @@ def get(ref: Union[ObjectRef, str, Iterable[Union[ObjectRef, str]]], *, copy: bo
         copy: False (default): out-of-band buffers (NumPy arrays...) are
             read-only views into shared memory, valid while you hold them.
             True: private, writable copies.
+        timeout: For a promised object (``ObjectStore.promise``) not stored
+            yet: seconds to wait for it (None: as long as it takes).
 
     Raises:
         SegmentNotFound: the object is gone (deleted, or everyone let go of it).
+        TimeoutError: a promised object was not stored within ``timeout``.
         CorruptSegment: the block under that name is damaged.
         TypeError, ValueError: ``ref`` is not a reference.
     """
+    deadline = Deadline(forever_or_ns(timeout))
     if isinstance(ref, (ObjectRef, str)):
-        return _get_one(_as_ref(ref), copy)
+        return _get_one(_as_ref(ref), copy, deadline)
     try:
         refs = [_as_ref(r) for r in ref]
     except TypeError:
         kind = type(ref).__name__
         raise TypeError(f"shmem.get takes an ObjectRef, its str() or a list of them, not {kind}") from None
-    return [_get_one(r, copy) for r in refs]
+    return [_get_one(r, copy, deadline) for r in refs]
+
+
+def fulfil(ref: Union[ObjectRef, str], obj: Any, *, timeout: Optional[float] = 0.0) -> None:
+    """Store ``obj`` as the object ``ref`` promised (``ObjectStore.promise``), in any process
+    that holds the reference: ``get`` and ``wait`` in every process see it from then on.
+
+    Raises:
+        TypeError: ``ref`` is not a promise's reference.
+        ValueError: the promise was kept already; the object is larger than the store.
+        SegmentNotFound: every process let go of the reference (or it was deleted).
+        NoSpace: the store has no room (``timeout`` as for ``ObjectStore.put``).
+    """
+    ref = _as_ref(ref)
+    if ref._index < 0:
+        raise TypeError("shmem.fulfil takes the reference of a promise (ObjectStore.promise()), not of a stored object")
+    arena = ref._hold
+    if arena is None:
+        raise SegmentNotFound(str(ref._name), _GONE)
+    pickled = _pickled(obj, inline=False)
+    assert not isinstance(pickled, ObjectRef)
+    data, raws = pickled
+    arena.put(data, raws, forever_or_ns(timeout), into=(ref._index, ref._block_id))
+
+
+def wait(
+    refs: Iterable[Union[ObjectRef, str]], *, num_returns: Optional[int] = None, timeout: Optional[float] = None
+) -> Tuple[List[ObjectRef], List[ObjectRef]]:
+    """Wait until ``num_returns`` of ``refs`` (default: all) can be got - a promised object
+    stored by some process; any other reference is ready at once (a gone object too: get
+    says so). Returns (ready, not ready), each in the order given; after ``timeout``
+    seconds, whatever is ready then.
+    """
+    given = [_as_ref(r) for r in refs]
+    want = len(given) if num_returns is None else num_returns
+    if isinstance(want, bool) or not isinstance(want, int) or not 0 <= want <= len(given):
+        raise ValueError(f"num_returns must be between 0 and {len(given)}, not {num_returns!r}")
+    deadline = Deadline(forever_or_ns(timeout))
+    while True:
+        ready: List[ObjectRef] = []
+        pending: List[ObjectRef] = []
+        sleeper: Any = None
+        for r in given:
+            if r._index < 0 or r._hold is None:
+                ready.append(r)
+                continue
+            done, seen = r._hold.ready(r._index, r._block_id)
+            if done:
+                ready.append(r)
+            else:
+                pending.append(r)
+                if sleeper is None:
+                    sleeper = (r._hold, seen)
+        left = deadline.left()
+        if len(ready) >= want or left == 0 or sleeper is None:
+            return ready, pending
+        sleeper[0].sleep(sleeper[1], SLICE_NS if left < 0 else min(left, SLICE_NS))
 
 
 def delete(ref: Union[ObjectRef, str]) -> None:
@@ -302,15 +433,32 @@ class ObjectStore:
         index, object_id = arena.put(data, raws, wait)
         return ObjectRef._make(arena.name, object_id, arena.inode, None, arena, index)
 
-    def get(self, ref: Union[ObjectRef, str, Iterable[Union[ObjectRef, str]]], *, copy: bool = False) -> Any:
+    def get(
+        self,
+        ref: Union[ObjectRef, str, Iterable[Union[ObjectRef, str]]],
+        *,
+        copy: bool = False,
+        timeout: Optional[float] = None,
+    ) -> Any:
         """``shmem.get``: the object (a list for a list of references)."""
         self._open()
-        return get(ref, copy=copy)
+        return get(ref, copy=copy, timeout=timeout)
 
     def delete(self, ref: Union[ObjectRef, str]) -> None:
         """``shmem.delete``: no process can get the object afterwards; views stay valid."""
         self._open()
         delete(ref)
+
+    def promise(self) -> ObjectRef:
+        """A reference to an object that is not stored yet: hand it to the process that will
+        make the object, which stores it with ``shmem.fulfil(ref, obj)``; ``shmem.wait`` and
+        ``shmem.get`` wait for it. It lives (and takes an entry, no memory) like any other.
+
+        Raises:
+            NoSpace: every entry of the store is taken."""
+        arena = self._open()
+        index, object_id = arena.promise()
+        return ObjectRef._make(arena.name, object_id, arena.inode, None, arena, index)
 
     def stats(self) -> StoreStats:
         """How full the store is (processes found dead are let go of first)."""
@@ -476,7 +624,7 @@ def _look_again() -> None:
 # ===================================================================== getting
 
 
-def _get_one(ref: ObjectRef, copy: bool) -> Any:
+def _get_one(ref: ObjectRef, copy: bool, deadline: Deadline) -> Any:
     inline = ref._inline
     if inline is not None:
         # A pickle starts with its PROTO opcode (0x80); the plain encoding with a type code below 10.
@@ -486,7 +634,17 @@ def _get_one(ref: ObjectRef, copy: bool) -> Any:
     if ref._hold is None:
         raise SegmentNotFound(name, _GONE)
     if ref._index >= 0:
-        stored, pieces = ref._hold.get(ref._index, ref._block_id, copy)
+        arena = ref._hold
+        while True:
+            done, seen = arena.ready(ref._index, ref._block_id)
+            left = deadline.left()
+            if done or left == 0:
+                break
+            arena.sleep(seen, SLICE_NS if left < 0 else min(left, SLICE_NS))
+        try:
+            stored, pieces = arena.get(ref._index, ref._block_id, copy)
+        except store.NotReady:
+            raise TimeoutError(f"the promised object {ref!r} was not stored in time") from None
         return pickle.loads(stored, buffers=pieces)
     try:
         block = Block.attach(name, readonly=True, track=False)  # the reference holds the lease
@@ -517,4 +675,4 @@ def _get_one(ref: ObjectRef, copy: bool) -> Any:
         block.release()  # the mapping stays while views of it live
 
 
-__all__ = ["INLINE_MAX", "ObjectRef", "ObjectStore", "StoreStats", "delete", "get", "put"]
+__all__ = ["INLINE_MAX", "ObjectRef", "ObjectStore", "StoreStats", "delete", "fulfil", "get", "put", "wait"]

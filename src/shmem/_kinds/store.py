@@ -26,11 +26,16 @@ blocked (``sync_wait.Memory``), and never while user code runs (pickle runs
 outside). A holder that died inside leaves tables that ``_repair`` rebuilds
 from the entries and the slots' bitmaps, which are the truth.
 
-Letting go from anywhere. ``ObjectRef.__del__`` and the views' finalizers
-run wherever the garbage collector or a ``del`` happens to be - inside this
-module's critical sections too. They only queue what to release
-(``Arena.released``); the queue is drained under the mutex, at the end of
-the current critical section or at once when none is running in the thread.
+Holding from anywhere. ``ObjectRef.__del__`` and the views' finalizers run
+wherever the garbage collector or a ``del`` happens to be - inside this
+module's critical sections too - and so does a signal handler that another
+thread's catch of a signal runs in the main thread. Those changes of this
+process's counts only queue a delta (``Arena.ops``); the queue is drained in
+order under the mutex, at the end of the current critical section, or at
+once when none is running in the thread. ``get`` of an object held here
+takes no mutex at all: a held object's entry does not move, and its views'
+hold is one more queued delta (+1, queued before the -1 of the reference it
+was made through).
 
 Fork. A child inherits its parent's references and views, but not its
 slot's bits (the parent lets go of its own when it drops them). Before a
@@ -63,11 +68,18 @@ from .sync_wait import KIND_OFFSET as MUTEX_KIND_OFFSET
 from .sync_wait import SLICE_NS, SLOT_LOCK_BASE, Deadline, Memory, mutex_kind
 
 _FLOCK = struct.Struct("hhqqi4x")
+
+
+class NotReady(SegmentNotFound):
+    """(internal) a promised object that is not stored yet: ``get`` waits for it."""
+
+
 _GONE = "the object was deleted, or every process holding a reference to it let go"
 _tls = threading.local()  # .depth: critical sections of any store running in this thread
 
 
-def _inside() -> bool:
+def inside() -> bool:
+    """Whether this thread is inside a store's critical section (a finalizer or handler run there)."""
     return getattr(_tls, "depth", 0) > 0
 
 
@@ -86,46 +98,61 @@ class Arena:
         self.slot = -1
         self.pid = os.getpid()
         self.counts: Dict[int, List[int]] = {}  # entry -> [object id, holds here]
-        self.released: Deque[Tuple[int, int]] = collections.deque()
+        self.ops: Deque[Tuple[int, int, int]] = collections.deque()  # (entry, object id, +1/-1)
         self.handles = 0  # open ObjectStore handles in this process
         self.pins: Dict[int, Any] = {}  # weakrefs to the views' exporters
         self.freed = False  # an entry was freed in this critical section: wake waiting puts
         self.child: Optional[Tuple[int, int]] = None  # (fd, slot) prepared for a forked child
+        self.closing = False  # being detached: no new object or hold may come in
 
     # ------------------------------------------------------------ critical sections
 
-    def enter(self) -> None:
-        if self.mem.lock():
-            self._repair()
+    def enter(self, last: bool = False) -> None:
+        """Take the mutex (repairing after a holder that died); ``last``: detach's own call."""
+        if self.closing and not last:
+            raise ValueError("the shmem.ObjectStore is closed")
+        # Counted from before the mutex is ours to after it is not: a handler run anywhere in
+        # between (see "Holding from anywhere") only queues.
         _tls.depth = getattr(_tls, "depth", 0) + 1
+        try:
+            if self.mem.lock():
+                self._repair()
+        except BaseException:
+            _tls.depth -= 1
+            raise
 
     def leave(self) -> None:
         try:
             self._drain()
         finally:
-            _tls.depth -= 1
             freed, self.freed = self.freed, False
             if freed:
                 self.mem.bump()  # a put waiting for room looks again
-            self.mem.unlock()
+            try:
+                self.mem.unlock()
+            finally:
+                _tls.depth -= 1
             if freed:
                 self.mem.wake()
+        if self.ops and not inside():  # queued by a handler run as the mutex was let go
+            self.enter()
+            self.leave()
 
     def _drain(self) -> None:
-        while self.released:
-            index, object_id = self.released.popleft()
+        while self.ops:
+            index, object_id, delta = self.ops.popleft()
             held = self.counts.get(index)
             if held is None or held[0] != object_id:
                 continue
-            held[1] -= 1
+            held[1] += delta
             if held[1] <= 0:
                 del self.counts[index]
                 self._unhold(index, object_id)
 
     def release(self, index: int, object_id: int) -> None:
         """One hold on an entry is gone (a reference or a view; callable from __del__)."""
-        self.released.append((index, object_id))
-        if not _inside() and self.pid == os.getpid():
+        self.ops.append((index, object_id, -1))
+        if not inside() and self.pid == os.getpid():
             try:
                 self.enter()
                 self.leave()
@@ -378,8 +405,11 @@ class Arena:
 
     # ------------------------------------------------------------ the operations
 
-    def put(self, data: bytes, raws: List[Any], timeout_ns: int) -> Tuple[int, int]:
-        """Store a pickle and its buffers; (entry, object id), held by this process."""
+    def put(
+        self, data: bytes, raws: List[Any], timeout_ns: int, into: Optional[Tuple[int, int]] = None
+    ) -> Tuple[int, int]:
+        """Store a pickle and its buffers; (entry, object id), held by this process.
+        ``into``: the (entry, object id) of a promised object to store it as instead."""
         planned = object_layout.plan(len(data), [raw.nbytes for raw in raws])
         header = object_layout.kind_header(planned)
         head = -(-(L.EXTENT_HEAD.size + len(header)) // L.UNIT) * L.UNIT
@@ -431,6 +461,9 @@ class Arena:
                     raise CorruptSegment(
                         f"object store {self.name!r}: an entry being written was changed by another process"
                     )
+                if into is not None:
+                    self._keep_promise(into, index, found_entry)
+                    return into
                 self._set_entry(index, object_id, offset, count * L.UNIT, size, L.STATE_READY, found_entry.holders)
             finally:
                 self.leave()
@@ -438,6 +471,63 @@ class Arena:
             self.release(index, object_id)
             raise
         return index, object_id
+
+    def promise(self) -> Tuple[int, int]:
+        """A promised object: an entry with no memory yet, held here; (entry, object id)."""
+        self.enter()
+        try:
+            self.own_slot()
+            found = self.mapping.find(b"\x00", self.shape.emap, self.shape.emap + self.shape.entries)
+            if found < 0:
+                raise NoSpace(self.name, f"the object store is full (all {self.shape.entries} entries taken)")
+            index = found - self.shape.emap
+            object_id = int.from_bytes(os.urandom(8), "little") | 1
+            self.mapping[found] = 1
+            self.counters[L.C_OBJECTS] += 1
+            at, bit = self._bit(self.slot, index)
+            self.mapping[at] |= bit
+            self._set_entry(index, object_id, 0, 0, 0, L.STATE_PROMISED, 1)
+            self.counts[index] = [object_id, 1]
+            return index, object_id
+        finally:
+            self.leave()
+
+    def _keep_promise(self, into: Tuple[int, int], index: int, written: L.Entry) -> None:
+        """Move the object just written in entry ``index`` into the promised entry (under the
+        mutex); the writing entry goes, its memory now the promised one's."""
+        target, target_id = into
+        promised = self._entry(target) if self._taken(target) else None
+        if promised is None or promised.id != target_id:
+            raise SegmentNotFound(self.name, _GONE)
+        if promised.state != L.STATE_PROMISED:
+            raise ValueError(f"object store {self.name!r}: not a promise waiting to be kept (stored already)")
+        self._set_entry(
+            target, target_id, written.offset, written.extent, written.size, L.STATE_READY, promised.holders
+        )
+        at, bit = self._bit(self.slot, index)
+        self.mapping[at] &= ~bit & 0xFF
+        self.mapping[self.shape.emap + index] = 0
+        self._set_entry(index, 0, 0, 0, 0, 0, 0)
+        self.counters[L.C_OBJECTS] -= 1
+        self.counts.pop(index, None)
+        self.mem.bump()
+        self.freed = True  # wakes the waiters of shmem.wait (and puts waiting for room: harmless)
+
+    def ready(self, index: int, object_id: int) -> Tuple[bool, int]:
+        """(whether the object is there to get - stored, or gone: get says so -, the sequence
+        word read before looking), without the mutex."""
+        seen = self.mem.words[0]
+        if not 0 <= index < self.shape.entries or not self._taken(index):
+            return True, seen
+        try:
+            found = self._entry(index)
+        except CorruptSegment:
+            return True, seen
+        return found.id != object_id or found.state != L.STATE_PROMISED, seen
+
+    def sleep(self, seen: int, timeout_ns: int) -> None:
+        """Wait until the sequence word moves from ``seen`` (or the time is up)."""
+        self.mem.wait(seen, timeout_ns)
 
     def hold(self, index: int, object_id: int) -> bool:
         """Hold the object (an unpickled reference); False if it is gone."""
@@ -453,7 +543,7 @@ class Arena:
             if not self._taken(index):
                 return False
             found = self._entry(index)
-            if found.id != object_id or found.state != L.STATE_READY:
+            if found.id != object_id or found.state not in (L.STATE_READY, L.STATE_PROMISED):
                 return False
             at, bit = self._bit(self.slot, index)
             if not self.mapping[at] & bit:
@@ -465,21 +555,24 @@ class Arena:
             self.leave()
 
     def get(self, index: int, object_id: int, copy: bool) -> Tuple[bytes, List[Any]]:
-        """The pickle and its buffers (views held until they die, or copies) of an object we hold."""
-        self.enter()
-        try:
-            self.own_slot()
-            held = self.counts.get(index)
-            found = self._entry(index) if self._taken(index) else None
-            if held is None or held[0] != object_id or found is None or found.id != object_id:
-                raise SegmentNotFound(self.name, _GONE)
-            if found.state != L.STATE_READY:
-                raise SegmentNotFound(
-                    self.name, _GONE if found.state == L.STATE_DELETED else "the object is being written"
-                )
-            held[1] += 1  # the copy below, or the views, hold it too
-        finally:
-            self.leave()
+        """The pickle and its buffers (views held until they die, or copies) of an object
+        held here through a reference, which holds it while this runs: no mutex (above)."""
+        if self.closing:
+            raise ValueError("the shmem.ObjectStore is closed")
+        if self.pid != os.getpid():  # a fork the hooks did not see: take our holds first
+            self.enter()
+            try:
+                self.own_slot()
+            finally:
+                self.leave()
+        held = self.counts.get(index)
+        found = self._entry(index) if self._taken(index) else None
+        if held is None or held[0] != object_id or found is None or found.id != object_id:
+            raise SegmentNotFound(self.name, _GONE)
+        if found.state == L.STATE_PROMISED:
+            raise NotReady(self.name, "the object was promised, and is not stored yet (shmem.wait)")
+        if found.state != L.STATE_READY:
+            raise SegmentNotFound(self.name, _GONE if found.state == L.STATE_DELETED else "the object is being written")
         pinned = False
         try:
             base = self.shape.heap + found.offset
@@ -497,12 +590,14 @@ class Arena:
             if copy or not planned.buffers:
                 return data, [bytearray(self.view[base + at : base + at + n]) for at, n in planned.buffers]
             end = max(at + n for at, n in planned.buffers)
-            whole = self._pin(base, end, index, object_id)
+            self.ops.append((index, object_id, +1))  # the views' hold, before the reference can go
             pinned = True
+            whole = self._pin(base, end, index, object_id)
             return data, [whole[at : at + n] for at, n in planned.buffers]
-        finally:
-            if not pinned:
+        except BaseException:
+            if pinned:
                 self.release(index, object_id)
+            raise
 
     def _pin(self, offset: int, length: int, index: int, object_id: int) -> memoryview:
         """A read-only view of ``length`` bytes at ``offset`` whose exporter, when the last
@@ -573,6 +668,9 @@ class Arena:
             if slot < 0:
                 os.close(fd)
                 raise OSError(errno.EAGAIN, "no slot for the child")
+            # Nobody's yet: pid 0 until the child writes its own, so a child killed before it
+            # could is dead as soon as its lock (its copy of our description) goes.
+            L.SLOT.pack_into(self.mapping, L.SLOT_TABLE + slot * L.SLOT.size, 1, 0, 0, 0, 0)
             mine = self.shape.holds + self.slot * self.shape.bitmap
             theirs = self.shape.holds + slot * self.shape.bitmap
             self.mapping[theirs : theirs + self.shape.bitmap] = self.mapping[mine : mine + self.shape.bitmap]
@@ -612,7 +710,7 @@ class Arena:
         """Let go of the slot and the mapping (nothing held here any more)."""
         if self.pid == os.getpid() and self.slot >= 0:
             try:
-                self.enter()
+                self.enter(last=True)
                 try:
                     if _platform.still_open(self.fd, self.inode):
                         start = self.shape.holds + self.slot * self.shape.bitmap
@@ -668,7 +766,7 @@ def _array_type(length: int, room: int) -> Any:
 
 
 _arenas: Dict[Tuple[str, int], Arena] = {}
-_arenas_lock = threading.RLock()
+arenas_lock = threading.RLock()
 
 
 def _check(block: Block) -> L.StoreLayout:
@@ -688,7 +786,7 @@ def open_arena(name: Optional[str], capacity: int, entries: int, create: bool) -
     from .sync_wait import new_sync_mutex
 
     shape = L.plan(capacity, entries)
-    with _arenas_lock:
+    with arenas_lock:
         block, checked = named_block.create_or_attach(
             name, create, shape.size, KIND_STORE, L.kind_header(shape), [(0, new_sync_mutex())], _check
         )
@@ -704,7 +802,7 @@ def open_arena(name: Optional[str], capacity: int, entries: int, create: bool) -
 
 def arena_for(name: str, inode: int) -> Optional[Arena]:
     """The arena of store ``name`` if it still is the block ``inode`` (attached if need be), else None."""
-    with _arenas_lock:
+    with arenas_lock:
         arena = _arenas.get((name, inode))
         if arena is not None:
             return arena
@@ -724,16 +822,44 @@ def arena_for(name: str, inode: int) -> Optional[Arena]:
 
 
 def close_handle(arena: Arena) -> None:
-    with _arenas_lock:
+    with arenas_lock:
         arena.handles -= 1
         _maybe_detach(arena)
 
 
 def _maybe_detach(arena: Arena) -> None:
-    if arena.handles <= 0 and not arena.counts and not arena.pins and not arena.released:
+    """Detach ``arena`` if nothing here uses it any more (under ``arenas_lock``)."""
+    if arena.handles <= 0 and not arena.counts and not arena.pins and not arena.ops and not arena.closing:
+        if arena.pid == os.getpid():
+            arena.release(-1, 0)  # runs the releases a finalizer queued: they may hold it still
+            if arena.counts or arena.pins or arena.closing:  # closing: by a handler run meanwhile
+                return
+        arena.closing = True  # from here on, a signal handler or finalizer cannot use it
         if _arenas.get((arena.name, arena.inode)) is arena:
             del _arenas[(arena.name, arena.inode)]
         arena.detach()
+
+
+class attaching:
+    """Around code that picks an arena and puts into it or holds through it: no arena is
+    detached meanwhile by a finalizer or a signal handler that runs in this thread (they
+    leave it to ``settle``)."""
+
+    def __enter__(self) -> None:
+        _tls.attaching = getattr(_tls, "attaching", 0) + 1
+
+    def __exit__(self, *exc: object) -> None:
+        _tls.attaching -= 1
+
+
+def settle(arenas: List[Arena]) -> None:
+    """Detach those of ``arenas`` nothing here uses any more (a let-go left them attached)."""
+    if getattr(_tls, "attaching", 0) or inside():
+        return
+    with arenas_lock:
+        for arena in arenas:
+            if not arena.closing:
+                _maybe_detach(arena)
 
 
 def let_go(arena: Arena, index: int, object_id: int) -> None:
@@ -741,13 +867,13 @@ def let_go(arena: Arena, index: int, object_id: int) -> None:
     no longer used here - unless another call of this thread is inside."""
     if index >= 0:
         arena.release(index, object_id)
-    if not _inside() and _arenas_lock.acquire(blocking=False):
+    if not inside() and not getattr(_tls, "attaching", 0) and arenas_lock.acquire(blocking=False):
         try:
             _maybe_detach(arena)
         except Exception:
             pass
         finally:
-            _arenas_lock.release()
+            arenas_lock.release()
 
 
 def _before_fork() -> None:

@@ -8,7 +8,8 @@ tables, see ``store``). The block's data::
 
     0          64     internal mutex (sync_wait: robust, process-shared)
     64         64     words (u32): [0] the futex sequence word, bumped when
-                      an object is freed (room for a waiting put)
+                      an object is freed (room for a waiting put) or a
+                      promised one is stored (``shmem.wait``)
     128        64     counters (u64): [0] units in use, [1] objects (both
                       rebuilt from the tables after a crash), [2..7] 0
     192   SLOTS*32    slot records, one per attached process:
@@ -18,7 +19,9 @@ tables, see ``store``). The block's data::
     emap        N     entry map: one byte per entry, 0 free, 1 taken
     entries  N*48     entry j: Q id (random, never 0 while taken), Q offset (in
                       the heap), Q extent (bytes), Q size (bytes written),
-                      I state, I holders (set bits across the slots), Q 0
+                      I state (1 being written, 2 ready, 3 deleted, 4
+                      promised: no memory yet, offset, extent and size 0),
+                      I holders (set bits across the slots), Q 0
     umap   C/UNIT     unit map: one byte per 64-byte heap unit, 0 free, 1 taken
     heap        C     (at a multiple of 4096) the objects
 
@@ -55,8 +58,13 @@ SLOTS = 128  # processes attached at once
 MAX_CAPACITY = 1 << 44
 MAX_ENTRIES = 1 << 24
 
-STATE_WRITING, STATE_READY, STATE_DELETED = 1, 2, 3
-STATE_NAMES = {STATE_WRITING: "being written", STATE_READY: "ready", STATE_DELETED: "deleted"}
+STATE_WRITING, STATE_READY, STATE_DELETED, STATE_PROMISED = 1, 2, 3, 4
+STATE_NAMES = {
+    STATE_WRITING: "being written",
+    STATE_READY: "ready",
+    STATE_DELETED: "deleted",
+    STATE_PROMISED: "promised",  # an entry with no memory yet (ObjectStore.promise)
+}
 
 WORDS = 64
 COUNTERS = 128
@@ -155,6 +163,8 @@ class Entry(NamedTuple):
 def entry(shape: StoreLayout, raw: bytes) -> Entry:
     """An entry read from the table, checked against the heap (CorruptSegment otherwise)."""
     parsed = Entry(*ENTRY.unpack(raw)[:6])
+    if parsed.state == STATE_PROMISED and parsed.extent == 0 and parsed.size == 0:
+        return parsed
     if (
         parsed.offset % UNIT
         or parsed.extent % UNIT
