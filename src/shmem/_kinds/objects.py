@@ -226,9 +226,11 @@ def _put_into(arena: store.Arena, data: bytes, raws: List[Any]) -> Optional[Obje
 
 def _pickled(obj: Any, inline: bool = True) -> Union[ObjectRef, Tuple[bytes, List[Any]]]:
     """An inline reference for a small object (``inline``); else its pickle and its out-of-band buffers."""
-    plain = plain_encode(obj) if inline else None  # small builtins: no pickle either way, and get runs no code
-    if plain is not None and len(plain) <= INLINE_MAX:
-        return ObjectRef._make(None, 0, 0, plain, None)
+    plain = plain_encode(obj)  # builtins only: no pickle either way, and get runs no code
+    if plain is not None:
+        if inline and len(plain) <= INLINE_MAX:
+            return ObjectRef._make(None, 0, 0, plain, None)
+        return plain, []  # stored as it is: get tells it from a pickle by its first byte
     buffers: List[pickle.PickleBuffer] = []
     data = pickle.dumps(obj, 5, buffer_callback=buffers.append)
     try:
@@ -624,11 +626,16 @@ def _look_again() -> None:
 # ===================================================================== getting
 
 
+def _loads(data: Any, buffers: List[Any]) -> Any:
+    """An object from its stored form: a pickle starts with its PROTO opcode (0x80), the
+    plain encoding with a type code below 10."""
+    return pickle.loads(data, buffers=buffers) if data[:1] == b"\x80" else plain_decode(data)
+
+
 def _get_one(ref: ObjectRef, copy: bool, deadline: Deadline) -> Any:
     inline = ref._inline
     if inline is not None:
-        # A pickle starts with its PROTO opcode (0x80); the plain encoding with a type code below 10.
-        return pickle.loads(inline) if inline[:1] == b"\x80" else plain_decode(inline)
+        return _loads(inline, [])
     name = ref._name
     assert name is not None
     if ref._hold is None:
@@ -645,7 +652,7 @@ def _get_one(ref: ObjectRef, copy: bool, deadline: Deadline) -> Any:
             stored, pieces = arena.get(ref._index, ref._block_id, copy)
         except store.NotReady:
             raise TimeoutError(f"the promised object {ref!r} was not stored in time") from None
-        return pickle.loads(stored, buffers=pieces)
+        return _loads(stored, pieces)
     try:
         block = Block.attach(name, readonly=True, track=False)  # the reference holds the lease
     except SegmentNotFound:
@@ -667,7 +674,7 @@ def _get_one(ref: ObjectRef, copy: bool, deadline: Deadline) -> Any:
         if copy:
             buffers = [bytearray(b) for b in buffers]
         try:
-            return pickle.loads(data, buffers=buffers)
+            return _loads(data, buffers)
         finally:
             data.release()
             view.release()

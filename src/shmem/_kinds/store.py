@@ -16,10 +16,13 @@ not one: ``os.closerange`` can drop a live process's lock, and a pid can be
 reused; a dead slot whose pid was reused is only reaped once that process
 is gone too.
 
-Writing. ``put`` takes an entry and units under the mutex (state WRITING,
-held by the writer), copies the object in without the mutex, then marks it
-READY. A writer killed while copying leaves an entry only it held: its
-slot is reaped and the entry freed - no process ever reads half an object.
+Writing. ``put`` takes an entry and units under the mutex, held by the
+writer alone, and copies the object in without the mutex. No other process
+can reach the entry before ``put`` returns its reference (the id is random);
+a writer killed while copying leaves an entry only it held: its slot is
+reaped and the entry freed - no process ever reads half an object.
+``fulfil`` writes the same way (state WRITING), then moves the object into
+the promised entry under the mutex.
 
 The mutex. Every table changes under the internal mutex, with signals
 blocked (``sync_wait.Memory``), and never while user code runs (pickle runs
@@ -434,7 +437,11 @@ class Arena:
                     object_id = int.from_bytes(os.urandom(8), "little") | 1
                     at, bit = self._bit(self.slot, index)
                     self.mapping[at] |= bit
-                    self._set_entry(index, object_id, offset, count * L.UNIT, size, L.STATE_WRITING, 1)
+                    # Ready at once for a put: no other process can know the id before put
+                    # returns, and a writer killed in the copy held the entry alone. A promise's
+                    # object stays "being written" until it is moved into the promised entry.
+                    state = L.STATE_WRITING if into is not None else L.STATE_READY
+                    self._set_entry(index, object_id, offset, count * L.UNIT, size, state, 1)
                     self.counts[index] = [object_id, 1]
                     break
                 seen = self.mem.words[0]
@@ -454,19 +461,18 @@ class Arena:
             self.view[base : base + len(data)] = data
             for (at, length), raw in zip(planned.buffers, raws):
                 self.view[base + at : base + at + length] = raw
-            self.enter()
-            try:
-                found_entry = self._entry(index)
-                if found_entry.id != object_id or found_entry.state != L.STATE_WRITING:
-                    raise CorruptSegment(
-                        f"object store {self.name!r}: an entry being written was changed by another process"
-                    )
-                if into is not None:
+            if into is not None:
+                self.enter()
+                try:
+                    found_entry = self._entry(index)
+                    if found_entry.id != object_id or found_entry.state != L.STATE_WRITING:
+                        raise CorruptSegment(
+                            f"object store {self.name!r}: an entry being written was changed by another process"
+                        )
                     self._keep_promise(into, index, found_entry)
                     return into
-                self._set_entry(index, object_id, offset, count * L.UNIT, size, L.STATE_READY, found_entry.holders)
-            finally:
-                self.leave()
+                finally:
+                    self.leave()
         except BaseException:
             self.release(index, object_id)
             raise
