@@ -526,3 +526,24 @@ def test_shmem_ls_shows_a_store(shm_prefix: str) -> None:
         out = subprocess.run([PYTHON, "-m", "shmem", "ls"], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and store.name in out.stdout, out
         del ref
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, (4 << 20) - 1, 4 << 20, (9 << 20) + 13])
+def test_copy_into_is_exact_on_both_paths_and_refuses_what_does_not_fit(size: int) -> None:
+    """The store's large copies are split across threads in C. Catches: a part copied twice
+    or not at all (sizes around the split, odd remainders), the C and Python paths disagreeing,
+    a copy past the end of the destination."""
+    import mmap
+
+    from shmem._platform import _linux
+
+    src = np.random.default_rng(size).integers(0, 255, size, dtype=np.uint8)
+    for copy in filter(None, (_linux._copy_into, _linux._copy_into_python)):
+        dst = mmap.mmap(-1, size + 8192)
+        copy(dst, 4099, src, 4)
+        assert bytes(dst[4099 : 4099 + size]) == src.tobytes()
+        assert dst[:4099] == bytes(4099) and dst[4099 + size :] == bytes(8192 - 4099)
+        for offset in (-1, size + 8192 - size + 1, 1 << 40):
+            with pytest.raises(ValueError):
+                copy(dst, offset, src if size else b"x", 4)
+        dst.close()

@@ -458,9 +458,9 @@ class Arena:
             self.view[base : base + L.EXTENT_HEAD.size] = L.EXTENT_HEAD.pack(len(header), 0)
             self.view[base + L.EXTENT_HEAD.size : base + L.EXTENT_HEAD.size + len(header)] = header
             base += head
-            self.view[base : base + len(data)] = data
-            for (at, length), raw in zip(planned.buffers, raws):
-                self.view[base + at : base + at + length] = raw
+            _platform.copy_into(self.mapping, base, data)
+            for (at, _), raw in zip(planned.buffers, raws):
+                _platform.copy_into(self.mapping, base + at, raw)  # large ones split across CPUs
             if into is not None:
                 self.enter()
                 try:

@@ -44,6 +44,18 @@
  *   unlink_same(path, ino) -> lstat(path): if it is inode ``ino``, unlink it
  *       and return True; False if it is another file or none; OSError if
  *       the unlink fails.
+ *
+ * And the one large copy into shared memory (an ObjectStore's put), which is
+ * memory bandwidth, not system calls:
+ *
+ *   copy_into(dst, offset, src, threads) copies the buffer src into the
+ *       writable buffer dst at offset, split across ``threads`` threads (1 to
+ *       8) when it is at least PARALLEL_MIN bytes: one core's memcpy does not
+ *       reach the memory's bandwidth (on a 2-CPU VM, 100 MiB: 17.5 ms on one
+ *       thread, 9.8 ms on two). The GIL is released; the helper threads are
+ *       started with every signal blocked (no handler ever runs on them) and
+ *       joined before it returns; a thread that cannot be started leaves its
+ *       part to the caller's thread. ValueError if src does not fit.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -52,10 +64,12 @@
 #include <limits.h>
 #include <stdio.h>
 #include <string.h>
+#include <pthread.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
-#define FASTPATH_VERSION 2
+#define FASTPATH_VERSION 3
 
 static PyObject *
 opened_tuple(int fd, const struct stat *st, long long nlink)
@@ -416,6 +430,77 @@ unlink_same(PyObject *self, PyObject *args)
     return result;
 }
 
+/* ------------------------------------------------------------------ copy_into */
+
+#define PARALLEL_MIN (4u << 20)
+#define COPY_THREADS_MAX 8
+
+typedef struct {
+    char *dst;
+    const char *src;
+    size_t n;
+} copy_part;
+
+static void *
+copy_worker(void *arg)
+{
+    copy_part *part = (copy_part *)arg;
+    memcpy(part->dst, part->src, part->n);
+    return NULL;
+}
+
+static PyObject *
+copy_into(PyObject *module, PyObject *args)
+{
+    Py_buffer dst, src;
+    Py_ssize_t offset;
+    int threads;
+    if (!PyArg_ParseTuple(args, "w*ny*i", &dst, &offset, &src, &threads))
+        return NULL;
+    if (offset < 0 || offset > dst.len || src.len > dst.len - offset) {
+        PyBuffer_Release(&dst);
+        PyBuffer_Release(&src);
+        PyErr_SetString(PyExc_ValueError, "copy_into: the source does not fit in the destination at that offset");
+        return NULL;
+    }
+    char *to = (char *)dst.buf + offset;
+    const char *from = (const char *)src.buf;
+    size_t n = (size_t)src.len;
+    if (threads > COPY_THREADS_MAX)
+        threads = COPY_THREADS_MAX;
+    if (threads < 2 || n < PARALLEL_MIN)
+        threads = 1;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_t ids[COPY_THREADS_MAX];
+    copy_part parts[COPY_THREADS_MAX];
+    int started[COPY_THREADS_MAX] = {0};
+    size_t each = (n / (size_t)threads) & ~(size_t)4095; /* page-aligned parts; the last takes the rest */
+    for (int i = 0; i < threads; i++) {
+        parts[i].dst = to + (size_t)i * each;
+        parts[i].src = from + (size_t)i * each;
+        parts[i].n = i == threads - 1 ? n - (size_t)i * each : each;
+    }
+    if (threads > 1) {
+        sigset_t all, old;
+        sigfillset(&all);
+        pthread_sigmask(SIG_BLOCK, &all, &old); /* inherited by the helpers */
+        for (int i = 1; i < threads; i++)
+            started[i] = pthread_create(&ids[i], NULL, copy_worker, &parts[i]) == 0;
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+    }
+    memcpy(parts[0].dst, parts[0].src, parts[0].n);
+    for (int i = 1; i < threads; i++) {
+        if (started[i])
+            pthread_join(ids[i], NULL);
+        else
+            memcpy(parts[i].dst, parts[i].src, parts[i].n);
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&dst);
+    PyBuffer_Release(&src);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"build", build, METH_VARARGS,
      "build(dir, flags, total, pieces) -> (fd, ino, mtime), or (-1, errno, stage) with nothing left open"},
@@ -426,6 +511,7 @@ static PyMethodDef methods[] = {
      "open_block(path, flags, lock_offset) -> (fd, size, ino, mtime, uid, mode, nlink)"},
     {"identity", identity, METH_O, "identity(fd) -> (ino, dev, mode, nlink, size) or None"},
     {"close_if", close_if, METH_VARARGS, "close_if(fd, ino, dev) -> bool: close fd if it is still that file"},
+    {"copy_into", copy_into, METH_VARARGS, "copy_into(dst, offset, src, threads): copy src into dst at offset"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -73,7 +73,7 @@ try:
         raise ImportError("pure Python requested (SHMEM_PURE_PYTHON)")
     from . import _fastpath
 
-    if getattr(_fastpath, "VERSION", None) != 2:
+    if getattr(_fastpath, "VERSION", None) != 3:
         raise ImportError("shmem._platform._fastpath is a stale build")
     ACCELERATED = True
 except ImportError as _err:
@@ -868,3 +868,24 @@ _build = _fastpath.build if _fastpath is not None else _build_python
 _link = _fastpath.link if _fastpath is not None else _link_python
 _open_same = _fastpath.open_same if _fastpath is not None else _open_same_python
 _unlink_same = _fastpath.unlink_same if _fastpath is not None else _unlink_same_python
+_copy_into = _fastpath.copy_into if _fastpath is not None else None
+
+
+def _copy_into_python(dst: Any, offset: int, src: Any, threads: int) -> None:
+    """The pure-Python twin of ``_fastpath.copy_into``: one thread (it cannot release the GIL)."""
+    source = memoryview(src).cast("B")
+    if offset < 0 or offset + source.nbytes > len(dst):
+        raise ValueError("copy_into: the source does not fit in the destination at that offset")
+    memoryview(dst)[offset : offset + source.nbytes] = source
+
+
+def copy_into(dst: Any, offset: int, src: Any) -> None:
+    """Copy the buffer ``src`` into the writable buffer ``dst`` (a mapping) at ``offset``: a large
+    copy is split between this thread and up to one more per CPU (at most 4), the GIL released."""
+    if _copy_into is not None:
+        _copy_into(dst, offset, src, _COPY_THREADS)
+    else:
+        _copy_into_python(dst, offset, src, 1)
+
+
+_COPY_THREADS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
