@@ -18,6 +18,7 @@ import random
 import signal
 import struct
 import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -599,6 +600,54 @@ def test_the_listing_shows_object_blocks() -> None:
 
 
 # ------------------------------------------------------------------ 9. signal handlers
+
+
+def test_threads_put_and_let_go_while_objects_wait_to_be_looked_at_again(shm_prefix: str) -> None:
+    """Objects let go of while another program holds them wait in a list that every put and
+    let-go looks at again. Catches: that list shared unsafely by threads (IndexError out of
+    put, or from __del__), an object looked at twice or never."""
+    refs = [shmem.put(np.full(20_000, float(i))) for i in range(64)]
+    code = (
+        "import base64, pickle, sys, time\n"
+        "refs = [pickle.loads(base64.b64decode(line)) for line in sys.stdin if line.strip()]\n"
+        "print(len(refs), flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    holder = subprocess.Popen([PYTHON, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdin is not None and holder.stdout is not None
+    holder.stdin.write("".join(base64.b64encode(pickle.dumps(r)).decode() + "\n" for r in refs))
+    holder.stdin.close()
+    assert holder.stdout.readline().strip() == "64"
+    names = [r.name for r in refs]
+    del refs  # held by the other program: waiting to be looked at again
+    assert len(objects._pending) == 64
+    errors: List[str] = []
+
+    def churn() -> None:
+        try:
+            for i in range(300):
+                ref = shmem.put(np.full(10_000, 1.0))
+                del ref
+        except Exception:
+            errors.append(traceback.format_exc())
+
+    threads = [threading.Thread(target=churn) for _ in range(4)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch between any two bytecodes, not every 5 ms
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(0.2)
+        holder.kill()  # now the threads remove them, and the list runs empty under them
+        holder.wait()
+        for t in threads:
+            t.join(120)
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+    for _ in range(20):  # every one of them is looked at again, and removed now that nobody holds it
+        shmem.put(np.ones(10_000))
+    assert wait_until(lambda: not set(names) & set(listed())), "objects nobody holds any more were never removed"
 
 
 def test_a_signal_handler_puts_and_gets_while_the_main_thread_does(shm_prefix: str) -> None:

@@ -43,9 +43,10 @@ user's processes can read them. Do not ``get`` references from other users.
 from __future__ import annotations
 
 import base64
+import collections
 import os
 import pickle
-from typing import Any, Iterable, List, NamedTuple, Optional, Tuple, Union, cast
+from typing import Any, Deque, Iterable, List, NamedTuple, Optional, Tuple, Union, cast
 
 from .. import _platform
 from .._core.block import Block, UsersLease
@@ -568,7 +569,7 @@ def _as_ref(ref: Any) -> ObjectRef:
 # die instead of letting go, nobody else would remove the object before this
 # process exits (then its reaper does). A few are looked at again at every put
 # and let-go. Never shared with a forked child (it starts with its own list).
-_pending: List[Tuple[str, int]] = []
+_pending: Deque[Tuple[str, int]] = collections.deque()  # threads share it: popleft/append only
 _pending_pid = os.getpid()
 PENDING_LOOKS = 8
 
@@ -618,7 +619,10 @@ def _look_again() -> None:
     if not _pending or _pending_pid != os.getpid():
         return
     for _ in range(min(PENDING_LOOKS, len(_pending))):
-        name, inode = _pending.pop(0)
+        try:
+            name, inode = _pending.popleft()
+        except IndexError:  # another thread took the last one
+            return
         if _remove_if_unused(name, inode) is False:
             _pending.append((name, inode))
 
