@@ -625,7 +625,7 @@ def test_threads_put_and_let_go_while_objects_wait_to_be_looked_at_again(shm_pre
 
     def churn() -> None:
         try:
-            for i in range(300):
+            for _ in range(300):
                 ref = shmem.put(np.full(10_000, 1.0))
                 del ref
         except Exception:
