@@ -18,7 +18,7 @@ from typing import Any, List
 
 import _store_workers as workers
 import pytest
-from conftest import PYTHON, blocks_with_prefix, fork_child, kill_and_reap, run_pure_python, wait_exit
+from conftest import PYTHON, blocks_with_prefix, fork_child, in_child, kill_and_reap, run_pure_python, wait_exit
 from test_defect_space import private_shm_available, run_in_private_shm  # noqa: F401 - a fixture
 
 import shmem
@@ -547,3 +547,68 @@ def test_copy_into_is_exact_on_both_paths_and_refuses_what_does_not_fit(size: in
             with pytest.raises(ValueError):
                 copy(dst, offset, src if size else b"x", 4)
         dst.close()
+
+
+def test_fork_while_holding_objects_of_two_stores_leaves_no_signal_blocked(shm_prefix: str) -> None:
+    """Each store held across a fork blocks signals on top of the one before. Catches: masks
+    put back in the wrong order, leaving the parent's thread or the child with every signal
+    blocked (Ctrl-C dead, and a SIGTERM ignored)."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    with shmem.ObjectStore(1 << 20) as one, shmem.ObjectStore(1 << 20) as two:
+        refs = [one.put(b"a" * 1000), two.put(b"b" * 1000), shmem.put(b"c" * 1000)]  # three stores
+
+        def child() -> None:
+            assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+            assert [shmem.get(r)[:1] for r in refs] == [b"a", b"b", b"c"]
+
+        assert wait_exit(fork_child(child)) == 0
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+        refs.clear()
+
+
+def test_threads_that_fork_at_once_while_holding_objects(shm_prefix: str) -> None:
+    """Four threads put, get, drop and fork children that read what they held. Catches: two
+    forks at once taking each other's prepared slot - a store mutex left held for good (every
+    thread and child hangs), a child that cannot read what its parent held at the fork."""
+
+    def body() -> Any:
+        import threading
+
+        store = shmem.ObjectStore(16 << 20, max_objects=128)  # 4 threads x 5 objects of 480 KB at most
+        errors: List[str] = []
+
+        def run(seed: int) -> None:
+            rng = random.Random(seed)
+            held: List[Any] = []
+            try:
+                for _ in range(150):
+                    v = float(rng.randrange(100))
+                    put = store.put if rng.random() < 0.5 else shmem.put
+                    held.append((put(np.full(rng.choice([100, 5000, 60000]), v)), v))
+                    if len(held) > 4:
+                        ref, v = held.pop(0)
+                        assert shmem.get(ref)[0] == v
+                        del ref
+                    if rng.random() < 0.1:
+                        pid = os.fork()
+                        if pid == 0:
+                            os._exit(0 if all(shmem.get(r)[0] == v for r, v in held) else 3)
+                        assert os.waitpid(pid, 0)[1] == 0
+            except Exception as err:
+                errors.append(repr(err))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stats = store.stats()
+        store.close()
+        return errors, stats.objects
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # forking a multi-threaded process, on purpose
+        errors, left = in_child(body, timeout=120)
+    assert errors == [] and left == 0

@@ -882,22 +882,42 @@ def let_go(arena: Arena, index: int, object_id: int) -> None:
             arenas_lock.release()
 
 
+_forking: List[Arena] = []  # the arenas _before_fork saw, in its order
+# One fork at a time, from the before hook to the after hooks: an arena's slot prepared for
+# a child, and its mutex held across the fork, are the forking thread's alone (two threads
+# forking at once would each take the other's for its own and one mutex would stay held).
+_fork_lock = threading.RLock()
+
+
 def _before_fork() -> None:
-    for arena in list(_arenas.values()):
+    _fork_lock.acquire()
+    _forking[:] = list(_arenas.values())
+    for arena in _forking:
         try:
             arena.before_fork()
         except Exception:
             arena.child = None
 
 
+# Last in, first out: each arena held across the fork blocked signals on top of the one
+# before it, and its mask is the one before it; restored the other way round, the thread
+# would keep every signal blocked. (An arena made during the fork by another thread is not
+# in the list: its first call in the child sees the new pid and takes a slot then.)
 def _after_fork_parent() -> None:
-    for arena in list(_arenas.values()):
-        arena.after_fork_parent()
+    try:
+        for arena in reversed(_forking):
+            arena.after_fork_parent()
+        _forking.clear()
+    finally:
+        _fork_lock.release()
 
 
 def _after_fork_child() -> None:
-    for arena in list(_arenas.values()):
+    global _fork_lock
+    _fork_lock = threading.RLock()  # the parent's, copied held: this process's own from now on
+    for arena in reversed(_forking):
         arena.after_fork_child()
+    _forking.clear()
 
 
 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent, after_in_child=_after_fork_child)
