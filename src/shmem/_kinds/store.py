@@ -54,7 +54,6 @@ from __future__ import annotations
 import collections
 import ctypes
 import errno
-import fcntl
 import os
 import struct
 import threading
@@ -68,9 +67,7 @@ from .._errors import CorruptSegment, NoSpace, SegmentNotFound
 from . import named_block, object_layout
 from . import store_layout as L
 from .sync_wait import KIND_OFFSET as MUTEX_KIND_OFFSET
-from .sync_wait import SLICE_NS, SLOT_LOCK_BASE, Deadline, Memory, mutex_kind
-
-_FLOCK = struct.Struct("hhqqi4x")
+from .sync_wait import SLICE_NS, Deadline, Memory, lock_slot, mutex_kind, slot_locked, unlock_slot
 
 
 class NotReady(SegmentNotFound):
@@ -223,21 +220,17 @@ class Arena:
             return False
         if i == self.slot:
             return True
-        raw = fcntl.fcntl(self.fd, fcntl.F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, SLOT_LOCK_BASE + i, 1, 0))
-        if _FLOCK.unpack(raw)[0] != fcntl.F_UNLCK:
+        if slot_locked(self.fd, i):
             return True
         # The lock is gone; so is the process, unless os.closerange dropped its lock.
         return _platform.process_alive(_platform.ProcessIdentity(pid, start, namespace)) is True
 
     def _reap(self, i: int) -> None:
         """Slot ``i``'s process is gone: let go of everything it held, free the slot."""
+        held = self._held_by(i)
         start = self.shape.holds + i * self.shape.bitmap
-        bits = int.from_bytes(self.mapping[start : start + self.shape.bitmap], "little")
         self.mapping[start : start + self.shape.bitmap] = bytes(self.shape.bitmap)
-        while bits:
-            low = bits & -bits
-            bits ^= low
-            index = low.bit_length() - 1
+        for index in held:
             if index >= self.shape.entries or not self._taken(index):
                 continue
             try:
@@ -250,6 +243,17 @@ class Arena:
             else:
                 self._set_holders(index, found.holders - 1)
         L.SLOT.pack_into(self.mapping, L.SLOT_TABLE + i * L.SLOT.size, 0, 0, 0, 0, 0)
+
+    def _held_by(self, i: int) -> List[int]:
+        """The entries whose bit is set in slot ``i``'s bitmap (read once, a snapshot)."""
+        start = self.shape.holds + i * self.shape.bitmap
+        bits = int.from_bytes(self.mapping[start : start + self.shape.bitmap], "little")
+        found = []
+        while bits:
+            low = bits & -bits
+            bits ^= low
+            found.append(low.bit_length() - 1)
+        return found
 
     def sweep(self) -> None:
         """Reap every dead slot (under the mutex)."""
@@ -272,16 +276,12 @@ class Arena:
             i = (start + k) % self.shape.slots
             if i == self.slot or (self.child is not None and i == self.child[1]):
                 continue
-            try:
-                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, SLOT_LOCK_BASE + i, 1, 0))
-            except OSError as err:
-                if err.errno in (errno.EAGAIN, errno.EACCES):
-                    continue
-                raise
+            if not lock_slot(fd, i):
+                continue
             used, pid, began, namespace = L.SLOT.unpack_from(self.mapping, L.SLOT_TABLE + i * L.SLOT.size)[:4]
             if used and _platform.process_alive(_platform.ProcessIdentity(pid, began, namespace)) is True:
                 # Alive without its lock (os.closerange): its holds must stand.
-                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, SLOT_LOCK_BASE + i, 1, 0))
+                unlock_slot(fd, i)
                 continue
             if used:
                 self._reap(i)
@@ -303,11 +303,8 @@ class Arena:
             used, pid = struct.unpack_from("<II", self.mapping, L.SLOT_TABLE + self.slot * L.SLOT.size)
             if used and pid == me.pid:  # still ours (no one reaped it: we are alive): keep it, relock
                 self.fd = self._open_fd()
-                fcntl.fcntl(
-                    self.fd,
-                    fcntl.F_OFD_SETLK,
-                    _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, SLOT_LOCK_BASE + self.slot, 1, 0),
-                )
+                if not lock_slot(self.fd, self.slot):
+                    raise OSError(errno.EAGAIN, "another process took this process's slot", self.name)
                 return
             self.slot = -1
         if self.fd < 0 or not _platform.still_open(self.fd, self.inode):
@@ -364,12 +361,7 @@ class Arena:
             units += count
             objects += 1
         for i in range(shape.slots):
-            start = shape.holds + i * shape.bitmap
-            bits = int.from_bytes(self.mapping[start : start + shape.bitmap], "little")
-            while bits:
-                low = bits & -bits
-                bits ^= low
-                index = low.bit_length() - 1
+            for index in self._held_by(i):
                 if self._taken(index):
                     holders[index] += 1
         self.counters[L.C_UNITS], self.counters[L.C_OBJECTS] = units, objects

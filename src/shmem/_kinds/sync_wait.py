@@ -475,6 +475,28 @@ class Memory:
 _FLOCK = struct.Struct("hhqqi4x")
 
 
+def lock_slot(fd: int, i: int) -> bool:
+    """Take slot ``i``'s liveness lock on descriptor ``fd``: False if another description holds it."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, SLOT_LOCK_BASE + i, 1, 0))
+    except OSError as err:
+        if err.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def unlock_slot(fd: int, i: int) -> None:
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, SLOT_LOCK_BASE + i, 1, 0))
+
+
+def slot_locked(fd: int, i: int) -> bool:
+    """Whether a description other than ``fd``'s holds slot ``i``'s liveness lock (a live process)."""
+    raw = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, SLOT_LOCK_BASE + i, 1, 0))
+    kind: int = _FLOCK.unpack(raw)[0]
+    return kind != fcntl.F_UNLCK
+
+
 class Slots:
     """This handle's slot among ``count`` (claimed on first use), and tests of
     other slots' liveness. ``claimed`` is called under the internal mutex with
@@ -529,12 +551,8 @@ class Slots:
         start = os.getpid() % self._count
         for k in range(self._count):
             i = (start + k) % self._count
-            try:
-                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, SLOT_LOCK_BASE + i, 1, 0))
-            except OSError as err:
-                if err.errno in (errno.EAGAIN, errno.EACCES):
-                    continue
-                raise
+            if not lock_slot(fd, i):
+                continue
             try:
                 enter()
                 try:
@@ -542,7 +560,7 @@ class Slots:
                 finally:
                     leave()
             except BaseException:
-                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, SLOT_LOCK_BASE + i, 1, 0))
+                unlock_slot(fd, i)
                 raise
             self.slot = i
             return i
@@ -557,9 +575,7 @@ class Slots:
         fd = self.fd()
         if i == self.slot:
             return True
-        raw = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, SLOT_LOCK_BASE + i, 1, 0))
-        kind: int = _FLOCK.unpack(raw)[0]
-        return kind != fcntl.F_UNLCK
+        return slot_locked(fd, i)
 
     def close(self) -> None:
         with self._guard:
