@@ -33,6 +33,16 @@ def used(store: shmem.ObjectStore) -> int:
     return store.stats().used
 
 
+def fill_up(store: shmem.ObjectStore, obj: Any) -> List[Any]:
+    """References to copies of ``obj`` put until the store is full (reusing any freed memory)."""
+    refs: List[Any] = []
+    try:
+        while True:
+            refs.append(store.put(obj))
+    except shmem.NoSpace:
+        return refs
+
+
 # ------------------------------------------------------------------ 1. the API
 
 
@@ -184,12 +194,7 @@ def test_a_view_in_another_process_outlives_the_parents_reference(shm_prefix: st
         assert ready.get(timeout=60) == 100_000.0
         del ref
         gc.collect()
-        fill = []
-        try:
-            while True:
-                fill.append(store.put(np.full(100_000, 7.0)))
-        except shmem.NoSpace:
-            pass
+        fill = fill_up(store, np.full(100_000, 7.0))
         stop.set()
         assert ready.get(timeout=60) == 100_000.0  # still the ones, not sevens
         child.join(60)
@@ -214,12 +219,7 @@ def test_a_forked_child_keeps_what_its_parent_held(shm_prefix: str) -> None:
         os.close(r)
         ref = view = None  # the child's copies must keep the object
         gc.collect()
-        fill = []
-        try:
-            while True:
-                fill.append(store.put(np.full(1000, 9.0)))
-        except shmem.NoSpace:
-            pass
+        fill = fill_up(store, np.full(1000, 9.0))
         os.write(w, b"1")
         os.close(w)
         assert wait_exit(pid) == 0
@@ -443,12 +443,7 @@ def test_closerange_does_not_let_other_processes_free_what_we_hold(shm_prefix: s
         time.sleep(0.5)  # the child has closed its descriptors (the sweep below must not reap it)
         ref = None
         gc.collect()
-        fill = []
-        try:
-            while True:
-                fill.append(store.put(np.full(10_000, 3.0)))
-        except shmem.NoSpace:
-            pass
+        fill = fill_up(store, np.full(10_000, 3.0))
         os.write(w, b"1")
         assert os.read(back_r, 1) == b"2"
         os.close(w)
