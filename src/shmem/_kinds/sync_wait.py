@@ -47,11 +47,9 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import functools
 import os
 import signal
-import struct
 import threading
 import time
 from typing import Any, Callable, List, Optional, TypeVar, cast
@@ -472,29 +470,19 @@ class Memory:
 
 # ------------------------------------------------------------------ liveness slots
 
-_FLOCK = struct.Struct("hhqqi4x")
-
 
 def lock_slot(fd: int, i: int) -> bool:
     """Take slot ``i``'s liveness lock on descriptor ``fd``: False if another description holds it."""
-    try:
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, SLOT_LOCK_BASE + i, 1, 0))
-    except OSError as err:
-        if err.errno in (errno.EAGAIN, errno.EACCES):
-            return False
-        raise
-    return True
+    return _platform.try_lock_exclusive(fd, SLOT_LOCK_BASE + i)
 
 
 def unlock_slot(fd: int, i: int) -> None:
-    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, SLOT_LOCK_BASE + i, 1, 0))
+    _platform.unlock_byte(fd, SLOT_LOCK_BASE + i)
 
 
 def slot_locked(fd: int, i: int) -> bool:
     """Whether a description other than ``fd``'s holds slot ``i``'s liveness lock (a live process)."""
-    raw = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, SLOT_LOCK_BASE + i, 1, 0))
-    kind: int = _FLOCK.unpack(raw)[0]
-    return kind != fcntl.F_UNLCK
+    return _platform.is_locked(fd, SLOT_LOCK_BASE + i)
 
 
 class Slots:

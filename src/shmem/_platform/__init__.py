@@ -51,6 +51,7 @@ if sys.platform.startswith("linux"):
         try_lock_exclusive,
         unlink,
         unlink_same,
+        unlock_byte,
         watch_process,
     )
 else:  # pragma: no cover
@@ -96,5 +97,6 @@ __all__ = [
     "try_lock_exclusive",
     "unlink",
     "unlink_same",
+    "unlock_byte",
     "watch_process",
 ]

@@ -535,6 +535,11 @@ def try_lock_exclusive(fd: int, offset: int) -> bool:
     return True
 
 
+def unlock_byte(fd: int, offset: int) -> None:
+    """Let go of this description's lock on one byte."""
+    _lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, offset)
+
+
 def is_locked(fd: int, offset: int) -> bool:
     """Whether any open file description (other than fd's) holds a lock on this byte."""
     raw = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
